@@ -1,0 +1,32 @@
+"""Disk layer: virtual disk containers, detected by content.
+
+`FORMATS` is the registry: modules with `detect(source)` and `open(source, options)`,
+tried in order. Anything no reader claims is a raw disk.
+"""
+
+from __future__ import annotations
+
+from importlib import import_module
+
+from ..source.base import ByteSource
+from .base import DiskImage, DiskInfo, DiskOptions, RawDisk
+
+# Module names under rescue.disk, tried in order; each reader registers here.
+FORMATS: list[str] = []
+
+
+def _readers():
+    for name in FORMATS:
+        yield import_module(f"{__name__}.{name}")
+
+
+def open_disk(source: ByteSource, options: DiskOptions | None = None) -> DiskImage:
+    """Open the virtual disk stored in `source` (raw if no container is recognised)."""
+    options = options or DiskOptions()
+    for reader in _readers():
+        if reader.detect(source):
+            return reader.open(source, options)
+    return RawDisk(source)
+
+
+__all__ = ["DiskImage", "DiskInfo", "DiskOptions", "RawDisk", "FORMATS", "open_disk"]

@@ -1,0 +1,82 @@
+"""What every disk container reader provides.
+
+A reader is a module with `detect(source) -> bool` (content only: magic bytes)
+and `open(source, options) -> DiskImage`. A `DiskImage` is a byte source of the
+*virtual* disk plus `info`, what `rescue inspect` shows about the container.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+from ..source.base import ByteSource, Run
+
+
+@dataclass
+class DiskOptions:
+    """Choices the user can make about a container."""
+
+    backing: str | None = None       # --backing PATH: override a qcow2/VHD parent
+    snapshot: str | None = None      # --snapshot NAME: qcow2 internal snapshot
+    max_chain: int = 16              # backing chains longer than this are a loop
+
+
+@dataclass
+class DiskInfo:
+    format: str                      # "raw", "qcow2", "vmdk", "vhd", "vhdx", "vdi"
+    virtual_size: int
+    subformat: str | None = None     # "monolithicSparse", "dynamic", ...
+    allocated_size: int | None = None
+    cluster_size: int | None = None
+    compression: str | None = None
+    backing_chain: list[str] = field(default_factory=list)
+    snapshots: list[dict[str, Any]] = field(default_factory=list)
+    details: dict[str, Any] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        out = {k: v for k, v in self.__dict__.items() if v not in (None, [], {})}
+        out["virtual_size"] = self.virtual_size
+        return out
+
+
+class DiskImage:
+    """Base class for readers: subclasses set name/size/info and implement read().
+
+    `runs(offset, length)` should say which ranges are holes ('zero') so that
+    `rescue convert` writes a sparse file and sparse-aware code skips them.
+    """
+
+    name: str
+    size: int
+    info: DiskInfo
+
+    def read(self, offset: int, length: int) -> bytes:
+        raise NotImplementedError
+
+    def runs(self, offset: int, length: int) -> Iterator[Run]:
+        yield Run(offset, min(length, self.size - offset), "data")
+
+    def close(self) -> None:
+        pass
+
+
+class RawDisk(DiskImage):
+    """A raw disk image: the file is the disk."""
+
+    def __init__(self, source: ByteSource) -> None:
+        self.source = source
+        self.name = source.name
+        self.size = source.size
+        self.info = DiskInfo(format="raw", virtual_size=source.size)
+
+    def read(self, offset: int, length: int) -> bytes:
+        return self.source.read(offset, length)
+
+    def runs(self, offset: int, length: int) -> Iterator[Run]:
+        from ..source.base import runs
+        yield from runs(self.source, offset, length)
+
+    def close(self) -> None:
+        self.source.close()
