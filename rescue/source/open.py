@@ -12,4 +12,7 @@ def open_source(spec: str | os.PathLike, *, member: str | None = None) -> ByteSo
 
     `member` picks a file inside an archive when there are several.
     """
+    if isinstance(spec, str) and spec[:8].lower().startswith(("http://", "https://")):
+        from .http import HttpSource  # urllib3 is imported only for URLs
+        return HttpSource(spec)
     return FileSource(spec)
