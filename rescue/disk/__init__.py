@@ -12,7 +12,7 @@ from ..source.base import ByteSource
 from .base import DiskImage, DiskInfo, DiskOptions, RawDisk
 
 # Module names under rescue.disk, tried in order; each reader registers here.
-FORMATS: list[str] = []
+FORMATS: list[str] = ["qcow2", "vdi"]
 
 
 def _readers():
