@@ -1,0 +1,346 @@
+"""The `rescue` command line: parse, open the stack, call one function, render.
+
+Progress and messages go to stderr (rich); data and --json go to stdout.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from contextlib import contextmanager
+from typing import Iterator, List, Optional
+
+import typer
+from rich.console import Console
+from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn,
+                           TransferSpeedColumn)
+from rich.table import Table
+
+from .errors import EXIT_ERROR, EXIT_OK, EXIT_PARTIAL, RescueError
+from .fs.base import DIR, FILE, SYMLINK
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,
+                  help="Get your data out of a dead server's snapshot, without mounting anything.")
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+out = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 200)
+
+_state = {"debug": False}
+
+
+@app.callback()
+def _main(debug: bool = typer.Option(False, "--debug", help="Show tracebacks for errors.")) -> None:
+    _state["debug"] = debug
+
+
+# -- shared pieces ------------------------------------------------------------
+
+SnapshotArg = typer.Argument(..., metavar="SNAPSHOT",
+                             help="Disk image, snapshot archive or URL (detected by content).")
+VolumeOpt = typer.Option(None, "--volume", "-V", help="Volume to read (see `rescue inspect`): 2, vg0/root, whole.")
+MemberOpt = typer.Option(None, "--member", help="File inside an archive, when it holds several disks.")
+BackingOpt = typer.Option(None, "--backing", help="Parent image of a qcow2/VHD/VMDK overlay.")
+QSnapOpt = typer.Option(None, "--snapshot", help="qcow2 internal snapshot to read (name or id).")
+BackendOpt = typer.Option("auto", "--backend", help="Filesystem reader: auto, tsk, guestfs.")
+
+
+def _options(volume, member, backing, snapshot, backend):
+    from .guest import SnapshotOptions
+    return SnapshotOptions(volume=volume, member=member, backing=backing, snapshot=snapshot, backend=backend,
+                           status=lambda text: err.print(f"[dim]{text}...[/dim]"))
+
+
+@contextmanager
+def _errors() -> Iterator[None]:
+    """One clear line and exit 2 for anything that goes wrong (traceback with --debug)."""
+    try:
+        yield
+    except typer.Exit:
+        raise
+    except RescueError as exc:
+        if _state["debug"]:
+            err.print_exception()
+        err.print(f"rescue: {exc.one_line()}", markup=False)
+        raise typer.Exit(EXIT_ERROR)
+    except KeyboardInterrupt:
+        err.print("rescue: interrupted", markup=False)
+        raise typer.Exit(130)
+    except Exception as exc:  # a bug or an unforeseen input: still one line
+        if _state["debug"]:
+            err.print_exception()
+        err.print(f"rescue: internal error: {type(exc).__name__}: {exc} (run with --debug for details)",
+                  markup=False)
+        raise typer.Exit(EXIT_ERROR)
+
+
+def _open(snapshot: str, volume, member, backing, qsnap, backend):
+    from .guest import open_snapshot
+    return open_snapshot(snapshot, _options(volume, member, backing, qsnap, backend))
+
+
+def _human(n: Optional[int]) -> str:
+    if n is None:
+        return ""
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
+        if value < 1024 or unit == "PiB":
+            return f"{int(value)} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return str(n)
+
+
+def _print_json(data) -> None:
+    sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+
+
+# -- inspect ------------------------------------------------------------------
+
+@app.command()
+def inspect(snapshot: str = SnapshotArg, volume: Optional[str] = VolumeOpt, member: Optional[str] = MemberOpt,
+            backing: Optional[str] = BackingOpt, qsnap: Optional[str] = QSnapOpt,
+            backend: str = BackendOpt,
+            as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")) -> None:
+    """Show what is inside a snapshot: disk format, partitions, volumes, filesystems, and the guest OS."""
+    with _errors():
+        with _open(snapshot, volume, member, backing, qsnap, backend) as snap:
+            data = snap.inspect()
+        if as_json:
+            _print_json(data)
+            return
+        _render_inspect(data)
+
+
+def _render_inspect(data: dict) -> None:
+    head = f"{data['snapshot']}: {data['format']}"
+    if data.get("subformat"):
+        head += f" ({data['subformat']})"
+    head += f", {_human(data['virtual_size'])} virtual"
+    if data.get("allocated_size") is not None:
+        head += f", {_human(data['allocated_size'])} allocated"
+    out.print(head, markup=False)
+    for key in ("cluster_size", "compression"):
+        if data.get(key):
+            out.print(f"  {key.replace('_', ' ')}: {data[key]}", markup=False)
+    for parent in data.get("backing_chain") or []:
+        out.print(f"  backing file: {parent}", markup=False)
+    for snap in data.get("snapshots") or []:
+        out.print(f"  snapshot: {snap}", markup=False)
+    if data.get("archive"):
+        out.print(f"  archive: {data['archive']}", markup=False)
+    out.print(f"Partition table: {data.get('partition_table') or 'none'}", markup=False)
+    table = Table(show_header=True, header_style="bold")
+    for col in ("volume", "start", "size", "type", "filesystem", "label", "uuid", "used", "free"):
+        table.add_column(col, overflow="fold")
+    for v in data["volumes"]:
+        details = v.get("details") or {}
+        fs = v.get("filesystem") or "?"
+        if v.get("error"):
+            fs += " (unreadable)"
+        if v["id"] == data.get("root_volume"):
+            fs += " [root]"
+        table.add_row(v["id"], str(v["start"]), _human(v["size"]), v.get("description", ""), fs,
+                      v.get("label") or "", v.get("uuid") or "", _human(details.get("used")),
+                      _human(details.get("free")))
+    out.print(table)
+    for vg in data.get("volume_groups") or []:
+        out.print(f"Volume group {vg.get('name')}: LVs {', '.join(str(lv) for lv in vg.get('lvs', []))}",
+                  markup=False)
+    if data.get("mounts"):
+        out.print("Mount table (from /etc/fstab):")
+        for row in data["mounts"]:
+            out.print(f"  {row.get('mountpoint')}  {row.get('spec')}  -> {row.get('volume') or '-'}  "
+                      f"{row.get('status', '')}", markup=False)
+    if data.get("os"):
+        out.print(f"Guest OS: {data['os'].get('pretty_name') or data['os'].get('id')}", markup=False)
+    elif data.get("root_error"):
+        out.print(f"Guest root: {data['root_error']}", markup=False)
+    for warning in data.get("warnings") or []:
+        err.print(f"warning: {warning}", markup=False)
+
+
+# -- ls and cat -----------------------------------------------------------------
+
+def _mode_string(kind: str, mode: int) -> str:
+    import stat
+    from .fs.base import Entry
+    return stat.filemode(Entry(path="/", kind=kind, mode=mode).st_mode)
+
+
+@app.command()
+def ls(snapshot: str = SnapshotArg, path: str = typer.Argument("/", help="Directory or file in the guest."),
+       long: bool = typer.Option(False, "-l", "--long", help="Modes, owners, sizes, times."),
+       volume: Optional[str] = VolumeOpt, member: Optional[str] = MemberOpt,
+       backing: Optional[str] = BackingOpt, qsnap: Optional[str] = QSnapOpt, backend: str = BackendOpt,
+       as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")) -> None:
+    """List a directory inside the snapshot (like ls; symlinks are shown, not followed)."""
+    from .extract.select import resolve_selection
+    with _errors():
+        with _open(snapshot, volume, member, backing, qsnap, backend) as snap:
+            fs = snap.filesystem()
+            users, groups = snap.user_names(), snap.group_names()
+            _, entry = resolve_selection(fs, path)
+            entries = sorted(fs.listdir(entry.path), key=lambda e: e.path) if entry.kind == DIR else [entry]
+        if as_json:
+            _print_json([{"path": e.path, "name": e.name, "type": e.kind, "mode": f"{e.mode:04o}", "uid": e.uid,
+                          "gid": e.gid, "user": users.get(e.uid), "group": groups.get(e.gid), "size": e.size,
+                          "mtime_ns": e.mtime_ns, "nlink": e.nlink, "link_target": e.link_target}
+                         for e in entries])
+            return
+        for e in entries:
+            name = e.name.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+            if e.kind == SYMLINK:
+                name += f" -> {e.link_target}"
+            if long:
+                when = time.strftime("%Y-%m-%d %H:%M", time.gmtime(e.mtime_ns // 1_000_000_000))
+                size = f"{e.rdev[0]}, {e.rdev[1]}" if e.rdev else str(e.size)
+                out.print(f"{_mode_string(e.kind, e.mode)} {e.nlink:>3} {users.get(e.uid, e.uid):<8} "
+                          f"{groups.get(e.gid, e.gid):<8} {size:>10} {when} {name}", markup=False)
+            else:
+                out.print(name + ("/" if e.kind == DIR else ""), markup=False)
+
+
+@app.command()
+def cat(snapshot: str = SnapshotArg, path: str = typer.Argument(..., help="File in the guest."),
+        volume: Optional[str] = VolumeOpt, member: Optional[str] = MemberOpt,
+        backing: Optional[str] = BackingOpt, qsnap: Optional[str] = QSnapOpt, backend: str = BackendOpt) -> None:
+    """Print a file from the snapshot to stdout (symlinks followed inside the guest)."""
+    from .errors import GuestPathError
+    with _errors():
+        with _open(snapshot, volume, member, backing, qsnap, backend) as snap:
+            fs = snap.filesystem()
+            entry = fs.resolve(path)
+            if entry.kind != FILE:
+                raise GuestPathError(f"{path} is a {entry.kind}, not a file", file=snapshot,
+                                     hint=f"rescue ls {snapshot} {path}")
+            sink = sys.stdout.buffer
+            for chunk in fs.read_chunks(entry):
+                sink.write(chunk)
+            sink.flush()
+
+
+# -- extract --------------------------------------------------------------------
+
+@app.command()
+def extract(snapshot: str = SnapshotArg,
+            paths: List[str] = typer.Option(["/"], "--path", "-p", help="Guest path to rescue (repeatable)."),
+            output: Optional[str] = typer.Option(None, "-o", "--output",
+                                                 help="OUT.tar, OUT.tar.gz, OUT.tar.zst, - (stdout), DIR/, "
+                                                      "rsync://..., USER@HOST:PATH/, rclone:REMOTE:PATH/"),
+            exclude: List[str] = typer.Option([], "--exclude", "-x", help="Glob to leave out (repeatable)."),
+            strip_components: int = typer.Option(0, "--strip-components", help="Drop N leading path parts."),
+            dry_run: bool = typer.Option(False, "--dry-run", help="Write nothing."),
+            list_: bool = typer.Option(False, "--list", help="List what is (or would be) written."),
+            devices: bool = typer.Option(False, "--devices", help="Create device nodes in a directory (root)."),
+            keep_setuid: bool = typer.Option(False, "--keep-setuid", help="Keep setuid bits in a directory as root."),
+            no_xattrs: bool = typer.Option(False, "--no-xattrs", help="Do not copy extended attributes."),
+            force: bool = typer.Option(False, "--force", help="Overwrite an existing output file."),
+            rsync_opt: List[str] = typer.Option([], "--rsync-opt", help="Extra rsync option (repeatable)."),
+            volume: Optional[str] = VolumeOpt, member: Optional[str] = MemberOpt,
+            backing: Optional[str] = BackingOpt, qsnap: Optional[str] = QSnapOpt, backend: str = BackendOpt,
+            as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON.")) -> None:
+    """Copy directories out of the snapshot into a tarball, a folder, or a remote target.
+
+    Example: rescue extract snapshot.tar.gz --path /var/lib/docker/volumes -o volumes.tar.zst
+    """
+    from .extract.run import ExtractOptions, extract as run_extract, plan
+    from .extract.targets import TargetOptions, open_sink
+    with _errors():
+        if output is None and not dry_run:
+            raise RescueError("say where the data should go with -o (a .tar/.tar.gz/.tar.zst file, a "
+                              "directory ending in '/', '-' for stdout) or use --dry-run --list", layer="extract")
+        options = ExtractOptions(paths=paths, excludes=exclude, strip_components=strip_components,
+                                 xattrs=not no_xattrs)
+        with _open(snapshot, volume, member, backing, qsnap, backend) as snap:
+            fs = snap.filesystem()
+            users, groups = snap.user_names(), snap.group_names()
+            work = plan(fs, options)
+            if dry_run:
+                _render_plan(work, list_, as_json)
+                raise typer.Exit(EXIT_PARTIAL if work.skipped else EXIT_OK)
+            sink = open_sink(output, TargetOptions(devices=devices, keep_setuid=keep_setuid or None, force=force,
+                                                   rsync_opts=rsync_opt))
+            with _progress(work.total_bytes, output == "-") as update:
+                def progress(done: int, files: int, path: str) -> None:
+                    update(done, files)
+                    if list_:
+                        err.print(path, markup=False)
+                report = run_extract(fs, sink, options, users=users, groups=groups, progress=progress, planned=work)
+            fetched = getattr(snap.source, "bytes_fetched", None)
+        if as_json:
+            data = report.to_json()
+            if fetched is not None:
+                data["bytes_fetched"] = fetched
+            _print_json(data)
+        else:
+            for skip in report.skipped:
+                err.print(f"skipped: {skip.path}: {skip.reason}", markup=False)
+            for warning in report.warnings:
+                err.print(f"warning: {warning}", markup=False)
+            line = (f"rescued {report.files} files, {report.dirs} directories, {report.links} links"
+                    f"{f', {report.others} other' if report.others else ''}: {_human(report.bytes)} "
+                    f"in {report.seconds:.1f} s -> {report.target}")
+            if fetched is not None:
+                line += f" ({_human(fetched)} fetched)"
+            if report.skipped:
+                line += f"; {len(report.skipped)} skipped (listed above)"
+            err.print(line, markup=False)
+        raise typer.Exit(EXIT_PARTIAL if report.skipped else EXIT_OK)
+
+
+def _render_plan(work, list_: bool, as_json: bool) -> None:
+    if as_json:
+        _print_json({"entries": [{"name": p.name, "type": p.entry.kind, "size": p.entry.size}
+                                 for p in work.items] if list_ else len(work.items),
+                     "bytes": work.total_bytes,
+                     "skipped": [{"path": s.path, "reason": s.reason} for s in work.skipped]})
+        return
+    if list_:
+        for p in work.items:
+            size = p.entry.size if p.entry.kind == FILE else 0
+            suffix = "/" if p.entry.kind == DIR else ""
+            out.print(f"{p.entry.kind:<8} {size:>12} {p.name}{suffix}", markup=False)
+    for skip in work.skipped:
+        err.print(f"would skip: {skip.path}: {skip.reason}", markup=False)
+    err.print(f"would write {len(work.items)} entries, {_human(work.total_bytes)} (dry run: nothing written)",
+              markup=False)
+
+
+@contextmanager
+def _progress(total: int, quiet: bool):
+    """A progress bar on stderr once the work takes more than a second."""
+    started = time.monotonic()
+    bar: Optional[Progress] = None
+    task = None
+
+    def update(done: int, files: int) -> None:
+        nonlocal bar, task
+        if bar is None:
+            if quiet and not err.is_terminal or time.monotonic() - started < 1.0:
+                return
+            bar = Progress(TextColumn("{task.fields[files]} files"), BarColumn(), DownloadColumn(),
+                           TransferSpeedColumn(), TimeRemainingColumn(), console=err, transient=True)
+            bar.start()
+            task = bar.add_task("extract", total=total or None, files=0)
+        bar.update(task, completed=done, files=files)
+
+    try:
+        yield update
+    finally:
+        if bar is not None:
+            bar.stop()
+
+
+def main() -> None:
+    try:
+        app()
+    except BrokenPipeError:   # `rescue cat ... | head`
+        try:
+            sys.stdout = open(os.devnull, "w")
+        except OSError:
+            pass
+        sys.exit(0)
+
+
+if __name__ == "__main__":
+    main()

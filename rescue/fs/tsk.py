@@ -1,0 +1,316 @@
+"""The Sleuth Kit backend: ext2/3/4, FAT, exFAT, NTFS, HFS+, ISO9660 through pytsk3.
+
+TSK reads from our byte source through an `Img_Info` subclass, so it sees
+whatever the layers below produce (a partition of a qcow2 inside a tar.gz).
+What TSK leaves out for ext filesystems (xattrs, device numbers, nanosecond
+times) comes from `ext_inode.ExtInodeReader` when that reader is present.
+"""
+
+from __future__ import annotations
+
+import posixpath
+from typing import Iterator
+
+import pytsk3
+
+from ..errors import FilesystemError, GuestPathError
+from ..source.base import ByteSource
+from .base import (BLOCK, CHAR, DIR, FIFO, FILE, SOCKET, SYMLINK, Entry, FileReadError, FileSystem, FsInfo,
+                   normalize)
+from .probe import probe
+
+_META_KIND = {
+    pytsk3.TSK_FS_META_TYPE_REG: FILE,
+    pytsk3.TSK_FS_META_TYPE_DIR: DIR,
+    pytsk3.TSK_FS_META_TYPE_LNK: SYMLINK,
+    pytsk3.TSK_FS_META_TYPE_FIFO: FIFO,
+    pytsk3.TSK_FS_META_TYPE_CHR: CHAR,
+    pytsk3.TSK_FS_META_TYPE_BLK: BLOCK,
+    pytsk3.TSK_FS_META_TYPE_SOCK: SOCKET,
+}
+_NAME_KIND = {
+    pytsk3.TSK_FS_NAME_TYPE_REG: FILE,
+    pytsk3.TSK_FS_NAME_TYPE_DIR: DIR,
+    pytsk3.TSK_FS_NAME_TYPE_LNK: SYMLINK,
+    pytsk3.TSK_FS_NAME_TYPE_FIFO: FIFO,
+    pytsk3.TSK_FS_NAME_TYPE_CHR: CHAR,
+    pytsk3.TSK_FS_NAME_TYPE_BLK: BLOCK,
+    pytsk3.TSK_FS_NAME_TYPE_SOCK: SOCKET,
+}
+_RUN_HOLE = int(pytsk3.TSK_FS_ATTR_RUN_FLAG_SPARSE) | int(pytsk3.TSK_FS_ATTR_RUN_FLAG_FILLER)
+_DATA_ATTRS = (pytsk3.TSK_FS_ATTR_TYPE_DEFAULT, pytsk3.TSK_FS_ATTR_TYPE_NTFS_DATA,
+               pytsk3.TSK_FS_ATTR_TYPE_HFS_DATA)
+
+
+class _TskImage(pytsk3.Img_Info):
+    """Hands TSK the bytes of any byte source."""
+
+    def __init__(self, source: ByteSource) -> None:
+        self._source = source
+        super().__init__(url="", type=pytsk3.TSK_IMG_TYPE_EXTERNAL)
+
+    def read(self, offset: int, length: int) -> bytes:
+        try:
+            data = self._source.read(offset, length)
+        except OSError:
+            return b""   # TSK turns a short read into an error for that block only
+        return data
+
+    def get_size(self) -> int:
+        return self._source.size
+
+    def close(self) -> None:
+        pass
+
+
+_TSK_FS_NAMES = {int(getattr(pytsk3, n)): n[len("TSK_FS_TYPE_"):].lower()
+                 for n in dir(pytsk3) if n.startswith("TSK_FS_TYPE_") and not n.endswith(("DETECT", "ENUM"))}
+
+
+def _fs_type_name(ftype: int, probed: str | None) -> str:
+    name = _TSK_FS_NAMES.get(int(ftype), "unknown")
+    if name.startswith("fat") or name == "exfat":
+        return "exfat" if name == "exfat" else "vfat"
+    if name.startswith("ext") and probed and probed.startswith("ext"):
+        return probed
+    return {"iso9660": "iso9660", "hfs": "hfsplus"}.get(name, name)
+
+
+class TskFileSystem(FileSystem):
+    backend = "tsk"
+
+    def __init__(self, source: ByteSource, name: str | None = None) -> None:
+        self.source = source
+        self.name = name or source.name
+        self._img = _TskImage(source)
+        try:
+            self._fs = pytsk3.FS_Info(self._img)
+        except OSError as exc:
+            raise FilesystemError(f"The Sleuth Kit cannot open a filesystem here ({_tsk_reason(exc)})",
+                                  file=self.name) from None
+        found = probe(source)
+        self.block_size = int(self._fs.info.block_size)
+        self.block_count = int(self._fs.info.block_count)
+        self.info = FsInfo(type=_fs_type_name(int(self._fs.info.ftype), found.type), label=found.label,
+                           uuid=found.uuid, block_size=self.block_size,
+                           size=found.size or self.block_size * self.block_count, used=found.used,
+                           free=found.free)
+        self._ext = None
+        if self.info.type.startswith("ext"):
+            try:
+                from .ext_inode import ExtInodeReader
+                self._ext = ExtInodeReader(source)
+            except ImportError:
+                pass
+            except Exception:   # a damaged superblock copy: TSK's view still works
+                self._ext = None
+        if self.info.type == "ntfs" and not self.info.label:
+            self.info.label = self._ntfs_label()
+
+    # -- lookups -------------------------------------------------------------
+
+    def _open(self, path: str):
+        try:
+            return self._fs.open(path)
+        except OSError:
+            raise GuestPathError(f"no such file or directory: {path}", file=self.name) from None
+
+    def stat(self, path: str) -> Entry:
+        path = normalize(path)
+        handle = self._open(path)
+        entry = self._entry(path, handle.info.meta, handle.info.name)
+        if entry is None:
+            raise GuestPathError(f"no such file or directory: {path}", file=self.name)
+        return entry
+
+    def listdir(self, path: str) -> list[Entry]:
+        path = normalize(path)
+        try:
+            directory = self._fs.open_dir(path)
+        except OSError as exc:
+            if self.stat(path).kind != DIR:
+                raise GuestPathError(f"not a directory: {path}", file=self.name) from None
+            raise FileReadError(f"cannot list {path}: {_tsk_reason(exc)}") from None
+        out = []
+        seen = set()
+        try:
+            for handle in directory:
+                name_info = handle.info.name
+                raw = name_info.name
+                if raw in (b".", b"..") or not raw:
+                    continue
+                if not int(name_info.flags) & int(pytsk3.TSK_FS_NAME_FLAG_ALLOC):
+                    continue   # a deleted name still in the directory block
+                if int(name_info.type) == int(pytsk3.TSK_FS_NAME_TYPE_VIRT) or \
+                        int(name_info.type) == int(pytsk3.TSK_FS_NAME_TYPE_VIRT_DIR):
+                    continue   # TSK's own $OrphanFiles and NTFS metafiles views
+                name = raw.decode("utf-8", "surrogateescape")
+                if name in seen:
+                    continue   # duplicate dirents (a corrupt directory) yield once
+                seen.add(name)
+                if path == "/" and self.info.type == "ntfs" and name.startswith("$"):
+                    continue   # NTFS system files ($MFT, $Bitmap...) are not user data
+                entry = self._entry(posixpath.join(path, name), handle.info.meta, name_info)
+                if entry is not None:
+                    out.append(entry)
+        except OSError as exc:
+            raise FileReadError(f"cannot list {path}: {_tsk_reason(exc)}") from None
+        return out
+
+    def _entry(self, path: str, meta, name_info) -> Entry | None:
+        if meta is None:
+            return None
+        kind = _META_KIND.get(meta.type) or _NAME_KIND.get(name_info.type if name_info else None)
+        if kind is None:
+            return None
+        inode = int(meta.addr)
+        mode = int(meta.mode) & 0o7777
+        entry = Entry(
+            path=path, kind=kind, mode=mode, uid=int(meta.uid), gid=int(meta.gid),
+            size=int(meta.size) if kind in (FILE, SYMLINK) else 0,
+            mtime_ns=int(meta.mtime) * 1_000_000_000 + int(meta.mtime_nano),
+            atime_ns=int(meta.atime) * 1_000_000_000 + int(meta.atime_nano),
+            ctime_ns=int(meta.ctime) * 1_000_000_000 + int(meta.ctime_nano),
+            nlink=int(meta.nlink), inode=inode,
+        )
+        if kind == SYMLINK:
+            entry.link_target = self._link_target(meta, path)
+        if self._ext is not None:
+            try:
+                times = self._ext.times(inode)
+                entry.mtime_ns, entry.atime_ns, entry.ctime_ns = times["mtime"], times["atime"], times["ctime"]
+                if kind in (CHAR, BLOCK):
+                    entry.rdev = self._ext.rdev(inode)
+            except Exception:
+                pass   # keep TSK's view of a damaged inode
+        if self.info.type in ("vfat", "exfat"):
+            entry.mode = 0o755 if kind == DIR else 0o644   # FAT has no Unix modes; TSK invents 0777
+        return entry
+
+    def _link_target(self, meta, path: str) -> str:
+        link = meta.link
+        if link:
+            raw = link if isinstance(link, bytes) else link.encode("utf-8", "surrogateescape")
+        else:
+            try:
+                handle = self._fs.open_meta(inode=int(meta.addr))
+                raw = handle.read_random(0, min(int(meta.size), 65536))
+            except OSError:
+                raw = b""
+        return raw.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+
+    # -- content -------------------------------------------------------------
+
+    def _handle(self, entry: Entry):
+        try:
+            return self._fs.open_meta(inode=entry.inode)
+        except OSError as exc:
+            raise FileReadError(f"cannot open {entry.path}: {_tsk_reason(exc)}") from None
+
+    def read_chunks(self, entry: Entry, chunk_size: int = 1 << 20) -> Iterator[bytes]:
+        handle = self._handle(entry)
+        ranges = self.data_ranges(entry)   # also checks blocks against the fs end
+        if ranges is None:
+            ranges = [(0, entry.size)]
+        pos = 0
+        for start, length in ranges:
+            while pos < start:   # a hole: zeros without asking TSK
+                n = min(chunk_size, start - pos)
+                yield bytes(n)
+                pos += n
+            end = start + length
+            while pos < end:
+                n = min(chunk_size, end - pos)
+                try:
+                    data = handle.read_random(pos, n)
+                except OSError as exc:
+                    raise FileReadError(f"{entry.path}: unreadable at offset {pos}: {_tsk_reason(exc)}") from None
+                if len(data) != n:
+                    raise FileReadError(f"{entry.path}: short read at offset {pos} ({len(data)} of {n} bytes)")
+                yield data
+                pos += n
+        while pos < entry.size:
+            n = min(chunk_size, entry.size - pos)
+            yield bytes(n)
+            pos += n
+
+    def read_range(self, entry: Entry, offset: int, length: int) -> bytes:
+        handle = self._handle(entry)
+        length = max(0, min(length, entry.size - offset))
+        try:
+            return handle.read_random(offset, length) if length else b""
+        except OSError as exc:
+            raise FileReadError(f"{entry.path}: unreadable at offset {offset}: {_tsk_reason(exc)}") from None
+
+    def data_ranges(self, entry: Entry) -> list[tuple[int, int]] | None:
+        """Byte ranges of the file that hold data (holes left out).
+
+        Raises FileReadError when a run points past the end of the filesystem:
+        such a file cannot be read honestly, and finding out now keeps a
+        half-written member out of the tar."""
+        if entry.kind != FILE or entry.size == 0:
+            return [] if entry.kind == FILE else None
+        handle = self._handle(entry)
+        bs = self.block_size
+        ranges: list[tuple[int, int]] = []
+        found = False
+        try:
+            for attr in handle:
+                info = attr.info
+                if info.type not in _DATA_ATTRS or (info.name and info.name not in (b"$Data", b"")):
+                    continue
+                if not int(info.flags) & int(pytsk3.TSK_FS_ATTR_NONRES):
+                    return None   # resident (inline) data: no blocks to map
+                found = True
+                for run in attr:
+                    start = int(run.offset) * bs
+                    if start >= entry.size:
+                        break
+                    length = min(int(run.len) * bs, entry.size - start)
+                    if int(run.flags) & _RUN_HOLE:
+                        continue
+                    if int(run.addr) + int(run.len) > self.block_count:
+                        raise FileReadError(
+                            f"{entry.path}: data at block {int(run.addr)} lies past the end of the "
+                            f"filesystem ({self.block_count} blocks): the image is damaged or truncated")
+                    if ranges and ranges[-1][0] + ranges[-1][1] == start:
+                        ranges[-1] = (ranges[-1][0], ranges[-1][1] + length)
+                    else:
+                        ranges.append((start, length))
+                break
+        except OSError as exc:
+            raise FileReadError(f"{entry.path}: cannot map its blocks: {_tsk_reason(exc)}") from None
+        return ranges if found else None
+
+    def xattrs(self, entry: Entry) -> dict[str, bytes]:
+        if self._ext is None:
+            return {}
+        try:
+            return self._ext.xattrs(entry.inode)
+        except FileReadError:
+            raise
+        except Exception as exc:
+            raise FileReadError(f"{entry.path}: extended attributes unreadable: {exc}") from None
+
+    def _ntfs_label(self) -> str | None:
+        try:
+            handle = self._fs.open("/$Volume")
+            for attr in handle:
+                if int(attr.info.type) == 0x60:   # $VOLUME_NAME, UTF-16LE
+                    raw = handle.read_random(0, int(attr.info.size), attr.info.type, int(attr.info.id))
+                    return raw.decode("utf-16-le", "replace") or None
+        except Exception:
+            return None
+        return None
+
+    def close(self) -> None:
+        self._fs = None
+        self._img = None
+
+
+def _tsk_reason(exc: Exception) -> str:
+    """TSK's message without its C++ file:line noise."""
+    text = str(exc)
+    if ": " in text and "tsk3.cpp" in text:
+        text = text.split(": ", 1)[1]
+    return text.replace("Error opening FS_Info: ", "").strip() or "unknown error"

@@ -1,0 +1,277 @@
+"""Open a snapshot down to its filesystems and choose the guest's root."""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from ..disk import DiskOptions, open_disk
+from ..errors import FilesystemError, RescueError, VolumeError
+from ..fs.base import FileSystem
+from ..source import open_source
+from ..volume import Volume, VolumeMap, discover
+from .identity import id_names, os_release
+
+# Filesystems that hold no files to rescue.
+NOT_FILESYSTEMS = {"swap", "LVM2_member", "crypto_LUKS", "jbd", "BitLocker"}
+# What The Sleuth Kit cannot read; libguestfs can (Linux only).
+GUESTFS_ONLY = {"xfs", "btrfs", "f2fs", "reiserfs", "jfs", "zfs_member"}
+
+
+@dataclass
+class SnapshotOptions:
+    volume: str | None = None        # --volume: a volume id ("2", "vg0/root", "whole")
+    backend: str = "auto"            # "auto", "tsk", "guestfs"
+    member: str | None = None        # --member: file inside an archive
+    backing: str | None = None       # --backing: parent image override
+    snapshot: str | None = None      # --snapshot: qcow2 internal snapshot
+    status: Callable[[str], None] | None = None   # progress notes ("starting libguestfs ...")
+
+
+@dataclass
+class _Candidate:
+    volume: Volume
+    fs: FileSystem | None = None
+    error: str | None = None
+    has_root: bool = False
+
+
+class Snapshot:
+    def __init__(self, spec: str, options: SnapshotOptions | None = None) -> None:
+        self.spec = str(spec)
+        self.options = options or SnapshotOptions()
+        self.source = open_source(self.spec, member=self.options.member)
+        self.disk = open_disk(self.source, DiskOptions(backing=self.options.backing,
+                                                       snapshot=self.options.snapshot))
+        self.volumes: VolumeMap = discover(self.disk)
+        self._filesystems: dict[str, FileSystem] = {}
+        self._errors: dict[str, str] = {}
+        self._root: Volume | None = None
+        self._tree: FileSystem | None = None
+        self.mounts: list[dict[str, Any]] = []
+        self.warnings: list[str] = list(self.volumes.warnings) + list(getattr(self.disk.info, "warnings", []))
+
+    # -- filesystems ---------------------------------------------------------
+
+    def open_filesystem(self, volume: Volume) -> FileSystem:
+        """The filesystem of one volume, through the chosen backend (cached)."""
+        if volume.id in self._filesystems:
+            return self._filesystems[volume.id]
+        if volume.id in self._errors:
+            raise FilesystemError(self._errors[volume.id], file=self.spec)
+        unsupported = volume.details.get("unsupported")
+        if unsupported:
+            raise VolumeError(f"volume {volume.id}: {unsupported}", file=self.spec)
+        try:
+            fs = self._open_backend(volume)
+        except RescueError as exc:
+            self._errors[volume.id] = exc.problem
+            raise
+        self._filesystems[volume.id] = fs
+        return fs
+
+    def _open_backend(self, volume: Volume) -> FileSystem:
+        backend = self.options.backend
+        kind = volume.filesystem
+        if kind in NOT_FILESYSTEMS:
+            raise FilesystemError(f"volume {volume.id} is {kind}, not a filesystem", file=self.spec)
+        want_guestfs = backend == "guestfs" or (backend == "auto" and kind in GUESTFS_ONLY)
+        if want_guestfs:
+            return self._open_guestfs(volume)
+        from ..fs.tsk import TskFileSystem
+        try:
+            return TskFileSystem(volume.source, name=f"{self.spec} volume {volume.id}")
+        except FilesystemError as exc:
+            what = kind or "an unrecognised filesystem"
+            raise FilesystemError(f"volume {volume.id} holds {what} that The Sleuth Kit cannot read: "
+                                  f"{exc.problem}", file=self.spec,
+                                  hint=_guestfs_hint() if kind else None) from None
+
+    def _open_guestfs(self, volume: Volume) -> FileSystem:
+        try:
+            from ..fs import guestfs as guestfs_backend
+        except ImportError:
+            guestfs_backend = None
+        if guestfs_backend is None or not guestfs_backend.available():
+            raise FilesystemError(f"volume {volume.id} is {volume.filesystem or 'unknown'}, which needs the "
+                                  "libguestfs backend, and libguestfs is not installed here",
+                                  file=self.spec, hint=_guestfs_hint())
+        if self.options.status:
+            self.options.status("starting the libguestfs appliance")
+        return guestfs_backend.open_volume(volume, name=f"{self.spec} volume {volume.id}")
+
+    def _candidates(self) -> list[_Candidate]:
+        out = []
+        for volume in self.volumes.volumes:
+            if volume.filesystem in NOT_FILESYSTEMS or volume.details.get("unsupported"):
+                continue
+            cand = _Candidate(volume)
+            try:
+                cand.fs = self.open_filesystem(volume)
+            except RescueError as exc:
+                cand.error = exc.problem
+                out.append(cand)
+                continue
+            for marker in ("/etc/os-release", "/etc/fstab", "/usr/lib/os-release"):
+                try:
+                    cand.fs.resolve(marker)
+                    cand.has_root = True
+                    break
+                except Exception:
+                    continue
+            out.append(cand)
+        return out
+
+    def root_volume(self) -> Volume:
+        """The volume to read: --volume, else the guest's root, else the only filesystem."""
+        if self._root is not None:
+            return self._root
+        wanted = self.options.volume
+        if wanted:
+            volume = self.volumes.find(wanted)
+            if volume is None:
+                ids = ", ".join(v.id for v in self.volumes.volumes) or "none"
+                raise VolumeError(f"there is no volume {wanted!r} (volumes: {ids})", file=self.spec,
+                                  hint=f"rescue inspect {self.spec}")
+            self._root = volume
+            return volume
+        cands = self._candidates()
+        roots = [c for c in cands if c.has_root]
+        readable = [c for c in cands if c.fs is not None]
+        if len(roots) == 1:
+            self._root = roots[0].volume
+        elif len(roots) > 1 or len(readable) > 1:
+            choices = roots if roots else readable
+            listing = ", ".join(f"{c.volume.id} ({c.volume.filesystem or '?'}, {_human(c.volume.size)})"
+                                for c in choices)
+            why = "several volumes look like a Linux root" if roots else "no volume holds /etc/os-release"
+            raise VolumeError(f"{why}: {listing}; pick one with --volume ID", file=self.spec,
+                              hint=f"rescue inspect {self.spec}")
+        elif len(readable) == 1:
+            self._root = readable[0].volume
+        else:
+            raise self._nothing_readable(cands)
+        return self._root
+
+    def _nothing_readable(self, cands: list[_Candidate]) -> RescueError:
+        if not self.volumes.volumes:
+            return VolumeError("no partitions or filesystems found", file=self.spec)
+        problems = "; ".join(f"volume {c.volume.id}: {c.error}" for c in cands if c.error)
+        if not problems:
+            kinds = ", ".join(f"{v.id} ({v.filesystem or 'unknown content'})" for v in self.volumes.volumes)
+            return VolumeError(f"no readable filesystem found (volumes: {kinds})", file=self.spec,
+                               hint="is this a disk image? `rescue inspect` shows what was found")
+        return FilesystemError(f"no readable filesystem: {problems}", file=self.spec)
+
+    def filesystem(self) -> FileSystem:
+        """The guest's tree: the root filesystem, with the volumes its /etc/fstab
+        mounts stitched in (unless --volume chose one filesystem)."""
+        if self._tree is not None:
+            return self._tree
+        root = self.open_filesystem(self.root_volume())
+        self._tree = root
+        if not self.options.volume:
+            self._tree = self._stitch(root)
+        return self._tree
+
+    def _stitch(self, root: FileSystem) -> FileSystem:
+        try:
+            from .fstab import build_mount_table
+        except ImportError:
+            return root
+        try:
+            rows, merged = build_mount_table(root, self.volumes.volumes, self.open_filesystem)
+        except Exception as exc:   # a strange fstab must not stop a rescue of the root
+            self.warnings.append(f"/etc/fstab could not be applied: {exc}")
+            return root
+        self.mounts = [row if isinstance(row, dict) else dict(row.__dict__) for row in rows]
+        return merged
+
+    # -- what the guest is ---------------------------------------------------
+
+    def os_info(self) -> dict[str, str] | None:
+        try:
+            return os_release(self.filesystem())
+        except RescueError:
+            return None
+
+    def user_names(self) -> dict[int, str]:
+        return id_names(self.filesystem(), "/etc/passwd")
+
+    def group_names(self) -> dict[int, str]:
+        return id_names(self.filesystem(), "/etc/group")
+
+    def inspect(self) -> dict[str, Any]:
+        """Everything `rescue inspect` shows, as plain data."""
+        info = self.disk.info
+        out: dict[str, Any] = {"snapshot": self.spec}
+        members = getattr(self.source, "archive_info", None)
+        if members:
+            out["archive"] = members() if callable(members) else members
+        out.update(info.to_json())
+        out["partition_table"] = self.volumes.partition_table
+        volumes = []
+        for volume in self.volumes.volumes:
+            row = volume.to_json()
+            if volume.filesystem and volume.filesystem not in NOT_FILESYSTEMS:
+                try:
+                    fs = self.open_filesystem(volume)
+                    row["backend"] = fs.backend
+                    if fs.info.label and not row.get("label"):
+                        row["label"] = fs.info.label
+                except RescueError as exc:
+                    row["error"] = exc.problem
+            volumes.append(row)
+        out["volumes"] = volumes
+        if self.volumes.volume_groups:
+            out["volume_groups"] = self.volumes.volume_groups
+        try:
+            root = self.root_volume()
+            out["root_volume"] = root.id
+            os_info = self.os_info()
+            if os_info:
+                out["os"] = {k: os_info[k] for k in ("id", "name", "pretty_name", "version_id", "version_codename",
+                                                     "id_like") if k in os_info}
+            if self.mounts:
+                out["mounts"] = self.mounts
+        except RescueError as exc:
+            out["root_volume"] = None
+            out["root_error"] = exc.one_line()
+        if self.warnings:
+            out["warnings"] = self.warnings
+        return out
+
+    def close(self) -> None:
+        for fs in self._filesystems.values():
+            try:
+                fs.close()
+            except Exception:
+                pass
+        self.disk.close()
+        self.source.close()
+
+    def __enter__(self) -> "Snapshot":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def open_snapshot(spec: str, options: SnapshotOptions | None = None) -> Snapshot:
+    return Snapshot(spec, options)
+
+
+def _guestfs_hint() -> str:
+    if sys.platform.startswith("linux"):
+        return "install libguestfs (apt install libguestfs-tools python3-guestfs) and add --backend guestfs"
+    return "use the Linux VM from the Vagrantfile (see README: macOS and Windows)"
+
+
+def _human(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
