@@ -1,0 +1,592 @@
+"""Raw ext2/3/4 inode metadata that The Sleuth Kit does not expose.
+
+TSK gives names, modes, owners, sizes and data; it does not give extended
+attributes, POSIX ACLs, device numbers or nanosecond/post-2038 timestamps.
+`ExtInodeReader` reads exactly those from the raw inode and its EA block.
+
+References:
+- Linux fs/ext4/ext4.h (struct ext4_super_block, ext4_group_desc, ext4_inode,
+  EXT4_FITS_IN_INODE, ext4_decode_extra_time), fs/ext4/super.c (descriptor_loc),
+  fs/ext4/inode.c (old/new_decode_dev for i_block[0]/[1]).
+- fs/ext4/xattr.h + xattr.c (ext4_xattr_header, ext4_xattr_entry, name indexes,
+  in-inode EAs after i_extra_isize, EA inodes), fs/ext4/acl.h + acl.c (on-disk
+  ACL format) and include/uapi/linux/posix_acl_xattr.h (what getxattr returns).
+- https://www.kernel.org/doc/html/latest/filesystems/ext4/ (on-disk layout).
+"""
+
+from __future__ import annotations
+
+import logging
+import struct
+from dataclasses import dataclass
+from typing import Callable
+
+from construct import Bytes, Int8ul, Int16ul, Int32ul, Padding, Struct
+
+from ..errors import DamagedRange, FilesystemError
+from ..source.base import ByteSource
+from .base import FileReadError
+
+log = logging.getLogger(__name__)
+
+SUPERBLOCK_OFFSET = 1024
+EXT_MAGIC = 0xEF53
+EA_MAGIC = 0xEA020000
+
+# Only the superblock fields we need; offsets per ext4.h.
+Superblock = Struct(
+    "s_inodes_count" / Int32ul,          # 0x00
+    "s_blocks_count_lo" / Int32ul,       # 0x04
+    Padding(0x14 - 0x08),
+    "s_first_data_block" / Int32ul,      # 0x14
+    "s_log_block_size" / Int32ul,        # 0x18
+    Padding(0x20 - 0x1C),
+    "s_blocks_per_group" / Int32ul,      # 0x20
+    Padding(0x28 - 0x24),
+    "s_inodes_per_group" / Int32ul,      # 0x28
+    Padding(0x38 - 0x2C),
+    "s_magic" / Int16ul,                 # 0x38
+    Padding(0x4C - 0x3A),
+    "s_rev_level" / Int32ul,             # 0x4C
+    Padding(0x58 - 0x50),
+    "s_inode_size" / Int16ul,            # 0x58
+    Padding(0x5C - 0x5A),
+    "s_feature_compat" / Int32ul,        # 0x5C
+    "s_feature_incompat" / Int32ul,      # 0x60
+    "s_feature_ro_compat" / Int32ul,     # 0x64
+    Padding(0xFE - 0x68),
+    "s_desc_size" / Int16ul,             # 0xFE
+    Padding(0x104 - 0x100),
+    "s_first_meta_bg" / Int32ul,         # 0x104
+    Padding(0x150 - 0x108),
+    "s_blocks_count_hi" / Int32ul,       # 0x150
+    Padding(0x24C - 0x154),
+    "s_backup_bgs" / Int32ul[2],         # 0x24C (sparse_super2)
+)
+
+GroupDesc32 = Struct(
+    "bg_block_bitmap_lo" / Int32ul,
+    "bg_inode_bitmap_lo" / Int32ul,
+    "bg_inode_table_lo" / Int32ul,
+    Padding(0x12 - 0x0C),
+    "bg_flags" / Int16ul,                # 0x12
+)
+GroupDescHigh = Struct(                  # the 64bit half, at 0x20
+    "bg_block_bitmap_hi" / Int32ul,
+    "bg_inode_bitmap_hi" / Int32ul,
+    "bg_inode_table_hi" / Int32ul,
+)
+
+Inode = Struct(
+    "i_mode" / Int16ul,                  # 0x00
+    "i_uid" / Int16ul,
+    "i_size_lo" / Int32ul,
+    "i_atime" / Int32ul,                 # 0x08
+    "i_ctime" / Int32ul,
+    "i_mtime" / Int32ul,
+    "i_dtime" / Int32ul,
+    "i_gid" / Int16ul,                   # 0x18
+    "i_links_count" / Int16ul,
+    "i_blocks_lo" / Int32ul,
+    "i_flags" / Int32ul,                 # 0x20
+    "osd1" / Int32ul,
+    "i_block" / Int32ul[15],             # 0x28
+    "i_generation" / Int32ul,            # 0x64
+    "i_file_acl_lo" / Int32ul,           # 0x68
+    "i_size_high" / Int32ul,
+    "i_obso_faddr" / Int32ul,
+    "l_i_blocks_high" / Int16ul,         # 0x74
+    "l_i_file_acl_high" / Int16ul,
+    "l_i_uid_high" / Int16ul,
+    "l_i_gid_high" / Int16ul,
+    "l_i_checksum_lo" / Int16ul,
+    "l_i_reserved" / Int16ul,
+)                                        # 0x80 = 128 bytes, the "good old" inode
+InodeExtra = Struct(                     # after 128, present as far as i_extra_isize says
+    "i_extra_isize" / Int16ul,           # 0x80
+    "i_checksum_hi" / Int16ul,
+    "i_ctime_extra" / Int32ul,           # 0x84
+    "i_mtime_extra" / Int32ul,           # 0x88
+    "i_atime_extra" / Int32ul,           # 0x8C
+    "i_crtime" / Int32ul,                # 0x90
+    "i_crtime_extra" / Int32ul,          # 0x94
+)
+
+XattrBlockHeader = Struct(
+    "h_magic" / Int32ul,
+    "h_refcount" / Int32ul,
+    "h_blocks" / Int32ul,
+    "h_hash" / Int32ul,
+    "h_checksum" / Int32ul,
+    Padding(12),
+)                                        # 32 bytes; entries follow
+XattrEntry = Struct(
+    "e_name_len" / Int8ul,
+    "e_name_index" / Int8ul,
+    "e_value_offs" / Int16ul,
+    "e_value_inum" / Int32ul,
+    "e_value_size" / Int32ul,
+    "e_hash" / Int32ul,
+)                                        # 16 bytes, then the name, padded to 4
+XATTR_ENTRY_SIZE = 16
+
+# ext4 on-disk ACL (fs/ext4/acl.h) and the kernel's xattr ACL (posix_acl_xattr.h).
+Ext4AclHeader = Struct("a_version" / Int32ul)
+EXT4_ACL_VERSION = 1
+POSIX_ACL_XATTR_VERSION = 2
+ACL_USER_OBJ, ACL_USER, ACL_GROUP_OBJ, ACL_GROUP, ACL_MASK, ACL_OTHER = 1, 2, 4, 8, 0x10, 0x20
+ACL_UNDEFINED_ID = 0xFFFFFFFF
+
+# e_name_index -> prefix (fs/ext4/xattr.h).
+NAME_INDEX = {
+    1: "user.",
+    2: "system.posix_acl_access",
+    3: "system.posix_acl_default",
+    4: "trusted.",
+    6: "security.",
+    7: "system.",
+    8: "system.richacl",
+}
+
+INCOMPAT_META_BG = 0x10
+INCOMPAT_64BIT = 0x80
+INCOMPAT_EA_INODE = 0x400
+RO_COMPAT_SPARSE_SUPER = 0x1
+COMPAT_SPARSE_SUPER2 = 0x200
+BG_INODE_UNINIT = 0x1
+
+EXTENTS_FL = 0x80000
+EXTENT_MAGIC = 0xF30A
+MAX_EXTENT_DEPTH = 5
+
+ExtentHeader = Struct(
+    "eh_magic" / Int16ul,
+    "eh_entries" / Int16ul,
+    "eh_max" / Int16ul,
+    "eh_depth" / Int16ul,
+    "eh_generation" / Int32ul,
+)
+ExtentLeaf = Struct("ee_block" / Int32ul, "ee_len" / Int16ul, "ee_start_hi" / Int16ul,
+                    "ee_start_lo" / Int32ul)
+ExtentIndex = Struct("ei_block" / Int32ul, "ei_leaf_lo" / Int32ul, "ei_leaf_hi" / Int16ul,
+                     Padding(2))
+
+S_IFMT, S_IFCHR, S_IFBLK = 0o170000, 0o020000, 0o060000
+
+MAX_EA_VALUE = 64 << 20          # EA-inode values: the kernel's XATTR_SIZE_MAX is 64 KiB; be generous
+MAX_XATTRS = 65536
+
+
+@dataclass
+class InodeTimes:
+    """Timestamps in ns since the epoch; crtime is None when the inode has no room for it."""
+
+    atime_ns: int
+    mtime_ns: int
+    ctime_ns: int
+    crtime_ns: int | None
+
+
+def _decode_time(seconds: int, extra: int | None) -> int:
+    """ext4_decode_extra_time: signed 32-bit seconds, plus 2 epoch bits << 32, plus ns."""
+    sec = seconds - (1 << 32) if seconds & 0x80000000 else seconds
+    if extra is None:
+        return sec * 1_000_000_000
+    sec += (extra & 3) << 32
+    return sec * 1_000_000_000 + ((extra >> 2) & 0x3FFFFFFF)
+
+
+def ext4_acl_to_xattr(data: bytes) -> bytes:
+    """ext4's compact on-disk ACL -> the posix_acl_xattr format getxattr returns
+    (version 2 header, 8-byte entries, e_id 0xFFFFFFFF for the *_OBJ/MASK/OTHER tags).
+    Raises ValueError for malformed data."""
+    if len(data) < 4:
+        raise ValueError(f"ACL of {len(data)} bytes has no header")
+    version = Ext4AclHeader.parse(data).a_version
+    if version == POSIX_ACL_XATTR_VERSION:
+        return data  # already in xattr format (seen on some non-ext4 writers)
+    if version != EXT4_ACL_VERSION:
+        raise ValueError(f"ACL a_version={version:#x}, expected {EXT4_ACL_VERSION}")
+    out = [struct.pack("<I", POSIX_ACL_XATTR_VERSION)]
+    pos = 4
+    while pos < len(data):
+        if pos + 4 > len(data):
+            raise ValueError(f"ACL entry at {pos} truncated")
+        tag, perm = struct.unpack_from("<HH", data, pos)
+        if tag in (ACL_USER, ACL_GROUP):
+            if pos + 8 > len(data):
+                raise ValueError(f"ACL entry at {pos} truncated")
+            (ident,) = struct.unpack_from("<I", data, pos + 4)
+            pos += 8
+        elif tag in (ACL_USER_OBJ, ACL_GROUP_OBJ, ACL_MASK, ACL_OTHER):
+            ident = ACL_UNDEFINED_ID
+            pos += 4
+        else:
+            raise ValueError(f"ACL entry at {pos} has unknown e_tag={tag:#x}")
+        out.append(struct.pack("<HHI", tag, perm, ident))
+    return b"".join(out)
+
+
+class ExtInodeReader:
+    """Reads xattrs, device numbers and precise times of ext2/3/4 inodes.
+
+    `source` is the filesystem's byte source (a partition window). Values stored in
+    EA inodes (ea_inode feature) are read through the EA inode's extent tree; for a
+    block-mapped EA inode (not made by Linux) `read_inode_data(ino, size)`, optional,
+    returns its first `size` bytes, e.g. the TSK backend may pass
+    `lambda ino, size: tsk_fs.open_meta(inode=ino).read_random(0, size)`;
+    without it such a value is skipped with a warning.
+    """
+
+    def __init__(self, source: ByteSource,
+                 read_inode_data: Callable[[int, int], bytes] | None = None) -> None:
+        self.source = source
+        self.name = source.name
+        self.read_inode_data = read_inode_data
+        raw = self._read(SUPERBLOCK_OFFSET, 1024, "superblock")
+        if len(raw) < 1024:
+            raise FilesystemError("too small for an ext superblock", file=self.name)
+        sb = Superblock.parse(raw)
+        if sb.s_magic != EXT_MAGIC:
+            raise FilesystemError(f"ext superblock s_magic={sb.s_magic:#06x}, expected 0xef53",
+                                  file=self.name)
+        if sb.s_log_block_size > 6:  # 64 KiB is the largest ext4 block
+            raise FilesystemError(f"ext superblock s_log_block_size={sb.s_log_block_size} is "
+                                  "out of range", file=self.name)
+        self.sb = sb
+        self.block_size = 1024 << sb.s_log_block_size
+        self.inodes_count = sb.s_inodes_count
+        self.inodes_per_group = sb.s_inodes_per_group
+        self.inode_size = sb.s_inode_size if sb.s_rev_level >= 1 else 128
+        if (self.inode_size < 128 or self.inode_size > self.block_size
+                or self.inode_size & (self.inode_size - 1)):
+            raise FilesystemError(f"ext superblock s_inode_size={self.inode_size} is invalid",
+                                  file=self.name)
+        if not 0 < self.inodes_per_group <= self.block_size * 8:
+            raise FilesystemError(f"ext superblock s_inodes_per_group={self.inodes_per_group} "
+                                  "is invalid", file=self.name)
+        self.is_64bit = bool(sb.s_feature_incompat & INCOMPAT_64BIT)
+        self.desc_size = sb.s_desc_size if self.is_64bit else 32
+        if self.desc_size < 32 or self.desc_size > self.block_size or self.desc_size & (self.desc_size - 1):
+            raise FilesystemError(f"ext superblock s_desc_size={self.desc_size} is invalid",
+                                  file=self.name)
+        self.blocks_count = sb.s_blocks_count_lo | (sb.s_blocks_count_hi << 32 if self.is_64bit else 0)
+        if sb.s_blocks_per_group == 0:
+            raise FilesystemError("ext superblock s_blocks_per_group=0", file=self.name)
+        self.group_count = -(-(self.blocks_count - sb.s_first_data_block) // sb.s_blocks_per_group)
+        self.descs_per_block = self.block_size // self.desc_size
+        self.ea_inode = bool(sb.s_feature_incompat & INCOMPAT_EA_INODE)
+        self._desc_blocks: dict[int, bytes] = {}   # descriptor block number -> bytes
+        self._warned_ea_inode = False
+
+    # -- low level ---------------------------------------------------------------
+
+    def _read(self, offset: int, length: int, what: str) -> bytes:
+        try:
+            return self.source.read(offset, length)
+        except DamagedRange as exc:
+            raise FileReadError(f"{self.name}: {what} at byte {offset} is damaged: {exc}") from None
+
+    def _bg_has_super(self, group: int) -> bool:
+        if group == 0:
+            return True
+        if self.sb.s_feature_compat & COMPAT_SPARSE_SUPER2:
+            return group in tuple(self.sb.s_backup_bgs)
+        if not self.sb.s_feature_ro_compat & RO_COMPAT_SPARSE_SUPER or group == 1:
+            return True
+        if group & 1 == 0:
+            return False
+        for base in (3, 5, 7):
+            n = base
+            while n < group:
+                n *= base
+            if n == group:
+                return True
+        return False
+
+    def _desc_block_location(self, nr: int) -> int:
+        """fs/ext4/super.c descriptor_loc(): where descriptor block `nr` lives."""
+        first = self.sb.s_first_data_block
+        if not self.sb.s_feature_incompat & INCOMPAT_META_BG or nr < self.sb.s_first_meta_bg:
+            return first + 1 + nr
+        bg = self.descs_per_block * nr
+        return first + bg * self.sb.s_blocks_per_group + (1 if self._bg_has_super(bg) else 0)
+
+    def _group_desc(self, group: int) -> tuple[int, int, int]:
+        """(inode table block, inode bitmap block, bg_flags) of a block group."""
+        if group >= self.group_count:
+            raise FileReadError(f"{self.name}: block group {group} is past the last "
+                                f"({self.group_count - 1})")
+        nr, index = divmod(group, self.descs_per_block)
+        block = self._desc_blocks.get(nr)
+        if block is None:
+            loc = self._desc_block_location(nr)
+            block = self._read(loc * self.block_size, self.block_size, "group descriptors")
+            if len(block) < self.block_size:
+                raise FileReadError(f"{self.name}: group descriptor block {loc} is past the "
+                                    "end of the filesystem")
+            self._desc_blocks[nr] = block
+        off = index * self.desc_size
+        d = GroupDesc32.parse(block[off:off + 0x14])
+        table, bitmap = d.bg_inode_table_lo, d.bg_inode_bitmap_lo
+        if self.is_64bit and self.desc_size >= 64:
+            h = GroupDescHigh.parse(block[off + 0x20:off + 0x2C])
+            table |= h.bg_inode_table_hi << 32
+            bitmap |= h.bg_inode_bitmap_hi << 32
+        return table, bitmap, d.bg_flags
+
+    def _check_ino(self, ino: int) -> None:
+        if not 1 <= ino <= self.inodes_count:
+            raise FileReadError(f"{self.name}: inode {ino} is out of range "
+                                f"(1..{self.inodes_count})")
+
+    def inode_offset(self, ino: int) -> int:
+        """Byte offset of the inode in the filesystem."""
+        self._check_ino(ino)
+        group, index = divmod(ino - 1, self.inodes_per_group)
+        table, _, _ = self._group_desc(group)
+        if table == 0 or table >= self.blocks_count:
+            raise FileReadError(f"{self.name}: inode {ino}: group {group} inode table at block "
+                                f"{table} is outside the filesystem")
+        return table * self.block_size + index * self.inode_size
+
+    def raw_inode(self, ino: int) -> bytes:
+        """The inode's on-disk bytes (s_inode_size of them)."""
+        offset = self.inode_offset(ino)
+        data = self._read(offset, self.inode_size, f"inode {ino}")
+        if len(data) < self.inode_size:
+            raise FileReadError(f"{self.name}: inode {ino} at byte {offset} is past the end "
+                                "of the image")
+        return data
+
+    def in_use(self, ino: int) -> bool:
+        """Whether the inode bitmap marks the inode allocated."""
+        self._check_ino(ino)
+        group, index = divmod(ino - 1, self.inodes_per_group)
+        _, bitmap, flags = self._group_desc(group)
+        if flags & BG_INODE_UNINIT:
+            return False
+        if bitmap == 0 or bitmap >= self.blocks_count:
+            raise FileReadError(f"{self.name}: group {group} inode bitmap at block {bitmap} "
+                                "is outside the filesystem")
+        byte = self._read(bitmap * self.block_size + index // 8, 1, "inode bitmap")
+        return bool(byte) and bool(byte[0] >> (index % 8) & 1)
+
+    def _parse(self, ino: int):
+        raw = self.raw_inode(ino)
+        inode = Inode.parse(raw)
+        extra_isize = 0
+        extra = None
+        if self.inode_size > 128:
+            extra_isize = struct.unpack_from("<H", raw, 128)[0]
+            if 128 + extra_isize > self.inode_size or extra_isize & 3:
+                raise FileReadError(f"{self.name}: inode {ino}: i_extra_isize={extra_isize} "
+                                    f"does not fit a {self.inode_size}-byte inode")
+            extra = InodeExtra.parse(raw[128:128 + 24].ljust(24, b"\0"))
+        return raw, inode, extra_isize, extra
+
+    # -- public API --------------------------------------------------------------
+
+    def times(self, ino: int) -> InodeTimes:
+        _, inode, extra_isize, extra = self._parse(ino)
+
+        def fits(offset: int) -> bool:   # EXT4_FITS_IN_INODE for a 4-byte field at `offset`
+            return extra is not None and offset + 4 <= 128 + extra_isize
+
+        def field(name: str, offset: int) -> int | None:
+            return getattr(extra, name) if fits(offset) else None
+
+        crtime = (_decode_time(extra.i_crtime, field("i_crtime_extra", 0x94))
+                  if fits(0x90) else None)
+        return InodeTimes(
+            atime_ns=_decode_time(inode.i_atime, field("i_atime_extra", 0x8C)),
+            mtime_ns=_decode_time(inode.i_mtime, field("i_mtime_extra", 0x88)),
+            ctime_ns=_decode_time(inode.i_ctime, field("i_ctime_extra", 0x84)),
+            crtime_ns=crtime,
+        )
+
+    def rdev(self, ino: int) -> tuple[int, int] | None:
+        """(major, minor) of a character or block device, else None."""
+        _, inode, _, _ = self._parse(ino)
+        if inode.i_mode & S_IFMT not in (S_IFCHR, S_IFBLK):
+            return None
+        old, new = inode.i_block[0], inode.i_block[1]
+        if old:   # old_decode_dev: 8-bit major, 8-bit minor
+            return (old >> 8) & 0xFF, old & 0xFF
+        # new_decode_dev: 12-bit major, 20-bit minor split around it
+        return (new & 0xFFF00) >> 8, (new & 0xFF) | ((new >> 12) & 0xFFF00)
+
+    def xattrs(self, ino: int) -> dict[str, bytes]:
+        """All extended attributes, named and valued as getxattr(2) on a mount shows
+        them (POSIX ACLs converted to the kernel's xattr format; the inline-data
+        marker `system.data` left out, as the kernel does). Raises FileReadError
+        for a damaged EA area or block."""
+        raw, inode, extra_isize, _ = self._parse(ino)
+        found: dict[str, bytes] = {}
+        # In-inode EAs: magic right after the extra fields, entries after it; value
+        # offsets count from the first entry.
+        start = 128 + extra_isize
+        if self.inode_size > 128 and start + 4 <= self.inode_size:
+            if struct.unpack_from("<I", raw, start)[0] == EA_MAGIC:
+                area = raw[start + 4:]
+                self._parse_entries(area, 0, area, ino, "in-inode EA area", found)
+        acl_block = inode.i_file_acl_lo | (inode.l_i_file_acl_high << 32)
+        if acl_block:
+            if acl_block >= self.blocks_count:
+                raise FileReadError(f"{self.name}: inode {ino}: i_file_acl={acl_block} is past "
+                                    f"the last block ({self.blocks_count - 1})")
+            block = self._read(acl_block * self.block_size, self.block_size, f"EA block {acl_block}")
+            if len(block) < self.block_size:
+                raise FileReadError(f"{self.name}: inode {ino}: EA block {acl_block} is past the "
+                                    "end of the image")
+            hdr = XattrBlockHeader.parse(block)
+            if hdr.h_magic != EA_MAGIC:
+                raise FileReadError(f"{self.name}: inode {ino}: EA block {acl_block} has "
+                                    f"h_magic={hdr.h_magic:#x}, expected {EA_MAGIC:#x}")
+            if hdr.h_blocks != 1:
+                raise FileReadError(f"{self.name}: inode {ino}: EA block {acl_block} has "
+                                    f"h_blocks={hdr.h_blocks}, expected 1")
+            self._parse_entries(block, 32, block, ino, f"EA block {acl_block}", found)
+        return found
+
+    def _parse_entries(self, area: bytes, pos: int, values: bytes, ino: int, where: str,
+                       found: dict[str, bytes]) -> None:
+        """Walk ext4_xattr_entry records in `area` from `pos` until the 4 zero bytes;
+        `values` is the buffer e_value_offs counts in (same buffer here in both cases)."""
+        what = f"{self.name}: inode {ino}: {where}"
+        count = 0
+        while True:
+            if pos + 4 > len(area):
+                raise FileReadError(f"{what}: entry list runs past the end at byte {pos}")
+            if area[pos:pos + 4] == b"\0\0\0\0":
+                return
+            if pos + XATTR_ENTRY_SIZE > len(area):
+                raise FileReadError(f"{what}: entry at byte {pos} is truncated")
+            count += 1
+            if count > MAX_XATTRS:
+                raise FileReadError(f"{what}: more than {MAX_XATTRS} entries")
+            e = XattrEntry.parse(area[pos:pos + XATTR_ENTRY_SIZE])
+            name_end = pos + XATTR_ENTRY_SIZE + e.e_name_len
+            if name_end > len(area):
+                raise FileReadError(f"{what}: entry at byte {pos} e_name_len={e.e_name_len} "
+                                    "runs past the end")
+            suffix = area[pos + XATTR_ENTRY_SIZE:name_end]
+            pos = (name_end + 3) & ~3
+            prefix = NAME_INDEX.get(e.e_name_index)
+            if prefix is None:
+                if e.e_name_index == 9:
+                    continue  # fscrypt context: internal, never listed by the kernel
+                log.warning("%s: xattr with unknown e_name_index=%d skipped", what, e.e_name_index)
+                continue
+            name = prefix + suffix.decode("utf-8", "surrogateescape")
+            if e.e_value_inum:
+                value = self._ea_inode_value(e.e_value_inum, e.e_value_size, what, name)
+                if value is None:
+                    continue
+            else:
+                end = e.e_value_offs + e.e_value_size
+                if e.e_value_size and end > len(values):
+                    raise FileReadError(f"{what}: {name}: value at {e.e_value_offs}+"
+                                        f"{e.e_value_size} is outside the {len(values)}-byte area")
+                value = values[e.e_value_offs:end] if e.e_value_size else b""
+            if name == "system.data":
+                continue  # inline-data marker, not listed by the kernel
+            if e.e_name_index in (2, 3):
+                try:
+                    value = ext4_acl_to_xattr(value)
+                except ValueError as exc:
+                    raise FileReadError(f"{what}: {name}: {exc}") from None
+            found[name] = value
+
+    def _read_extent_data(self, raw: bytes, size: int, what: str) -> bytes:
+        """The first `size` bytes of an extent-mapped inode (EA inodes are small:
+        one read per extent, holes and unwritten extents read as zeros)."""
+        out = bytearray(size)
+        nblocks = -(-size // self.block_size)
+
+        def walk(node: bytes, depth_left: int) -> None:
+            h = ExtentHeader.parse(node)
+            if h.eh_magic != EXTENT_MAGIC or 12 + h.eh_entries * 12 > len(node):
+                raise FileReadError(f"{what}: bad extent header (eh_magic={h.eh_magic:#x}, "
+                                    f"eh_entries={h.eh_entries})")
+            if h.eh_depth > depth_left:
+                raise FileReadError(f"{what}: extent tree eh_depth={h.eh_depth} too deep")
+            for i in range(h.eh_entries):
+                rec = node[12 + i * 12:24 + i * 12]
+                if h.eh_depth:
+                    ix = ExtentIndex.parse(rec)
+                    child = ix.ei_leaf_lo | (ix.ei_leaf_hi << 32)
+                    if child == 0 or child >= self.blocks_count:
+                        raise FileReadError(f"{what}: extent index points at block {child}")
+                    walk(self._read(child * self.block_size, self.block_size, what), h.eh_depth - 1)
+                    continue
+                leaf = ExtentLeaf.parse(rec)
+                length = leaf.ee_len if leaf.ee_len <= 32768 else leaf.ee_len - 32768
+                if leaf.ee_len > 32768 or leaf.ee_block >= nblocks:
+                    continue   # unwritten (reads as zeros) or past the value
+                length = min(length, nblocks - leaf.ee_block)
+                start = leaf.ee_start_lo | (leaf.ee_start_hi << 32)
+                if start == 0 or start + length > self.blocks_count:
+                    raise FileReadError(f"{what}: extent at block {start}+{length} is outside "
+                                        "the filesystem")
+                pos = leaf.ee_block * self.block_size
+                n = min(length * self.block_size, size - pos)
+                data = self._read(start * self.block_size, n, what)
+                if len(data) < n:
+                    raise FileReadError(f"{what}: extent at block {start} is past the end of "
+                                        "the image")
+                out[pos:pos + n] = data
+
+        walk(raw[0x28:0x28 + 60], MAX_EXTENT_DEPTH)
+        return bytes(out)
+
+    def _read_blockmap_data(self, raw: bytes, size: int, what: str) -> bytes:
+        """The first `size` bytes of a block-mapped inode, through the 12 direct
+        blocks and the single indirect block (enough for any EA value)."""
+        nblocks = -(-size // self.block_size)
+        ptrs = list(Inode.parse(raw).i_block[:12])
+        if nblocks > 12:
+            ind = Inode.parse(raw).i_block[12]
+            if ind == 0 or ind >= self.blocks_count:
+                raise FileReadError(f"{what}: indirect block {ind} is outside the filesystem")
+            blk = self._read(ind * self.block_size, self.block_size, what)
+            ptrs += struct.unpack(f"<{len(blk) // 4}I", blk[:len(blk) // 4 * 4])
+        out = bytearray(size)
+        for i in range(nblocks):   # at most a few dozen blocks: metadata, not the data path
+            b = ptrs[i] if i < len(ptrs) else 0
+            if b == 0:
+                continue            # hole
+            if b >= self.blocks_count:
+                raise FileReadError(f"{what}: block {b} is outside the filesystem")
+            n = min(self.block_size, size - i * self.block_size)
+            data = self._read(b * self.block_size, n, what)
+            if len(data) < n:
+                raise FileReadError(f"{what}: block {b} is past the end of the image")
+            out[i * self.block_size:i * self.block_size + n] = data
+        return bytes(out)
+
+    def _ea_inode_value(self, value_ino: int, size: int, what: str, name: str) -> bytes | None:
+        if not self.ea_inode:
+            raise FileReadError(f"{what}: {name}: e_value_inum={value_ino} but the filesystem "
+                                "has no ea_inode feature")
+        if size > MAX_EA_VALUE:
+            raise FileReadError(f"{what}: {name}: EA inode value of {size} bytes is too large")
+        self._check_ino(value_ino)
+        raw = self.raw_inode(value_ino)
+        where = f"{what}: {name}: EA inode {value_ino}"
+        if Inode.parse(raw).i_flags & EXTENTS_FL:
+            return self._read_extent_data(raw, size, where)
+        if -(-size // self.block_size) <= 12 + self.block_size // 4:
+            return self._read_blockmap_data(raw, size, where)
+        if self.read_inode_data is None:
+            log.warning("%s: %s is stored in EA inode %d, which this reader cannot read; "
+                        "skipped", what, name, value_ino)
+            return None
+        try:
+            value = self.read_inode_data(value_ino, size)
+        except (OSError, IOError) as exc:
+            raise FileReadError(f"{what}: {name}: EA inode {value_ino} unreadable: {exc}") from None
+        if len(value) != size:
+            raise FileReadError(f"{what}: {name}: EA inode {value_ino} gave {len(value)} bytes, "
+                                f"e_value_size={size}")
+        return value
