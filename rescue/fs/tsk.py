@@ -178,7 +178,7 @@ class TskFileSystem(FileSystem):
         if self._ext is not None:
             try:
                 times = self._ext.times(inode)
-                entry.mtime_ns, entry.atime_ns, entry.ctime_ns = times["mtime"], times["atime"], times["ctime"]
+                entry.mtime_ns, entry.atime_ns, entry.ctime_ns = times.mtime_ns, times.atime_ns, times.ctime_ns
                 if kind in (CHAR, BLOCK):
                     entry.rdev = self._ext.rdev(inode)
             except Exception:
