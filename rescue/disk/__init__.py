@@ -12,7 +12,7 @@ from ..source.base import ByteSource
 from .base import DiskImage, DiskInfo, DiskOptions, RawDisk
 
 # Module names under rescue.disk, tried in order; each reader registers here.
-FORMATS: list[str] = ["qcow2", "vdi"]
+FORMATS: list[str] = ["qcow2", "vdi", "vmdk", "vhdx", "vhd"]  # vhd last: its magic is at the end
 
 
 def _readers():

@@ -1,0 +1,160 @@
+"""Shared checks for the VMDK/VHD/VHDX tests: our reader against qemu-img.
+
+The reference is `qemu-img convert -O raw`, a sparse file; large images are
+compared over the union of its data extents (SEEK_DATA/SEEK_HOLE) and our
+data runs, everything else being holes in both.
+"""
+
+from __future__ import annotations
+
+import bz2
+import gzip
+import multiprocessing
+import os
+import random
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from rescue.disk.base import DiskImage
+
+ROOT = Path(__file__).resolve().parent.parent
+FIXTURES = ROOT / "fixtures" / "disk"
+REAL = ROOT.parent / "shared" / "real-images"
+CHUNK = 4 << 20
+
+
+def need_qemu_img() -> str:
+    exe = shutil.which("qemu-img")
+    if exe is None:
+        pytest.skip("qemu-img not installed (apt-get install qemu-utils)")
+    return exe
+
+
+def qemu_raw(image: Path, fmt: str, out: Path) -> Path | str:
+    """`qemu-img convert -O raw`; returns the error text when qemu cannot read it."""
+    need_qemu_img()
+    r = subprocess.run(["qemu-img", "convert", "-f", fmt, "-O", "raw", str(image), str(out)],
+                       capture_output=True, text=True, timeout=120)
+    if r.returncode != 0:
+        return r.stderr.strip()
+    return out
+
+
+def data_extents(path: Path) -> list[tuple[int, int]]:
+    out = []
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        size = os.fstat(fd).st_size
+        pos = 0
+        while pos < size:
+            try:
+                start = os.lseek(fd, pos, os.SEEK_DATA)
+            except OSError:
+                break
+            end = os.lseek(fd, start, os.SEEK_HOLE)
+            out.append((start, end))
+            pos = end
+    finally:
+        os.close(fd)
+    return out
+
+
+def _union(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    out: list[list[int]] = []
+    for a, b in sorted(ranges):
+        if out and a <= out[-1][1]:
+            out[-1][1] = max(out[-1][1], b)
+        else:
+            out.append([a, b])
+    return [(a, b) for a, b in out]
+
+
+def assert_same_as(img: DiskImage, ref: Path, reads: int = 200, seed: int = 0,
+                   grain: int = 64 << 10) -> None:
+    """Whole disk + `reads` random unaligned reads equal the reference raw file."""
+    size = ref.stat().st_size
+    assert img.size == size, f"virtual size {img.size} != qemu's {size}"
+    runs = list(img.runs(0, img.size))
+    assert sum(r.length for r in runs) == img.size
+    ours = [(r.offset, r.offset + r.length) for r in runs if r.kind == "data"]
+    with open(ref, "rb") as f:
+        for a, b in _union(data_extents(ref) + ours):
+            for pos in range(a, b, CHUNK):
+                n = min(CHUNK, b - pos)
+                f.seek(pos)
+                assert img.read(pos, n) == f.read(n), f"bytes differ in {pos}..{pos + n}"
+        # What our runs call zero must read as zeros (and qemu agrees: a hole there).
+        for r in runs:
+            if r.kind == "zero":
+                n = min(r.length, CHUNK)
+                assert img.read(r.offset, n) == bytes(n)
+                f.seek(r.offset)
+                assert f.read(n) == bytes(n), f"zero run at {r.offset} holds data in qemu's output"
+        rnd = random.Random(seed)
+        for i in range(reads):
+            if i % 10 == 0:      # some reads run into and past the end
+                off = max(0, size - rnd.randrange(1, 3 * grain))
+            elif i % 3 == 0 and ours:   # start near a data run's edge, crossing it
+                a, b = rnd.choice(ours)
+                off = max(0, rnd.choice((a, b)) - rnd.randrange(1, grain))
+            else:
+                off = rnd.randrange(0, size)
+            n = rnd.randrange(1, 3 * grain)
+            f.seek(off)
+            assert img.read(off, n) == f.read(n), f"random read {off}+{n} differs"
+
+
+def unpack(name: str, tmp: Path) -> Path:
+    """Copy a real image from ../shared/real-images to tmp, decompressing it."""
+    src = REAL / name
+    if not src.exists():
+        pytest.skip(f"{src} not available (real images live outside this repo)")
+    base = src.name.removesuffix(".gz").removesuffix(".bz2")
+    dst = tmp / base
+    if dst.exists():
+        return dst
+    opener = gzip.open if src.name.endswith(".gz") else bz2.open if src.name.endswith(".bz2") else open
+    with opener(src, "rb") as fi, open(dst, "wb") as fo:
+        shutil.copyfileobj(fi, fo, CHUNK)
+    return dst
+
+
+def _guarded(q, module: str, path: str) -> None:
+    from rescue.disk import DiskOptions
+    from rescue.errors import RescueError
+    from rescue.source import FileSource
+    import importlib
+    mod = importlib.import_module(f"rescue.disk.{module}")
+    try:
+        img = mod.open(FileSource(path), DiskOptions())
+        warnings = list(img.info.warnings)
+        try:
+            for r in img.runs(0, img.size):
+                if r.kind == "data":
+                    for pos in range(r.offset, r.offset + r.length, CHUNK):
+                        img.read(pos, min(CHUNK, r.offset + r.length - pos))
+        except OSError as e:      # DamagedRange: a damaged region, reported
+            warnings.append(f"damaged: {e}")
+        q.put(("ok", warnings))
+    except RescueError as e:
+        q.put(("error", e.one_line()))
+    except BaseException as e:  # noqa: BLE001 - the test fails on this
+        q.put(("crash", f"{type(e).__name__}: {e}"))
+
+
+def open_guarded(module: str, path: Path, timeout: float = 60) -> tuple[str, object]:
+    """Open and read a suspicious image in a child process with a time limit:
+    ('ok', warnings) | ('error', text) | ('crash', text) | ('hang', '')."""
+    ctx = multiprocessing.get_context("fork")
+    q = ctx.Queue()
+    p = ctx.Process(target=_guarded, args=(q, module, str(path)))
+    p.start()
+    p.join(timeout)
+    if p.is_alive():
+        p.kill()
+        p.join()
+        return ("hang", "")
+    return q.get(timeout=5) if not q.empty() else ("crash", f"exit code {p.exitcode}")
