@@ -1,18 +1,55 @@
-"""Turn what the user typed (a path, later a URL or an archive) into a byte source."""
+"""Turn what the user typed (a path or a URL) into a byte source, and unwrap
+an archive or compressed stream into the disk inside it."""
 
 from __future__ import annotations
 
 import os
+from typing import Callable
 
+from ..errors import SourceError
+from .archive import open_archive
 from .base import ByteSource, FileSource
 
 
-def open_source(spec: str | os.PathLike, *, member: str | None = None) -> ByteSource:
+def _is_url(spec: str | os.PathLike) -> bool:
+    return isinstance(spec, str) and spec[:8].lower().startswith(("http://", "https://"))
+
+
+def _open_url(spec: str) -> ByteSource:
+    from .http import HttpSource  # urllib3 is imported only for URLs
+    return HttpSource(spec)
+
+
+# Where the bytes live, tried in order: (claims(spec), open(spec)).
+LOCATIONS: list[tuple[Callable, Callable]] = [
+    (_is_url, _open_url),
+    (lambda spec: True, FileSource),
+]
+
+# What the bytes are, tried in order: each returns the source inside, or None.
+UNWRAPPERS: list[Callable] = [open_archive]
+
+
+def open_source(spec: str | os.PathLike, *, member: str | None = None,
+                progress: Callable[[int, int], None] | None = None) -> ByteSource:
     """Open SNAPSHOT as typed on the command line.
 
-    `member` picks a file inside an archive when there are several.
+    `member` picks a file inside an archive when there are several; `progress`
+    is called with (bytes_done, total) while a first open builds a seek index.
+    Closing the returned source closes everything under it.
     """
-    if isinstance(spec, str) and spec[:8].lower().startswith(("http://", "https://")):
-        from .http import HttpSource  # urllib3 is imported only for URLs
-        return HttpSource(spec)
-    return FileSource(spec)
+    opener = next(open_ for claims, open_ in LOCATIONS if claims(spec))
+    source = opener(spec)
+    try:
+        for unwrap in UNWRAPPERS:
+            inner = unwrap(source, member=member, progress=progress)
+            if inner is not None:
+                return inner
+    except BaseException:
+        source.close()
+        raise
+    if member is not None:
+        source.close()
+        raise SourceError(f"--member {member!r} given, but this is not an archive",
+                          file=source.name, hint="drop --member")
+    return source

@@ -1,0 +1,84 @@
+"""Where seek indexes and archive member tables are cached between runs.
+
+The cache lives in the user's cache directory (`RESCUE_CACHE_DIR`, else
+platformdirs' user cache dir, e.g. ~/.cache/rescue) and is keyed by the
+archive's identity: for a local file its real path, size and mtime; for any
+other source whatever it offers as `identity` (an HTTP source: URL, size,
+ETag). A source without an identity is never cached.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+from .base import ByteSource
+
+
+def cache_root() -> Path:
+    env = os.environ.get("RESCUE_CACHE_DIR")
+    if env:
+        return Path(env)
+    try:
+        import platformdirs
+        return Path(platformdirs.user_cache_dir("rescue", appauthor=False))
+    except ImportError:  # platformdirs is a dependency; this keeps `import rescue` cheap
+        base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+        return Path(base) / "rescue"
+
+
+def source_key(source: ByteSource) -> str | None:
+    """A stable key for `source`, or None when it has no identity to trust."""
+    path = getattr(source, "path", None)
+    if path is not None and os.path.isfile(path):
+        st = os.stat(path)
+        ident = ["file", os.path.realpath(path), st.st_size, st.st_mtime_ns]
+    else:
+        ident = getattr(source, "identity", None)
+        if ident is None:
+            return None
+        ident = ["id", repr(ident), source.size]
+    return hashlib.sha256(json.dumps(ident, default=str).encode()).hexdigest()[:32]
+
+
+class IndexCache:
+    """One directory per archive; files inside are written atomically."""
+
+    def __init__(self, source: ByteSource) -> None:
+        key = source_key(source)
+        self.dir = cache_root() / "archives" / key if key else None
+
+    @property
+    def enabled(self) -> bool:
+        return self.dir is not None
+
+    def path(self, name: str) -> Path | None:
+        if self.dir is None:
+            return None
+        return self.dir / name
+
+    def load_json(self, name: str):
+        p = self.path(name)
+        if p is None or not p.is_file():
+            return None
+        try:
+            return json.loads(p.read_text())
+        except (OSError, ValueError):
+            return None  # a damaged cache entry is rebuilt, never trusted
+
+    def store_json(self, name: str, value) -> None:
+        self.store_bytes(name, json.dumps(value, separators=(",", ":")).encode())
+
+    def store_bytes(self, name: str, data: bytes) -> None:
+        p = self.path(name)
+        if p is None:
+            return
+        try:
+            p.parent.mkdir(parents=True, exist_ok=True)
+            tmp = p.with_name(p.name + f".tmp{os.getpid()}")
+            tmp.write_bytes(data)
+            os.replace(tmp, p)
+        except OSError:
+            pass  # caching is an optimisation; a read-only home must not fail the rescue
