@@ -45,6 +45,7 @@ class Modes:
     body: bytes = b""               # ... and this body
     drop_after: int | None = None   # close the connection after N body bytes per response
     fail_times: int = 0             # answer the next N requests with 503
+    budget: int | None = None       # body bytes the server sends in total before it cuts every response
     slow: float = 0.0               # seconds to sleep per 64 KiB chunk
     no_validators: bool = False     # send neither ETag nor Last-Modified
 
@@ -170,8 +171,15 @@ class Handler(BaseHTTPRequestHandler):
             pos = start
             while pos <= end:
                 n = min(64 << 10, end - pos + 1)
-                if modes.drop_after is not None and entry.sent + n > modes.drop_after:
+                cut = modes.drop_after is not None and entry.sent + n > modes.drop_after
+                if cut:
                     n = modes.drop_after - entry.sent
+                with self.server.lock:
+                    if modes.budget is not None and n > modes.budget:
+                        n, cut = modes.budget, True
+                    if modes.budget is not None:
+                        modes.budget -= max(n, 0)
+                if cut:
                     if n > 0:
                         entry.sent += n
                         self.wfile.write(os.pread(f.fileno(), n, pos))

@@ -158,9 +158,9 @@ class HttpSource:
                     for chunk in iter_body(resp, min(want, 1 << 20)):
                         buf.extend(chunk[:want - len(buf)])
                         self._http.count(len(chunk))
-                except TransientError:
+                except TransientError as e:
                     if len(buf) > before:
-                        raise ProgressMade() from None
+                        raise ProgressMade(e) from None
                     raise
                 if len(buf) < want:
                     raise TransientError(f"short answer: {len(buf)} of {want} bytes")

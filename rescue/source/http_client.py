@@ -224,17 +224,16 @@ class Http:
                 on_retry: Callable[[str], None] | None = None):
         """Call fn() until it succeeds, retrying TransientError with exponential
         backoff (0.5 s, 1 s, 2 s, ... capped at 30 s). `fn` may itself make
-        progress between failures; the count restarts when it does so the
-        caller passes progress back via ProgressMade."""
+        progress between failures: it then raises ProgressMade and the count
+        of consecutive failures starts over."""
         failures = 0
         while True:
             try:
                 return fn()
-            except ProgressMade:
-                failures = 0
-                continue
-            except TransientError as e:
-                failures += 1
+            except (TransientError, ProgressMade) as exc:
+                # A failure after some progress counts as the first of a new run.
+                failures = 1 if isinstance(exc, ProgressMade) else failures + 1
+                e = exc.cause if isinstance(exc, ProgressMade) else exc
                 if failures > self.retries:
                     raise e.final(self.name, what, failures) from None
                 delay = min(self.backoff * (2 ** (failures - 1)), 30.0)
@@ -294,6 +293,10 @@ class TransientError(SourceError):
 class ProgressMade(Exception):
     """Raised inside an attempt() callback after a failure that still moved
     data forward: the retry budget starts over."""
+
+    def __init__(self, cause: TransientError) -> None:
+        super().__init__(cause.problem)
+        self.cause = cause
 
 
 class ChangedError(SourceError):
