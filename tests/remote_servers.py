@@ -1,0 +1,233 @@
+"""Helpers for the rsync/rclone target tests: a real source tree, Items made
+from it (as the extract engine would hand them over), tree comparison, and
+real servers on 127.0.0.1 (rsync daemon, sshd, rclone serve)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import stat
+import subprocess
+import time
+from pathlib import Path
+
+from rescue.extract.base import Content, Item
+from rescue.fs.base import BLOCK, CHAR, DIR, FIFO, FILE, SOCKET, SYMLINK, Entry
+
+IS_ROOT = os.geteuid() == 0
+
+_KINDS = {stat.S_IFREG: FILE, stat.S_IFDIR: DIR, stat.S_IFLNK: SYMLINK, stat.S_IFIFO: FIFO,
+          stat.S_IFCHR: CHAR, stat.S_IFBLK: BLOCK, stat.S_IFSOCK: SOCKET}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_port(port: int, proc: subprocess.Popen, timeout: float = 10) -> None:
+    end = time.time() + timeout
+    while time.time() < end:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"server on port {port} did not start")
+
+
+def stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def _set_mtime(p: Path, sec: int) -> None:
+    os.utime(p, ns=(sec * 10**9 + 123456789, sec * 10**9 + 123456789), follow_symlinks=False)
+
+
+def make_tree(root: Path, big: int = 300_000) -> Path:
+    """A small server tree with what metadata tests need: owners, setuid,
+    symlinks, hard links, empty file/dir, sparse file, xattrs, odd names."""
+    root.mkdir(parents=True)
+    (root / "db" / "_data").mkdir(parents=True)
+    (root / "web" / "html").mkdir(parents=True)
+    (root / "empty-dir").mkdir()
+    (root / "db" / "_data" / "pg.conf").write_text("listen_addresses = '*'\n")
+    (root / "db" / "_data" / "big.bin").write_bytes(os.urandom(big))
+    (root / "web" / "html" / "index.html").write_text("<h1>hello</h1>\n")
+    (root / "web" / "html" / "weird name\nwith newline é").write_text("odd\n")
+    (root / "empty").write_bytes(b"")
+    with open(root / "sparse.img", "wb") as f:
+        f.seek(5 << 20)
+        f.write(b"end")
+    (root / "web" / "bin").write_bytes(b"#!/bin/sh\necho x\n")
+    os.chmod(root / "web" / "bin", 0o4755)
+    os.chmod(root / "db" / "_data", 0o700)
+    os.link(root / "db" / "_data" / "pg.conf", root / "web" / "pg-link.conf")
+    os.link(root / "db" / "_data" / "big.bin", root / "web" / "big-link.bin")
+    os.symlink("../db/_data/pg.conf", root / "web" / "conf-symlink")
+    os.symlink("/etc/passwd", root / "abs-symlink")
+    os.setxattr(root / "web" / "html" / "index.html", "user.mime_type", b"text/html")
+    if IS_ROOT:
+        os.setxattr(root / "db" / "_data" / "pg.conf", "trusted.overlay.opaque", b"y")
+        for p in [root / "db", root / "db" / "_data", root / "db" / "_data" / "pg.conf", root / "db" / "_data" / "big.bin"]:
+            os.chown(p, 999, 999)
+        os.chown(root / "web" / "html" / "index.html", 33, 33)
+        os.chown(root / "web" / "conf-symlink", 33, 34, follow_symlinks=False)
+        os.mknod(root / "null-dev", 0o666 | stat.S_IFCHR, os.makedev(1, 3))
+    os.mkfifo(root / "fifo")
+    for i, p in enumerate(sorted(root.rglob("*"), key=lambda p: -len(p.parts))):
+        _set_mtime(p, 1_600_000_000 + i * 1000)
+    _set_mtime(root, 1_500_000_000)
+    return root
+
+
+def entry_of(path: Path, guest_path: str) -> Entry:
+    st = os.lstat(path)
+    kind = _KINDS[stat.S_IFMT(st.st_mode)]
+    xattrs = {}
+    if kind != SYMLINK:
+        for k in os.listxattr(path, follow_symlinks=False):
+            xattrs[k] = os.getxattr(path, k, follow_symlinks=False)
+    return Entry(path=guest_path, kind=kind, mode=stat.S_IMODE(st.st_mode), uid=st.st_uid, gid=st.st_gid,
+                 size=st.st_size if kind == FILE else 0, mtime_ns=st.st_mtime_ns, atime_ns=st.st_atime_ns,
+                 nlink=st.st_nlink, inode=st.st_ino,
+                 link_target=os.readlink(path) if kind == SYMLINK else None,
+                 rdev=(os.major(st.st_rdev), os.minor(st.st_rdev)) if kind in (CHAR, BLOCK) else None,
+                 xattrs=xattrs)
+
+
+def _content(path: Path, size: int, fail_after: int | None = None) -> Content:
+    def chunks():
+        from rescue.fs.base import FileReadError
+        done = 0
+        with open(path, "rb") as f:
+            while True:
+                b = f.read(65536)
+                if not b:
+                    return
+                done += len(b)
+                if fail_after is not None and done > fail_after:
+                    raise FileReadError(f"{path}: damaged block at {fail_after}")
+                yield b
+    return Content(size=size, chunks=chunks)
+
+
+def items_from_tree(root: Path, prefix: str = "", fail: set[str] | None = None) -> list[Item]:
+    """Items in walk order (a directory before its contents), hard-link repeats
+    pointing at the first name, like the extract engine produces."""
+    out: list[Item] = []
+    seen: dict[int, str] = {}
+
+    def visit(path: Path, name: str) -> None:
+        e = entry_of(path, "/" + name)
+        item = Item(name=name, entry=e)
+        if e.kind == FILE:
+            if e.nlink > 1 and e.inode in seen:
+                item.hardlink_to = seen[e.inode]
+            else:
+                seen[e.inode] = name
+                item.content = _content(path, e.size, 1000 if fail and name in fail else None)
+        out.append(item)
+        if e.kind == DIR:
+            for child in sorted(os.listdir(path)):
+                visit(path / child, f"{name}/{child}" if name else child)
+
+    for child in sorted(os.listdir(root)):
+        visit(root / child, f"{prefix}{child}")
+    return out
+
+
+def snapshot(root: Path, *, owners=True, xattrs=True, specials=True, dir_mtimes=True,
+             hardlinks=True, modes=True) -> dict:
+    """Everything comparable about a tree, keyed by relative path."""
+    out: dict = {}
+    inodes: dict[int, list[str]] = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".rescue-partial")]
+        for n in dirnames + filenames:
+            p = Path(dirpath) / n
+            rel = str(p.relative_to(root))
+            st = os.lstat(p)
+            kind = _KINDS[stat.S_IFMT(st.st_mode)]
+            if kind in (FIFO, CHAR, BLOCK, SOCKET) and not specials:
+                continue
+            rec: dict = {"kind": kind}
+            if modes and kind != SYMLINK:
+                rec["mode"] = oct(stat.S_IMODE(st.st_mode))
+            if owners:
+                rec["owner"] = (st.st_uid, st.st_gid)
+            if kind != DIR or dir_mtimes:
+                if kind != SYMLINK or modes:
+                    rec["mtime"] = st.st_mtime_ns
+            if kind == FILE:
+                rec["sha"] = __import__("hashlib").sha256(p.read_bytes()).hexdigest()
+                if st.st_nlink > 1:
+                    inodes.setdefault(st.st_ino, []).append(rel)
+            if kind == SYMLINK:
+                rec["target"] = os.readlink(p)
+            if kind in (CHAR, BLOCK):
+                rec["rdev"] = (os.major(st.st_rdev), os.minor(st.st_rdev))
+            if xattrs and kind != SYMLINK:
+                rec["xattrs"] = {k: os.getxattr(p, k, follow_symlinks=False)
+                                 for k in os.listxattr(p, follow_symlinks=False)}
+            out[rel] = rec
+    if hardlinks:
+        out["<hardlinks>"] = sorted(sorted(v) for v in inodes.values() if len(v) > 1)
+    return out
+
+
+class RsyncDaemon:
+    """`rsync --daemon --no-detach` on 127.0.0.1 with generated modules."""
+
+    def __init__(self, base: Path, *, tiny: Path | None = None) -> None:
+        self.base = base
+        self.port = free_port()
+        self.open_dir = base / "open"
+        self.auth_dir = base / "auth"
+        for d in (self.open_dir, self.auth_dir):
+            d.mkdir(parents=True, exist_ok=True)
+        self.password = "s3cret-Pa55word"
+        secrets = base / "secrets"
+        secrets.write_text(f"alice:{self.password}\n")
+        os.chmod(secrets, 0o600)
+        ids = "uid = 0\ngid = 0\n" if IS_ROOT else ""
+        conf = (f"pid file = {base}/rsyncd.pid\nuse chroot = {'yes' if IS_ROOT else 'no'}\n"
+                "munge symlinks = no\nnumeric ids = yes\n"
+                f"log file = {base}/rsyncd.log\n"
+                f"[open]\npath = {self.open_dir}\nread only = no\n{ids}"
+                f"[auth]\npath = {self.auth_dir}\nread only = no\n{ids}auth users = alice\n"
+                f"secrets file = {secrets}\n")
+        if tiny is not None:
+            conf += f"[tiny]\npath = {tiny}\nread only = no\n{ids}"
+        self.conf = base / "rsyncd.conf"
+        self.conf.write_text(conf)
+        self.proc: subprocess.Popen | None = None
+        self.start()
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(["rsync", "--daemon", "--no-detach", f"--config={self.conf}",
+                                      f"--port={self.port}", "--address=127.0.0.1"],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_port(self.port, self.proc)
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            stop(self.proc)
+            self.proc = None
+
+    def url(self, module: str, path: str = "") -> str:
+        return f"rsync://127.0.0.1:{self.port}/{module}/{path}"
+
+
+def have(tool: str) -> bool:
+    return shutil.which(tool) is not None

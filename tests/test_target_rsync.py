@@ -1,0 +1,282 @@
+"""rsync targets against a real rsync daemon and a real sshd on 127.0.0.1."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from rescue.errors import TargetError
+from rescue.extract.remote_target import (RCLONE_TAR, RCLONE_TREE, RSYNC_DAEMON, RSYNC_SSH,
+                                          parse_remote_target)
+from rescue.fs.base import FileReadError
+from remote_servers import (IS_ROOT, RsyncDaemon, free_port, have, items_from_tree, make_tree,
+                            snapshot, stop, wait_port)
+
+pytestmark = pytest.mark.skipif(not have("rsync"), reason="rsync is not installed")
+
+
+def RsyncSink(*a, **kw):
+    from rescue.extract.rsync_sink import RsyncSink as S
+    return S(*a, **kw)
+
+
+def send(target: str, items, **kw):
+    sink = RsyncSink(target, **kw)
+    try:
+        for item in items:
+            sink.add(item)
+    except BaseException:
+        sink.abort()
+        raise
+    return sink, sink.close()
+
+
+@pytest.fixture(scope="module")
+def src(tmp_path_factory) -> Path:
+    return make_tree(tmp_path_factory.mktemp("src") / "vols")
+
+
+@pytest.fixture(scope="module")
+def daemon(tmp_path_factory):
+    d = RsyncDaemon(tmp_path_factory.mktemp("rsyncd"))
+    yield d
+    d.stop()
+
+
+# -- target parsing ----------------------------------------------------------
+
+@pytest.mark.parametrize("text,kind,dest", [
+    ("rsync://127.0.0.1:8873/mod/vols/", RSYNC_DAEMON, "rsync://127.0.0.1:8873/mod/vols/"),
+    ("rsync://backup.example.org/mod", RSYNC_DAEMON, "rsync://backup.example.org/mod/"),
+    ("rsync://[::1]:873/mod/a/b", RSYNC_DAEMON, "rsync://[::1]:873/mod/a/b/"),
+    ("root@10.0.0.5:/srv/rescued/", RSYNC_SSH, "root@10.0.0.5:/srv/rescued/"),
+    ("vagrant@[::1]:/srv/x", RSYNC_SSH, "vagrant@[::1]:/srv/x/"),
+    ("newbox:rescued", RSYNC_SSH, "newbox:rescued/"),
+    ("rclone:r2:bucket/vols/", RCLONE_TREE, "r2:bucket/vols/"),
+    ("rclone:s3:bucket/vols.tar.zst", RCLONE_TAR, "s3:bucket/vols.tar.zst"),
+])
+def test_recognises_remote_targets(text, kind, dest):
+    t = parse_remote_target(text)
+    assert t is not None and t.kind == kind and t.dest == dest
+
+
+@pytest.mark.parametrize("text", ["C:\\out", "C:/out", "d:backup", "out/", "./a:b", "/tmp/x:y",
+                                  "volumes.tar.zst", "s3://bucket/x", "https://host/x"])
+def test_local_paths_and_windows_drives_are_not_remote(text):
+    assert parse_remote_target(text) is None
+
+
+@pytest.mark.parametrize("text", ["rsync://host", "rsync://host:99999/mod/", "rclone:nocolon"])
+def test_malformed_remote_targets_fail_clearly(text):
+    with pytest.raises(TargetError):
+        parse_remote_target(text)
+
+
+# -- rsync daemon --------------------------------------------------------------
+
+@pytest.mark.parametrize("fake_super", [True, False])
+def test_sends_tree_with_owners_modes_links_and_xattrs_to_rsync_daemon(src, daemon, fake_super):
+    sub = f"vols-{fake_super}"
+    sink, result = send(daemon.url("open", sub + "/"), items_from_tree(src), fake_super=fake_super)
+    got = daemon.open_dir / sub
+    assert snapshot(got, owners=IS_ROOT) == snapshot(src, owners=IS_ROOT)
+    assert os.stat(got / "sparse.img").st_blocks * 512 < 1 << 20      # sparse stays sparse
+    assert result.files == sum(1 for p in src.rglob("*") if p.is_file() and not p.is_symlink())
+    assert result.bytes >= 5 << 20
+    assert sink.batches == 1
+
+
+def test_small_scratch_limit_sends_several_batches_and_keeps_hard_links(src, daemon):
+    limit = 100_000
+    sink, result = send(daemon.url("open", "batched/"), items_from_tree(src), scratch_limit=limit)
+    got = daemon.open_dir / "batched"
+    assert snapshot(got, owners=IS_ROOT) == snapshot(src, owners=IS_ROOT)
+    assert sink.batches >= 3
+    # only the one file larger than the limit exceeded it, with a warning
+    assert sink.peak_scratch <= 300_000
+    assert any("big.bin" in w and "scratch limit" in w for w in result.warnings)
+    # big-link.bin arrived in a later batch than big.bin and is still the same inode
+    assert os.stat(got / "web" / "big-link.bin").st_ino == os.stat(got / "db" / "_data" / "big.bin").st_ino
+
+
+def test_rerun_sends_only_what_is_missing_or_changed(src, daemon):
+    url = daemon.url("open", "rerun/")
+    send(url, items_from_tree(src))
+    got = daemon.open_dir / "rerun"
+    kept = os.stat(got / "db" / "_data" / "big.bin").st_ino
+    (got / "web" / "html" / "index.html").unlink()
+    sink, result = send(url, items_from_tree(src))
+    assert sink.sent_files == 1
+    assert sink.unchanged_files >= 5
+    assert os.stat(got / "db" / "_data" / "big.bin").st_ino == kept      # not sent again
+    assert snapshot(got, owners=IS_ROOT) == snapshot(src, owners=IS_ROOT)
+
+
+def test_interrupted_run_completes_on_rerun(src, tmp_path):
+    d = RsyncDaemon(tmp_path / "d")
+    try:
+        url = d.url("open", "vols/")
+        sink = RsyncSink(url, scratch_limit=1000)
+        items = items_from_tree(src)
+        with pytest.raises(TargetError) as exc:
+            for item in items:
+                sink.add(item)
+                if sink.batches == 2 and d.proc is not None:
+                    d.stop()                         # the server goes away between batches
+            sink.close()
+        sink.abort()
+        msg = str(exc.value)
+        assert "cannot reach" in msg and "arrived before that" in msg, msg
+        arrived = sink.result.files
+        assert 0 < arrived < 10
+        first = {p: os.stat(p).st_ino for p in (d.open_dir / "vols").rglob("*") if p.is_file()}
+        d.start()
+        sink2, result = send(url, items)
+        got = d.open_dir / "vols"
+        assert snapshot(got, owners=IS_ROOT) == snapshot(src, owners=IS_ROOT)
+        assert sink2.unchanged_files >= len(first) - 1
+        assert sink2.sent_files <= result.files - arrived + 1
+        kept = sum(1 for p, ino in first.items() if os.stat(p).st_ino == ino)
+        assert kept >= len(first) - 1           # what arrived was not sent again
+    finally:
+        d.stop()
+
+
+def test_damaged_file_is_left_out_and_the_rest_arrives(src, daemon):
+    url = daemon.url("open", "damaged/")
+    sink = RsyncSink(url)
+    raised = []
+    for item in items_from_tree(src, fail={"db/_data/big.bin"}):
+        try:
+            sink.add(item)
+        except FileReadError:
+            raised.append(item.name)
+    result = sink.close()
+    got = daemon.open_dir / "damaged"
+    assert raised == ["db/_data/big.bin"]
+    assert not (got / "db" / "_data" / "big.bin").exists()
+    assert (got / "db" / "_data" / "pg.conf").read_bytes() == (src / "db" / "_data" / "pg.conf").read_bytes()
+    assert any("big-link.bin" in w for w in result.warnings)   # its hard link had nothing to point at
+
+
+def test_unsafe_names_never_leave_the_target(src, daemon, tmp_path):
+    from rescue.extract.base import Item
+    from rescue.fs.base import FILE, Entry
+    from rescue.extract.base import Content
+    evil = [Item(name=n, entry=Entry(path="/x", kind=FILE, mode=0o644, size=4, mtime_ns=10**18),
+                 content=Content(size=4, chunks=lambda: iter([b"evil"])))
+            for n in ("../../escaped", "a/../../escaped2")]
+    sink, result = send(daemon.url("open", "evil/"), evil)
+    assert len(result.warnings) == 2 and result.files == 0
+    assert not list(daemon.base.rglob("escaped*")) and not list(tmp_path.parent.rglob("escaped*"))
+
+
+def test_auth_module_with_password_from_environment(src, daemon, monkeypatch):
+    monkeypatch.setenv("RSYNC_PASSWORD", daemon.password)
+    url = f"rsync://alice@127.0.0.1:{daemon.port}/auth/vols/"
+    send(url, items_from_tree(src))
+    assert snapshot(daemon.auth_dir / "vols", owners=IS_ROOT) == snapshot(src, owners=IS_ROOT)
+
+
+def test_wrong_password_is_one_clear_error_without_the_password(src, daemon, monkeypatch):
+    monkeypatch.setenv("RSYNC_PASSWORD", "wrong-Pa55word-123")
+    url = f"rsync://alice@127.0.0.1:{daemon.port}/auth/nope/"
+    with pytest.raises(TargetError) as exc:
+        send(url, items_from_tree(src)[:3])
+    msg = exc.value.one_line()
+    assert "auth failed" in msg and "\n" not in msg
+    assert "wrong-Pa55word" not in msg and daemon.password not in msg
+
+
+@pytest.mark.parametrize("make_url,expect", [
+    (lambda d: f"rsync://127.0.0.1:{free_port()}/open/x/", "cannot reach"),
+    (lambda d: d.url("nosuchmodule", "x/"), "has no module"),
+])
+def test_unreachable_daemon_and_unknown_module(src, daemon, make_url, expect):
+    with pytest.raises(TargetError) as exc:
+        send(make_url(daemon), items_from_tree(src)[:3])
+    assert expect in exc.value.one_line() and "\n" not in exc.value.one_line()
+
+
+def test_missing_rsync_is_one_clear_error(monkeypatch, tmp_path):
+    monkeypatch.setenv("PATH", str(tmp_path))
+    with pytest.raises(TargetError, match="rsync is not installed"):
+        RsyncSink("rsync://127.0.0.1/mod/x/")
+
+
+@pytest.fixture
+def tiny_tmpfs(tmp_path):
+    mnt = tmp_path / "tiny"
+    mnt.mkdir()
+    if not IS_ROOT or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mnt)],
+                                     capture_output=True).returncode != 0:
+        pytest.skip("needs root to mount a tiny tmpfs")
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_full_remote_is_one_clear_error_and_counts_nothing_that_did_not_arrive(src, tmp_path, tiny_tmpfs):
+    d = RsyncDaemon(tmp_path / "d", tiny=tiny_tmpfs)
+    try:
+        sink = RsyncSink(d.url("tiny", "vols/"), scratch_limit=50_000)
+        with pytest.raises(TargetError) as exc:
+            for item in items_from_tree(src):
+                sink.add(item)
+            sink.close()
+        sink.abort()
+        assert "remote is full" in exc.value.one_line()
+        # every file counted as arrived is really there, complete
+        arrived = [p for p in tiny_tmpfs.rglob("*") if p.is_file() and not p.is_symlink()
+                   and ".rescue-partial" not in p.parts]
+        assert sink.result.files <= len(arrived)
+    finally:
+        d.stop()
+
+
+# -- rsync over ssh --------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def sshd(tmp_path_factory):
+    if not IS_ROOT or not os.path.exists("/usr/sbin/sshd") or not have("ssh-keygen"):
+        pytest.skip("needs root and openssh-server to run a test sshd")
+    base = tmp_path_factory.mktemp("sshd")
+    for name in ("host", "client"):
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(base / name)], check=True)
+    (base / "authorized_keys").write_text((base / "client.pub").read_text())
+    port = free_port()
+    (base / "sshd_config").write_text(
+        f"Port {port}\nListenAddress 127.0.0.1\nHostKey {base / 'host'}\nPidFile {base / 'sshd.pid'}\n"
+        f"AuthorizedKeysFile {base / 'authorized_keys'}\nStrictModes no\nPasswordAuthentication no\n"
+        "KbdInteractiveAuthentication no\nUsePAM no\nPermitRootLogin prohibit-password\n")
+    os.makedirs("/run/sshd", exist_ok=True)
+    proc = subprocess.Popen(["/usr/sbin/sshd", "-D", "-e", "-f", str(base / "sshd_config")],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_port(port, proc)
+    except RuntimeError as e:
+        stop(proc)
+        pytest.skip(f"sshd cannot start: {e}")
+    ssh = (f"-e ssh -p {port} -i {base / 'client'} -o StrictHostKeyChecking=no "
+           "-o UserKnownHostsFile=/dev/null -o LogLevel=ERROR -o BatchMode=yes")
+    yield port, ssh, base
+    stop(proc)
+
+
+def test_sends_tree_over_ssh_with_user_at_host(src, sshd, tmp_path):
+    port, ssh, _ = sshd
+    dest = tmp_path / "over ssh"
+    sink, result = send(f"root@127.0.0.1:{dest}/", items_from_tree(src), rsync_opts=[ssh])
+    assert snapshot(dest) == snapshot(src)
+
+
+def test_ssh_login_refused_is_one_clear_error(src, sshd, tmp_path):
+    port, ssh, base = sshd
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(tmp_path / "other")], check=True)
+    bad = ssh.replace(str(base / "client"), str(tmp_path / "other"))
+    with pytest.raises(TargetError) as exc:
+        send(f"root@127.0.0.1:{tmp_path}/x/", items_from_tree(src)[:3], rsync_opts=[bad])
+    assert "refused the login" in exc.value.one_line()
