@@ -112,6 +112,7 @@ def _walk(fs: FileSystem, top: Entry, shown: str, options: ExtractOptions,
     if top.kind != DIR:
         return
     stack = [(top, shown)]
+    visited = {(getattr(top, "dev", 0), top.inode)}
     while stack:
         directory, dir_shown = stack.pop()
         try:
@@ -129,9 +130,14 @@ def _walk(fs: FileSystem, top: Entry, shown: str, options: ExtractOptions,
                 continue
             if excluded(child_shown, options.excludes):
                 continue
-            yield child, child_shown
             if child.kind == DIR:
+                key = (getattr(child, "dev", 0), child.inode)
+                if key in visited:   # a corrupt image linked a directory into its own subtree
+                    skipped.append(Skipped(child_shown, "directory loop: already visited"))
+                    continue
+                visited.add(key)
                 subdirs.append((child, child_shown))
+            yield child, child_shown
         # depth first, in name order: push in reverse
         for sub in reversed(subdirs):
             stack.append(sub)
