@@ -267,8 +267,11 @@ def extract(snapshot: str = SnapshotArg,
                         err.print(path, markup=False)
                 report = run_extract(fs, sink, options, users=users, groups=groups, progress=progress, planned=work)
             fetched = getattr(snap.source, "bytes_fetched", None)
+            read_from_image = getattr(snap.source, "bytes_read", None)
         if as_json:
             data = report.to_json()
+            if read_from_image is not None:
+                data["bytes_read_from_snapshot"] = read_from_image
             if fetched is not None:
                 data["bytes_fetched"] = fetched
             _print_json(data)
