@@ -334,6 +334,142 @@ def _progress(total: int, quiet: bool):
             bar.stop()
 
 
+# -- download and provider snapshots ---------------------------------------------
+
+@app.command()
+def download(source: str = typer.Argument(..., metavar="URL|kiwivm",
+                                          help="http(s):// link to download, or the word kiwivm."),
+             output: str = typer.Option(..., "-o", "--output",
+                                        help="File to write (a URL), or folder (kiwivm)."),
+             md5: Optional[str] = typer.Option(None, "--md5", help="Expected MD5 (hex) of the file."),
+             sha256: Optional[str] = typer.Option(None, "--sha256", help="Expected SHA-256 (hex)."),
+             connections: int = typer.Option(1, "--connections", "-c", min=1, max=16,
+                                             help="Parallel ranges (servers that allow it)."),
+             force: bool = typer.Option(False, "--force", help="Replace an existing output file."),
+             veid: Optional[str] = typer.Option(None, "--veid", help="kiwivm: the VPS id (VEID)."),
+             snap_name: Optional[str] = typer.Option(None, "--snapshot",
+                                                     help="kiwivm: snapshot fileName to download."),
+             latest: bool = typer.Option(False, "--latest", help="kiwivm: the newest snapshot."),
+             api_key: Optional[str] = typer.Option(None, "--api-key",
+                                                   help="kiwivm: API key (better: env RESCUE_KIWIVM_API_KEY)."),
+             api_url: Optional[str] = typer.Option(None, "--api-url",
+                                                   help="kiwivm: API base URL (env RESCUE_KIWIVM_API_URL)."),
+             as_json: bool = typer.Option(False, "--json", help="Print the result as JSON.")) -> None:
+    """Download a snapshot so it survives a bad network: resumes, retries, verifies.
+
+    Writes OUT.part and renames it to OUT only when complete and verified; run the
+    same command again after an interruption and it continues where it stopped.
+
+    Examples:
+
+    \b
+      rescue download 'https://bucket.s3.amazonaws.com/disk.vmdk?X-Amz-...' -o disk.vmdk --md5 HEX
+      rescue download kiwivm --veid 123456 --latest -o snapshots/
+    """
+    with _errors():
+        kiwi = source.lower() == "kiwivm"
+        if kiwi:
+            if md5 or sha256:
+                raise RescueError("--md5/--sha256 are for URLs; KiwiVM's listed md5 is checked anyway",
+                                  layer="download")
+            if not veid:
+                raise RescueError("kiwivm needs --veid ID (KiwiVM panel -> API)", layer="download")
+            from .providers.kiwivm import download_snapshot
+            with _download_bar(as_json) as (update, label):
+                snap, res = download_snapshot(
+                    veid, output, api_key=api_key, api_url=api_url, snapshot=snap_name, latest=latest,
+                    connections=connections, progress=update, force=force, warn=_warn,
+                    on_chosen=lambda s: label(s.file_name))
+        else:
+            if veid or snap_name or latest or api_key or api_url:
+                raise RescueError("--veid/--snapshot/--latest/--api-key/--api-url belong to "
+                                  "`rescue download kiwivm`", layer="download")
+            if not source.lower().startswith(("http://", "https://")):
+                raise RescueError(f"{source!r} is neither an http(s):// URL nor 'kiwivm'", layer="download",
+                                  hint="quote the URL: shells cut it at '&'")
+            from .download import download as run_download
+            with _download_bar(as_json) as (update, label):
+                label(os.path.basename(output))
+                res = run_download(source, output, md5=md5, sha256=sha256, connections=connections,
+                                   progress=update, force=force, warn=_warn)
+        if as_json:
+            data = {"path": res.path, "size": res.size, "fetched": res.fetched,
+                    "resumed_from": res.resumed_from, "requests": res.requests,
+                    "verified": res.digests, "warnings": res.warnings}
+            if kiwi:
+                data["snapshot"] = {k: v for k, v in snap.to_json().items() if not k.startswith("download")}
+            _print_json(data)
+            return
+        checks = ", ".join(f"{k} verified" for k in res.digests) or "no checksum given, not verified"
+        resumed = f", resumed at {_human(res.resumed_from)}" if res.resumed_from else ""
+        err.print(f"downloaded {_human(res.size)} -> {res.path} ({checks}{resumed}; "
+                  f"{_human(res.fetched)} fetched)", markup=False)
+
+
+@app.command()
+def snapshots(provider: str = typer.Argument(..., metavar="kiwivm", help="Provider (kiwivm)."),
+              veid: str = typer.Option(..., "--veid", help="The VPS id (VEID)."),
+              api_key: Optional[str] = typer.Option(None, "--api-key",
+                                                    help="API key (better: env RESCUE_KIWIVM_API_KEY)."),
+              api_url: Optional[str] = typer.Option(None, "--api-url",
+                                                    help="API base URL (env RESCUE_KIWIVM_API_URL)."),
+              as_json: bool = typer.Option(False, "--json", help="The API's fields as JSON.")) -> None:
+    """List the snapshots a provider keeps for your server (then: rescue download kiwivm ...)."""
+    with _errors():
+        if provider.lower() != "kiwivm":
+            raise RescueError(f"unknown provider {provider!r}; known: kiwivm", layer="kiwivm")
+        from .providers.kiwivm import list_snapshots
+        snaps = list_snapshots(veid, api_key, api_url)
+        if as_json:
+            _print_json([s.to_json() for s in snaps])
+            return
+        if not snaps:
+            err.print("no snapshots (create one in KiwiVM -> Snapshots)", markup=False)
+            return
+        table = Table(show_header=True, header_style="bold")
+        for col in ("fileName", "os", "description", "size", "md5", "sticky", "purges in"):
+            table.add_column(col, overflow="fold")
+        for s in snaps:
+            days = f"{s.purges_in / 86400:.1f} days" if s.purges_in is not None else ""
+            table.add_row(s.file_name, s.os, s.description, _human(s.size), s.md5 or "",
+                          "yes" if s.sticky else "", days)
+        out.print(table)
+        err.print(f"download one: rescue download kiwivm --veid {veid} --snapshot FILE -o DIR",
+                  markup=False)
+
+
+def _warn(text: str) -> None:
+    err.print(f"warning: {text}", markup=False)
+
+
+@contextmanager
+def _download_bar(quiet: bool):
+    """Bytes, rate and ETA on stderr (only on a terminal); thread-safe updates."""
+    bar: Optional[Progress] = None
+    task = None
+    name = {"text": "download"}
+
+    def update(done: int, total: Optional[int]) -> None:
+        nonlocal bar, task
+        if bar is None:
+            if not err.is_terminal:
+                return
+            bar = Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
+                           TransferSpeedColumn(), TimeRemainingColumn(), console=err, transient=True)
+            bar.start()
+            task = bar.add_task(name["text"], total=total)
+        bar.update(task, completed=done, total=total)
+
+    def label(text: str) -> None:
+        name["text"] = text
+
+    try:
+        yield update, label
+    finally:
+        if bar is not None:
+            bar.stop()
+
+
 def main() -> None:
     try:
         app()

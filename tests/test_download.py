@@ -8,6 +8,8 @@ import os
 import random
 import shutil
 import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -210,3 +212,26 @@ def test_full_disk_is_a_clear_error_and_the_part_resumes(http_server, snapshot, 
         assert out.read_bytes() == snapshot.read_bytes()
     finally:
         subprocess.run(["umount", str(small)], check=False)
+
+
+def test_cli_download_exit_codes_and_kept_part(http_server, snapshot, tmp_path):
+    url = http_server.serve("vps.tar.gz", snapshot)
+    repo = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, PYTHONPATH=str(repo))
+
+    def rescue(*args):
+        return subprocess.run([sys.executable, "-m", "rescue", *args], capture_output=True,
+                              text=True, env=env, cwd=repo, timeout=120)
+
+    bad = rescue("download", url, "-o", str(tmp_path / "a.tgz"), "--md5", "0" * 32)
+    assert bad.returncode == 2 and "md5 mismatch" in bad.stderr
+    assert (tmp_path / "a.tgz.part").exists() and not (tmp_path / "a.tgz").exists()
+    good = rescue("download", url, "-o", str(tmp_path / "b.tgz"), "--sha256",
+                  digests(snapshot)[1], "--connections", "3", "--json")
+    assert good.returncode == 0, good.stderr
+    assert json.loads(good.stdout)["verified"]["sha256"] == digests(snapshot)[1]
+    assert (tmp_path / "b.tgz").read_bytes() == snapshot.read_bytes()
+    again = rescue("download", url, "-o", str(tmp_path / "b.tgz"))
+    assert again.returncode == 2 and "--force" in again.stderr
+    neither = rescue("download", "ftp://x/y", "-o", str(tmp_path / "c"))
+    assert neither.returncode == 2 and "kiwivm" in neither.stderr

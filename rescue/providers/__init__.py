@@ -1,0 +1,1 @@
+"""Cloud providers whose API yields a snapshot download link."""
