@@ -231,3 +231,38 @@ class RsyncDaemon:
 
 def have(tool: str) -> bool:
     return shutil.which(tool) is not None
+
+
+class RcloneSftp:
+    """`rclone serve sftp` of a directory on 127.0.0.1, and the RCLONE_CONFIG_*
+    variables that make it the remote `name` for the client."""
+
+    def __init__(self, base: Path, name: str = "rescuetest") -> None:
+        self.base = base
+        self.root = base / "served"
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        self.user, self.password = "rescuer", "rc-Pa55-w0rd-xyz"
+        self.name = name
+        (base / "rclone.conf").write_text("")
+        self.proc: subprocess.Popen | None = None
+        self.start()
+        obscured = subprocess.run(["rclone", "obscure", self.password], capture_output=True, text=True,
+                                  check=True).stdout.strip()
+        up = name.upper()
+        self.env = {"RCLONE_CONFIG": str(base / "rclone.conf"), f"RCLONE_CONFIG_{up}_TYPE": "sftp",
+                    f"RCLONE_CONFIG_{up}_HOST": "127.0.0.1", f"RCLONE_CONFIG_{up}_PORT": str(self.port),
+                    f"RCLONE_CONFIG_{up}_USER": self.user, f"RCLONE_CONFIG_{up}_PASS": obscured}
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            ["rclone", "serve", "sftp", str(self.root), "--addr", f"127.0.0.1:{self.port}",
+             "--user", self.user, "--pass", self.password, "--config", str(self.base / "rclone.conf"),
+             "--cache-dir", str(self.base / "cache"), "--dir-cache-time", "0s"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_port(self.port, self.proc, timeout=20)
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            stop(self.proc)
+            self.proc = None

@@ -25,6 +25,7 @@ def RsyncSink(*a, **kw):
 
 
 def send(target: str, items, **kw):
+    kw.setdefault("devices", True)
     sink = RsyncSink(target, **kw)
     try:
         for item in items:
@@ -88,6 +89,15 @@ def test_sends_tree_with_owners_modes_links_and_xattrs_to_rsync_daemon(src, daem
     assert result.files == sum(1 for p in src.rglob("*") if p.is_file() and not p.is_symlink())
     assert result.bytes >= 5 << 20
     assert sink.batches == 1
+
+
+def test_device_nodes_only_with_devices_and_setuid_can_be_dropped(src, daemon):
+    sink, result = send(daemon.url("open", "nodev/"), items_from_tree(src), devices=False, keep_setuid=False)
+    got = daemon.open_dir / "nodev"
+    assert not (got / "null-dev").exists() and (got / "fifo").exists()
+    assert os.stat(got / "web" / "bin").st_mode & 0o7777 == 0o755
+    if IS_ROOT:
+        assert any("device nodes" in w for w in result.warnings)
 
 
 def test_small_scratch_limit_sends_several_batches_and_keeps_hard_links(src, daemon):
@@ -170,8 +180,12 @@ def test_unsafe_names_never_leave_the_target(src, daemon, tmp_path):
     evil = [Item(name=n, entry=Entry(path="/x", kind=FILE, mode=0o644, size=4, mtime_ns=10**18),
                  content=Content(size=4, chunks=lambda: iter([b"evil"])))
             for n in ("../../escaped", "a/../../escaped2")]
-    sink, result = send(daemon.url("open", "evil/"), evil)
-    assert len(result.warnings) == 2 and result.files == 0
+    sink = RsyncSink(daemon.url("open", "evil/"))
+    for item in evil:
+        with pytest.raises(FileReadError, match="unsafe name"):
+            sink.add(item)
+    result = sink.close()
+    assert result.files == 0
     assert not list(daemon.base.rglob("escaped*")) and not list(tmp_path.parent.rglob("escaped*"))
 
 

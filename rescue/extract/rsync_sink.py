@@ -54,7 +54,8 @@ class RsyncSink(Sink):
 
     def __init__(self, target: str | RemoteTarget, *, scratch_limit: int = DEFAULT_SCRATCH_LIMIT,
                  rsync_opts: list[str] | tuple[str, ...] = (), scratch_dir: str | None = None,
-                 fake_super: bool | None = None, io_timeout: int = 300, xattrs: bool = True) -> None:
+                 fake_super: bool | None = None, io_timeout: int = 300, xattrs: bool = True,
+                 devices: bool = False, keep_setuid: bool = True) -> None:
         parsed = parse_remote_target(target) if isinstance(target, str) else target
         if parsed is None or parsed.kind not in (RSYNC_DAEMON, RSYNC_SSH):
             raise TargetError(f"{target!r} is not an rsync target",
@@ -65,7 +66,7 @@ class RsyncSink(Sink):
         self.rsync_opts = list(rsync_opts)
         self.io_timeout = io_timeout
         self.xattrs = xattrs
-        self.staging = Staging(scratch_dir, fake_super=fake_super)
+        self.staging = Staging(scratch_dir, fake_super=fake_super, devices=devices, keep_setuid=keep_setuid)
         self.result = SinkResult(target=parsed.text)
         self.secrets = [os.environ.get("RSYNC_PASSWORD", "")]
         self._placeholders_ok = not any(
@@ -102,9 +103,8 @@ class RsyncSink(Sink):
             self.staging.stage(item)
         except FileReadError:
             raise
-        except ValueError as e:
-            self.result.warnings.append(f"{item.name!r}: skipped: {e}")
-            return
+        except ValueError as e:            # the engine lists it as skipped
+            raise FileReadError(f"refusing unsafe name: {e}") from None
         except OSError as e:
             raise self._scratch_error(e) from None
         if entry.kind != DIR:
@@ -150,8 +150,7 @@ class RsyncSink(Sink):
                 self.result.warnings.append(f"{name}: hard link to {leader} not sent: {why}")
                 return
         except ValueError as e:
-            self.result.warnings.append(f"{item.name!r}: skipped: {e}")
-            return
+            raise FileReadError(f"refusing unsafe name: {e}") from None
         except OSError as e:
             raise self._scratch_error(e) from None
         self._batch.append((name, 0))            # a name, not more bytes

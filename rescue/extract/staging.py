@@ -60,7 +60,8 @@ class Staging:
     """A scratch directory holding one batch of items at a time."""
 
     def __init__(self, scratch_dir: str | None = None, *, fake_super: bool | None = None,
-                 specials: bool = True, xattrs: bool = True, prefix: str = "rescue-stage-") -> None:
+                 devices: bool = True, fifos: bool = True, keep_setuid: bool = True, xattrs: bool = True,
+                 prefix: str = "rescue-stage-") -> None:
         try:
             self.root = tempfile.mkdtemp(prefix=prefix, dir=scratch_dir)
         except OSError as e:
@@ -70,7 +71,9 @@ class Staging:
         self.root_fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY)
         self.is_root = hasattr(os, "geteuid") and os.geteuid() == 0
         self.fake_super = xattrs_supported(self.root) if fake_super is None else fake_super
-        self.specials = specials        # stage devices/fifos/sockets at all
+        self.devices = devices          # stage device nodes at all
+        self.fifos = fifos              # stage fifos and sockets at all
+        self.keep_setuid = keep_setuid
         self.xattrs = xattrs
         self.batch_files: list[str] = []   # non-directories staged since the last clear
         self.batch_bytes = 0               # data bytes (not holes) staged since the last clear
@@ -163,8 +166,11 @@ class Staging:
         os.utime(leaf, ns=(entry.atime_ns or mtime, mtime), dir_fd=pfd, follow_symlinks=False)
 
     def _stage_special(self, pfd: int, leaf: str, entry: Entry) -> bool:
-        if not self.specials:
-            self._lose("device/fifo/socket entries")
+        if entry.kind in (CHAR, BLOCK) and not self.devices:
+            self._lose("device nodes (add --devices to send them)")
+            return False
+        if entry.kind in (FIFO, SOCKET) and not self.fifos:
+            self._lose(f"{entry.kind} entries")
             return False
         if self.fake_super:     # an empty file whose %stat says what it really is
             fd = os.open(leaf, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600, dir_fd=pfd)
@@ -230,9 +236,13 @@ class Staging:
 
     def _apply_meta(self, fd: int, entry: Entry, is_dir: bool = False) -> None:
         xattrs = entry.xattrs or {}
+        st_mode = entry.st_mode
+        if st_mode & 0o6000 and not is_dir and not self.keep_setuid:
+            st_mode &= ~0o6000
+            self._lose("setuid/setgid bits (dropped as asked)")
         if self.fake_super:
             major, minor = entry.rdev or (0, 0)
-            value = f"{entry.st_mode:o} {major},{minor} {entry.uid}:{entry.gid}".encode()
+            value = f"{st_mode:o} {major},{minor} {entry.uid}:{entry.gid}".encode()
             self._setxattr(fd, STAT_XATTR, value)
             if self.xattrs:
                 for key, val in xattrs.items():
@@ -247,11 +257,11 @@ class Staging:
         else:
             if self.is_root:
                 os.fchown(fd, entry.uid, entry.gid)
-                os.fchmod(fd, entry.mode & 0o7777)
+                os.fchmod(fd, st_mode & 0o7777)
             else:
                 if (entry.uid, entry.gid) != (os.geteuid(), os.getegid()):
                     self._lose("owners (not root, no xattrs for --fake-super)")
-                os.fchmod(fd, (entry.mode & 0o777) | (0o700 if is_dir else 0o600))
+                os.fchmod(fd, (st_mode & 0o777) | (0o700 if is_dir else 0o600))
             if self.xattrs:
                 for key, val in xattrs.items():
                     if key.startswith("user.") or (self.is_root and not key.startswith("system.")):

@@ -46,5 +46,19 @@ def open_sink(target: str, options: TargetOptions | None = None) -> Sink:
 
 
 def _open_remote(target: str, options: TargetOptions) -> Sink | None:
-    """rsync and rclone targets, when those sinks are present."""
-    return None
+    """rsync and rclone targets (rsync://, [USER@]HOST:PATH/, rclone:REMOTE:PATH[/NAME.tar.zst])."""
+    from .remote_target import RCLONE_TAR, RCLONE_TREE, parse_remote_target
+    remote = parse_remote_target(target)
+    if remote is None:
+        return None
+    if remote.kind == RCLONE_TAR:
+        from .rclone_sink import RcloneTarSink
+        return RcloneTarSink(remote, force=options.force)
+    if remote.kind == RCLONE_TREE:
+        from .rclone_sink import RcloneSink
+        return RcloneSink(remote, scratch_limit=options.scratch_limit)
+    from .rsync_sink import RsyncSink
+    # setuid bits: kept unless --keep-setuid is explicitly False; they land on the
+    # server being restored, not on this machine
+    return RsyncSink(remote, scratch_limit=options.scratch_limit, rsync_opts=options.rsync_opts,
+                     devices=options.devices, keep_setuid=options.keep_setuid is not False)

@@ -1,0 +1,185 @@
+"""rclone targets against a real `rclone serve sftp` on 127.0.0.1."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from rescue.errors import TargetError
+from rescue.fs.base import FileReadError
+from remote_servers import IS_ROOT, RcloneSftp, have, items_from_tree, make_tree, snapshot
+
+pytestmark = pytest.mark.skipif(not have("rclone"), reason="rclone is not installed")
+
+
+@pytest.fixture(scope="module")
+def src(tmp_path_factory) -> Path:
+    return make_tree(tmp_path_factory.mktemp("src") / "vols")
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    s = RcloneSftp(tmp_path_factory.mktemp("rclone"))
+    yield s
+    s.stop()
+
+
+@pytest.fixture
+def remote_env(server, monkeypatch):
+    for k, v in server.env.items():
+        monkeypatch.setenv(k, v)
+    return server
+
+
+def send(sink, items):
+    try:
+        for item in items:
+            sink.add(item)
+    except BaseException:
+        sink.abort()
+        raise
+    return sink.close()
+
+
+def tree_sink(target, **kw):
+    from rescue.extract.rclone_sink import RcloneSink
+    return RcloneSink(target, **kw)
+
+
+def expected_tree(src: Path) -> dict:
+    """What an rclone tree keeps: contents and mtimes (seconds over sftp),
+    symlinks as NAME.rclonelink, hard links as copies, empty dirs."""
+    out = {}
+    for p in src.rglob("*"):
+        rel = str(p.relative_to(src))
+        if p.is_symlink():
+            out[rel + ".rclonelink"] = (hashlib.sha256(os.readlink(p).encode()).hexdigest(), None)
+        elif p.is_dir():
+            out[rel] = ("dir", None)
+        elif p.is_file():
+            out[rel] = (hashlib.sha256(p.read_bytes()).hexdigest(), os.stat(p).st_mtime_ns // 10**9)
+    return out
+
+
+def got_tree(root: Path) -> dict:
+    out = {}
+    for p in root.rglob("*"):
+        rel = str(p.relative_to(root))
+        if p.is_dir():
+            out[rel] = ("dir", None)
+        else:
+            mt = None if rel.endswith(".rclonelink") else os.stat(p).st_mtime_ns // 10**9
+            out[rel] = (hashlib.sha256(p.read_bytes()).hexdigest(), mt)
+    return out
+
+
+def test_sends_tree_with_contents_mtimes_symlinks_and_empty_dirs(src, remote_env):
+    sink = tree_sink(f"rclone:{remote_env.name}:rescued/vols/")
+    result = send(sink, items_from_tree(src))
+    assert got_tree(remote_env.root / "rescued" / "vols") == expected_tree(src)
+    assert any("fifo" in w for w in result.warnings)
+    assert result.files == sum(1 for p in src.rglob("*") if p.is_file() and not p.is_symlink())
+
+
+def test_small_scratch_limit_batches_and_hard_links_become_copies(src, remote_env):
+    sink = tree_sink(f"rclone:{remote_env.name}:batched", scratch_limit=50_000)
+    result = send(sink, items_from_tree(src))
+    got = remote_env.root / "batched"
+    assert got_tree(got) == expected_tree(src)
+    assert sink.batches >= 3 and sink.peak_scratch <= 300_000
+    assert any("big.bin" in w and "scratch limit" in w for w in result.warnings)
+    assert any("hard links stored as separate copies" in w for w in result.warnings)
+
+
+def test_rerun_sends_only_what_is_missing_or_changed(src, remote_env):
+    target = f"rclone:{remote_env.name}:rerun/"
+    send(tree_sink(target), items_from_tree(src))
+    got = remote_env.root / "rerun"
+    kept = os.stat(got / "db" / "_data" / "big.bin").st_ino
+    (got / "web" / "html" / "index.html").unlink()
+    sink = tree_sink(target)
+    send(sink, items_from_tree(src))
+    assert sink.sent_files == 1
+    assert os.stat(got / "db" / "_data" / "big.bin").st_ino == kept
+    assert got_tree(got) == expected_tree(src)
+
+
+def test_damaged_file_is_left_out(src, remote_env):
+    sink = tree_sink(f"rclone:{remote_env.name}:damaged/")
+    raised = []
+    try:
+        for item in items_from_tree(src, fail={"db/_data/big.bin"}):
+            try:
+                sink.add(item)
+            except FileReadError:
+                raised.append(item.name)
+    finally:
+        sink.close()
+    assert raised == ["db/_data/big.bin"]
+    assert not (remote_env.root / "damaged" / "db" / "_data" / "big.bin").exists()
+    assert (remote_env.root / "damaged" / "db" / "_data" / "pg.conf").exists()
+
+
+def test_wrong_password_is_one_clear_error_without_secrets(src, server, monkeypatch):
+    for k, v in server.env.items():
+        monkeypatch.setenv(k, v)
+    bad = subprocess.run(["rclone", "obscure", "not-the-Pa55word"], capture_output=True, text=True).stdout.strip()
+    monkeypatch.setenv(f"RCLONE_CONFIG_{server.name.upper()}_PASS", bad)
+    with pytest.raises(TargetError) as exc:
+        send(tree_sink(f"rclone:{server.name}:nope/"), items_from_tree(src)[:4])
+    msg = exc.value.one_line()
+    assert "refused the login" in msg and "\n" not in msg
+    assert bad not in msg and "not-the-Pa55word" not in msg and server.password not in msg
+
+
+def test_unreachable_remote_and_unknown_remote(src, server, monkeypatch, tmp_path):
+    from remote_servers import free_port
+    for k, v in server.env.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setenv(f"RCLONE_CONFIG_{server.name.upper()}_PORT", str(free_port()))
+    with pytest.raises(TargetError, match="cannot reach"):
+        send(tree_sink(f"rclone:{server.name}:x/"), items_from_tree(src)[:4])
+    with pytest.raises(TargetError, match="no remote named 'nosuch'"):
+        tree_sink("rclone:nosuch:x/")
+
+
+def test_missing_rclone_is_one_clear_error(monkeypatch, tmp_path):
+    monkeypatch.setenv("PATH", str(tmp_path))
+    with pytest.raises(TargetError, match="rclone is not installed"):
+        tree_sink("rclone:any:x/")
+
+
+# -- streamed tarball --------------------------------------------------------------
+
+@pytest.mark.parametrize("suffix", [".tar.zst", ".tar.gz", ".tar"])
+def test_streams_one_tarball_without_a_local_copy(src, remote_env, tmp_path, suffix):
+    if not have("tar") or (suffix == ".tar.zst" and not have("zstd")):
+        pytest.skip("needs GNU tar and zstd")
+    from rescue.extract.rclone_sink import RcloneTarSink
+    sink = RcloneTarSink(f"rclone:{remote_env.name}:tarballs/vols{suffix}")
+    result = send(sink, items_from_tree(src))
+    tarball = remote_env.root / "tarballs" / f"vols{suffix}"
+    assert tarball.exists() and result.files >= 5
+    out = tmp_path / "x"
+    out.mkdir()
+    subprocess.run(["tar", "-x", "-f", str(tarball), "-C", str(out), "--xattrs", "--xattrs-include=*",
+                    "--numeric-owner", "-p"], check=True, capture_output=True)
+    assert snapshot(out, owners=IS_ROOT) == snapshot(src, owners=IS_ROOT)
+
+
+def test_existing_tarball_is_refused_and_failed_upload_leaves_nothing(src, remote_env):
+    from rescue.extract.rclone_sink import RcloneTarSink
+    target = f"rclone:{remote_env.name}:tarballs/once.tar.zst"
+    send(RcloneTarSink(target), items_from_tree(src)[:5])
+    with pytest.raises(TargetError, match="exists already"):
+        RcloneTarSink(target)
+    partial = f"rclone:{remote_env.name}:tarballs/aborted.tar"
+    sink = RcloneTarSink(partial)
+    for item in items_from_tree(src)[:8]:
+        sink.add(item)
+    sink.abort()
+    assert not (remote_env.root / "tarballs" / "aborted.tar").exists()
