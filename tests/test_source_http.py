@@ -187,3 +187,39 @@ def test_redacted_urls_hide_signatures_and_passwords():
     for secret in ("pw", "AKIA1", "abc123", "SECRET"):
         assert secret not in shown
     assert "bucket.s3.amazonaws.com/disk.vmdk" in shown and "X-Amz-Expires=3600" in shown
+
+
+def test_extracting_docker_volumes_from_a_remote_qcow2_fetches_a_small_share(http_server,
+                                                                             tmp_path):
+    """The user's story: a 64 MiB ext4 disk as qcow2 in object storage; rescuing one
+    small Docker volume must not pull the big file next to it."""
+    for tool in ("mkfs.ext4", "qemu-img"):
+        if not shutil.which(tool):
+            pytest.skip(f"{tool} not installed")
+    from rescue.extract.run import ExtractOptions, extract
+    from rescue.extract.targets import TargetOptions, open_sink
+    from rescue.guest import SnapshotOptions, open_snapshot
+    root = tmp_path / "root"
+    vol = root / "var/lib/docker/volumes/db/_data"
+    vol.mkdir(parents=True)
+    (vol / "pg.dat").write_bytes(random.Random(1).randbytes(200_000))
+    (root / "data").mkdir()
+    (root / "data/big.bin").write_bytes(random.Random(2).randbytes(32 * MiB))
+    raw, qcow = tmp_path / "disk.raw", tmp_path / "disk.qcow2"
+    with open(raw, "wb") as f:
+        f.truncate(64 * MiB)
+    subprocess.run(["mkfs.ext4", "-q", "-d", str(root), str(raw)], check=True)
+    subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(raw), str(qcow)],
+                   check=True)
+    tars = {}
+    for where, spec in (("local", str(qcow)), ("remote", http_server.serve("disk.qcow2", qcow))):
+        with open_snapshot(spec, SnapshotOptions()) as snap:
+            out = tmp_path / f"{where}.tar"
+            extract(snap.filesystem(), open_sink(str(out), TargetOptions()),
+                    ExtractOptions(paths=["/var/lib/docker/volumes"]))
+            tars[where] = out.read_bytes()
+            fetched = getattr(snap.source, "bytes_fetched", None)
+    assert tars["remote"] == tars["local"] and len(tars["local"]) > 200_000
+    assert fetched == http_server.body_bytes_sent("disk.qcow2")
+    share = fetched / os.path.getsize(qcow)
+    assert share < 0.15, f"fetched {fetched} bytes = {share:.0%} of the image"

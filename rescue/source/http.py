@@ -1,7 +1,7 @@
 """A remote image read lazily over HTTP(S) with Range requests.
 
 Extracting /etc from a 50 GiB object-store image should fetch megabytes, not
-the image: every read goes through a block cache (1 MiB blocks, bounded LRU,
+the image: every read goes through a block cache (256 KiB blocks, bounded LRU,
 64 MiB by default); missing blocks of one request are fetched as contiguous
 runs, one GET each; a run of sequential reads grows a read-ahead window
 (doubling up to 16 MiB) so streaming a large file costs few requests.
@@ -23,7 +23,7 @@ from ..errors import SourceError
 from .http_client import (ChangedError, Http, ProgressMade, TransientError, Validators,
                           content_range, iter_body, release)
 
-BLOCK_SIZE = 1 << 20
+BLOCK_SIZE = 256 << 10    # measured: 1 MiB blocks fetched 1.6x more for a small extract
 CACHE_SIZE = 64 << 20
 MAX_READAHEAD = 16 << 20
 
