@@ -236,6 +236,8 @@ def extract(snapshot: str = SnapshotArg,
             no_xattrs: bool = typer.Option(False, "--no-xattrs", help="Do not copy extended attributes."),
             force: bool = typer.Option(False, "--force", help="Overwrite an existing output file."),
             rsync_opt: List[str] = typer.Option([], "--rsync-opt", help="Extra rsync option (repeatable)."),
+            scratch_limit: str = typer.Option("1G", "--scratch-limit",
+                                              help="Local scratch space for rsync/rclone tree targets (e.g. 512M)."),
             volume: Optional[str] = VolumeOpt, member: Optional[str] = MemberOpt,
             backing: Optional[str] = BackingOpt, qsnap: Optional[str] = QSnapOpt, backend: str = BackendOpt,
             as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON.")) -> None:
@@ -245,6 +247,7 @@ def extract(snapshot: str = SnapshotArg,
     """
     from .extract.run import ExtractOptions, extract as run_extract, plan
     from .extract.targets import TargetOptions, open_sink
+    from .extract.remote_target import parse_size
     with _errors():
         if output is None and not dry_run:
             raise RescueError("say where the data should go with -o (a .tar/.tar.gz/.tar.zst file, a "
@@ -259,7 +262,7 @@ def extract(snapshot: str = SnapshotArg,
                 _render_plan(work, list_, as_json)
                 raise typer.Exit(EXIT_PARTIAL if work.skipped else EXIT_OK)
             sink = open_sink(output, TargetOptions(devices=devices, keep_setuid=keep_setuid or None, force=force,
-                                                   rsync_opts=rsync_opt))
+                                                   rsync_opts=rsync_opt, scratch_limit=parse_size(scratch_limit)))
             with _progress(work.total_bytes, output == "-") as update:
                 def progress(done: int, files: int, path: str) -> None:
                     update(done, files)

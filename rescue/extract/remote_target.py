@@ -97,3 +97,12 @@ def _parse_rclone(target: str) -> RemoteTarget:
             return RemoteTarget(RCLONE_TAR, target, dest=f"{remote}:{path}", remote=remote, path=path,
                                 compression=compression)
     return RemoteTarget(RCLONE_TREE, target, dest=f"{remote}:{path}", remote=remote, path=path)
+
+
+def parse_size(text: str) -> int:
+    """'1G', '512M', '64k', '1000' -> bytes (binary units), for --scratch-limit."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kKmMgGtT]?)(?:i?[bB])?\s*", text)
+    if not m:
+        raise TargetError(f"cannot read size {text!r}", hint="write e.g. 512M or 2G")
+    factor = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}[m.group(2).lower()]
+    return int(float(m.group(1)) * factor)
