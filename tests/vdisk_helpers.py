@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import bz2
 import gzip
+import hashlib
+import sys
 import multiprocessing
 import os
 import random
@@ -158,3 +160,58 @@ def open_guarded(module: str, path: Path, timeout: float = 60) -> tuple[str, obj
         p.join()
         return ("hang", "")
     return q.get(timeout=5) if not q.empty() else ("crash", f"exit code {p.exitcode}")
+
+
+SCRIPT = ROOT / "scripts" / "make-vmdk-vhd-fixtures"
+CAN_BUILD = all(shutil.which(t) for t in ("qemu-img", "qemu-io", "mkfs.ext4"))
+
+
+@pytest.fixture(scope="session")
+def small(tmp_path_factory) -> Path:
+    """The committed fixtures/disk/{vmdk,vhd,vhdx}_*.gz, unpacked."""
+    d = tmp_path_factory.mktemp("vdisk-small")
+    for gz in sorted(FIXTURES.glob("vhd*.gz")) + sorted(FIXTURES.glob("vmdk_*.gz")):
+        with gzip.open(gz, "rb") as fi, open(d / gz.name.removesuffix(".gz"), "wb") as fo:
+            shutil.copyfileobj(fi, fo, CHUNK)
+    return d
+
+
+@pytest.fixture(scope="session")
+def built(tmp_path_factory) -> Path:
+    """Everything the script makes (small and large variants), freshly built."""
+    if not CAN_BUILD:
+        pytest.skip("qemu-img, qemu-io and mkfs.ext4 are needed to build the large variants")
+    d = tmp_path_factory.mktemp("vdisk-built")
+    subprocess.run([sys.executable, str(SCRIPT), str(d), "--all"], check=True, timeout=120)
+    return d
+
+
+def reference(image: Path, fmt: str, tmp: Path, size: int | None = None) -> Path:
+    """What the image should read as: qemu-img's reading when it is installed,
+    else the committed expected file (made by qemu-img when the fixtures were)."""
+    expected = image.parent / (image.name.split(".")[0] + ".expected.raw")
+    if expected.exists():
+        return expected
+    if shutil.which("qemu-img"):
+        got = qemu_raw(image, fmt, tmp / (image.name + ".qemu.raw"))
+        assert not isinstance(got, str), got
+        return got
+    base = image.parent / "vmdk_base.raw"
+    if size is None or size == base.stat().st_size:
+        return base
+    padded = tmp / (image.name + ".base.raw")   # a CHS-sized VHD is a little larger
+    padded.write_bytes(base.read_bytes()[:size].ljust(size, b"\0"))
+    return padded
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def patched(src: Path, dst: Path, edits: dict[int, bytes]) -> Path:
+    """A copy of `src` with bytes replaced at the given offsets."""
+    data = bytearray(src.read_bytes())
+    for at, b in edits.items():
+        data[at:at + len(b)] = b
+    dst.write_bytes(data)
+    return dst
