@@ -266,6 +266,11 @@ EXT_EXTRA: list[Node] = [
 EXT_TREE = SIMPLE_TREE + EXT_EXTRA
 
 
+def with_marker(tree: list[Node], text: str) -> list[Node]:
+    """A tree plus /volume.txt naming the volume, so tests can tell volumes apart."""
+    return tree + [Node("/volume.txt", mtime=240, data=f"{text}\n".encode())]
+
+
 def all_nodes(tree: list[Node]) -> dict[str, Node]:
     """Every path of the tree, implicit parent directories included (not '/')."""
     out: dict[str, Node] = {}
