@@ -269,7 +269,8 @@ def extract(snapshot: str = SnapshotArg,
                     if list_:
                         err.print(path, markup=False)
                 report = run_extract(fs, sink, options, users=users, groups=groups, progress=progress, planned=work)
-            fetched = getattr(snap.source, "bytes_fetched", None)
+            from .source.stats import bytes_fetched
+            fetched = bytes_fetched(snap.source)
             read_from_image = getattr(snap.source, "bytes_read", None)
         if as_json:
             data = report.to_json()

@@ -223,3 +223,23 @@ def test_extracting_docker_volumes_from_a_remote_qcow2_fetches_a_small_share(htt
     assert fetched == http_server.body_bytes_sent("disk.qcow2")
     share = fetched / os.path.getsize(qcow)
     assert share < 0.15, f"fetched {fetched} bytes = {share:.0%} of the image"
+
+
+def test_a_provider_style_tar_gz_is_read_over_http_and_its_cost_reported(http_server, images,
+                                                                         tmp_path):
+    """KiwiVM/Google style: a .tar.gz holding one raw disk, read by URL."""
+    import tarfile
+    from rescue.source import open_source
+    from rescue.source.stats import bytes_fetched
+    arch = tmp_path / "snap.tar.gz"
+    with tarfile.open(arch, "w:gz") as tar:
+        tar.add(images["raw"], arcname="disk.raw")
+    src = open_source(http_server.serve("snap.tar.gz", arch))
+    try:
+        raw = images["raw"].read_bytes()
+        assert src.size == len(raw)
+        assert src.read(3 * MiB + 5, 70_000) == raw[3 * MiB + 5:3 * MiB + 70_005]
+        assert bytes_fetched(src) == http_server.body_bytes_sent("snap.tar.gz") > 0
+    finally:
+        src.close()
+    assert bytes_fetched(FileSource(images["raw"])) is None

@@ -207,3 +207,4 @@ class HttpSource:
 
     def __repr__(self) -> str:
         return f"HttpSource({self.name!r}, size={self.size})"
+
