@@ -266,3 +266,33 @@ class RcloneSftp:
         if self.proc is not None:
             stop(self.proc)
             self.proc = None
+
+
+REPO = Path(__file__).resolve().parent.parent
+SAMPLE = REPO / "fixtures" / "sample-vps.disk"
+RESCUE = REPO / ".venv" / "bin" / "rescue"
+VOLUMES = "/var/lib/docker/volumes"
+IMPLIED = ("var", "var/lib", "var/lib/docker")   # parents the engine names but does not describe
+
+
+def rescue_extract(output: str, *extra: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([str(RESCUE), "extract", str(SAMPLE), "--path", VOLUMES, "--devices",
+                           "--keep-setuid", "-o", output, *extra],
+                          capture_output=True, text=True, env={**os.environ, **(env or {})}, timeout=120)
+
+
+def reference_extract(dest: Path) -> Path:
+    r = rescue_extract(str(dest) + "/")
+    assert r.returncode == 0, r.stderr
+    return dest
+
+
+def without_implied_mtimes(snap: dict) -> dict:
+    for name in IMPLIED:
+        if name in snap:
+            snap[name].pop("mtime", None)
+    return snap
+
+
+def cli_available() -> bool:
+    return SAMPLE.exists() and RESCUE.exists()

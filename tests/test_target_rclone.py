@@ -183,3 +183,44 @@ def test_existing_tarball_is_refused_and_failed_upload_leaves_nothing(src, remot
         sink.add(item)
     sink.abort()
     assert not (remote_env.root / "tarballs" / "aborted.tar").exists()
+
+
+# -- end to end: `rescue extract ... -o rclone:` -------------------------------------
+
+from remote_servers import cli_available, reference_extract, rescue_extract, without_implied_mtimes  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    if not cli_available():
+        pytest.skip("needs fixtures/sample-vps.disk and .venv/bin/rescue")
+    return reference_extract(tmp_path_factory.mktemp("ref") / "dir")
+
+
+def test_cli_extract_to_rclone_tree_matches_directory_extract(server, reference):
+    r = rescue_extract(f"rclone:{server.name}:cli-vols/", "--scratch-limit", "1M", env=server.env)
+    assert r.returncode == 0, r.stderr
+    assert got_tree(server.root / "cli-vols") == expected_tree(reference)
+    assert server.password not in r.stderr
+
+
+def test_cli_streams_tarball_to_rclone_remote(server, reference, tmp_path):
+    r = rescue_extract(f"rclone:{server.name}:cli/vols.tar.zst", env=server.env)
+    assert r.returncode == 0, r.stderr
+    out = tmp_path / "x"
+    out.mkdir()
+    # the engine lists a directory's subtrees after all its children: GNU tar must delay dir times
+    subprocess.run(["tar", "-x", "-f", str(server.root / "cli" / "vols.tar.zst"), "-C", str(out), "--xattrs",
+                    "--xattrs-include=*", "--numeric-owner", "-p", "--delay-directory-restore"],
+                   check=True, capture_output=True)
+    assert without_implied_mtimes(snapshot(out)) == without_implied_mtimes(snapshot(reference))
+
+
+def test_cli_rclone_login_refused_is_exit_2_one_line_without_secrets(server):
+    bad = subprocess.run(["rclone", "obscure", "Wr0ng-secret-value"], capture_output=True, text=True).stdout.strip()
+    env = {**server.env, f"RCLONE_CONFIG_{server.name.upper()}_PASS": bad}
+    r = rescue_extract(f"rclone:{server.name}:nope/", env=env)
+    assert r.returncode == 2
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "refused the login" in lines[0], r.stderr
+    assert bad not in r.stderr and "Wr0ng-secret-value" not in r.stderr

@@ -294,3 +294,85 @@ def test_ssh_login_refused_is_one_clear_error(src, sshd, tmp_path):
     with pytest.raises(TargetError) as exc:
         send(f"root@127.0.0.1:{tmp_path}/x/", items_from_tree(src)[:3], rsync_opts=[bad])
     assert "refused the login" in exc.value.one_line()
+
+
+# -- end to end: `rescue extract ... -o rsync://` -----------------------------------
+
+from remote_servers import cli_available, reference_extract, rescue_extract, without_implied_mtimes  # noqa: E402
+
+needs_cli = pytest.mark.skipif(not cli_available(), reason="needs fixtures/sample-vps.disk and .venv/bin/rescue")
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    if not cli_available():
+        pytest.skip("needs fixtures/sample-vps.disk and .venv/bin/rescue")
+    return reference_extract(tmp_path_factory.mktemp("ref") / "dir")
+
+
+@needs_cli
+def test_cli_extract_to_rsync_daemon_matches_directory_extract(daemon, reference):
+    r = rescue_extract(daemon.url("open", "cli-vols/"), "--scratch-limit", "1M")
+    assert r.returncode == 0, r.stderr
+    assert "rescued 17 files" in r.stderr or "rescued" in r.stderr
+    got = daemon.open_dir / "cli-vols"
+    assert without_implied_mtimes(snapshot(got)) == without_implied_mtimes(snapshot(reference))
+
+
+@needs_cli
+def test_cli_interrupted_transfer_completes_on_rerun_sending_only_the_rest(reference, tmp_path):
+    d = RsyncDaemon(tmp_path / "d")
+    try:
+        # the real daemon refuses the 3rd connection (= 3rd batch), once
+        script = tmp_path / "prexfer.sh"
+        count = tmp_path / "count"
+        script.write_text(f"#!/bin/sh\nn=$(cat {count} 2>/dev/null || echo 0); n=$((n+1)); echo $n > {count}\n"
+                          "[ $n -ne 3 ]\n")
+        script.chmod(0o755)
+        conf = d.conf.read_text().replace("[open]\n", "[open]\n" f"pre-xfer exec = {script}\n"
+                                          "transfer logging = yes\nlog format = RECV %n\n")
+        d.conf.write_text(conf)
+        d.stop()
+        d.start()
+        url = d.url("open", "vols/")
+        r1 = rescue_extract(url, "--scratch-limit", "64K")
+        assert r1.returncode == 2, r1.stderr
+        last = r1.stderr.strip().splitlines()[-1]
+        assert "arrived before that" in last and "re-run" in last
+        log = d.base / "rsyncd.log"
+
+        def received(start: int) -> set[str]:
+            text = log.read_bytes()[start:].decode("utf-8", "surrogateescape")
+            return {ln.split("RECV ", 1)[1] for ln in text.splitlines() if "RECV " in ln}
+
+        first_run = received(0)
+        mark = log.stat().st_size
+        r2 = rescue_extract(url, "--scratch-limit", "64K")
+        assert r2.returncode == 0, r2.stderr
+        second_run = received(mark)
+        files = lambda names: {n for n in names if not n.endswith("/")}
+        assert files(first_run) and files(second_run)
+        assert not files(first_run) & files(second_run)      # nothing that arrived was sent again
+        assert without_implied_mtimes(snapshot(d.open_dir / "vols")) == without_implied_mtimes(snapshot(reference))
+    finally:
+        d.stop()
+
+
+@needs_cli
+@pytest.mark.parametrize("case", ["wrong-password", "unreachable", "no-rsync"])
+def test_cli_target_errors_are_exit_2_and_one_line_without_secrets(daemon, tmp_path, case):
+    env = {"RSYNC_PASSWORD": "Wr0ng-secret-value"}
+    url = f"rsync://alice@127.0.0.1:{daemon.port}/auth/x/"
+    if case == "unreachable":
+        url = f"rsync://127.0.0.1:{free_port()}/open/x/"
+    if case == "no-rsync":
+        bindir = tmp_path / "bin"
+        bindir.mkdir()
+        env["PATH"] = str(bindir)
+    r = rescue_extract(url, env=env)
+    assert r.returncode == 2, r.stderr
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1, r.stderr
+    assert "Wr0ng-secret-value" not in r.stderr + r.stdout and daemon.password not in r.stderr
+    assert {"wrong-password": "auth failed", "unreachable": "cannot reach",
+            "no-rsync": "rsync is not installed"}[case] in lines[0]

@@ -93,6 +93,7 @@ class Staging:
                     if not create:
                         raise
                     os.mkdir(p, 0o700, dir_fd=fd)
+                    os.chmod(p, 0o755, dir_fd=fd)  # an implied parent: the usual mode
                     self.dirs.setdefault("/".join(parts[:i + 1]), None)
                     nfd = os.open(p, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd)
                 os.close(fd)
