@@ -103,6 +103,10 @@ class _Download:
         self.warnings.append(text)
         (self._warn_cb or log.warning)(text)
 
+    def note(self, text: str) -> None:
+        """A retry in progress: shown, not kept as a warning."""
+        (self._warn_cb or log.info)(text)
+
     def tick(self, done: int, total: int | None) -> None:
         if self.progress:
             self.progress(done, total)
@@ -295,7 +299,7 @@ class _Download:
                     release(resp)
 
             self.http.attempt(once, what="downloading",
-                              on_retry=lambda m: log.info("%s", m))
+                              on_retry=self.note)
             try:
                 os.fsync(fd)
             except OSError as e:
@@ -347,8 +351,17 @@ class _Download:
             threads = [threading.Thread(target=worker, daemon=True) for _ in range(workers)]
             for t in threads:
                 t.start()
-            for t in threads:
-                t.join()
+            try:
+                for t in threads:
+                    while t.is_alive():
+                        t.join(0.2)  # a bare join() would not see Ctrl-C
+            except BaseException:
+                # Workers must stop writing before the file descriptor closes
+                # (its number could be reused for another file).
+                stop.set()
+                for t in threads:
+                    t.join()
+                raise
             if errors:
                 raise errors[0]
             try:
@@ -412,7 +425,7 @@ class _Download:
                 release(resp)
 
         self.http.attempt(once, what=f"downloading bytes {a}-{b - 1}",
-                          on_retry=lambda m: log.info("%s", m))
+                          on_retry=self.note)
 
     # -- verification ------------------------------------------------------------------
     def _verify(self, digests: dict[str, str]) -> None:

@@ -243,3 +243,11 @@ def test_a_provider_style_tar_gz_is_read_over_http_and_its_cost_reported(http_se
     finally:
         src.close()
     assert bytes_fetched(FileSource(images["raw"])) is None
+
+
+def test_a_stalled_server_times_out_with_a_clear_error_instead_of_hanging(http_server, images):
+    url = http_server.serve("stalled", images["raw"])
+    src = HttpSource(url, timeout=0.3, retries=1, backoff=0.01)
+    http_server.modes.slow = 1.0  # 64 KiB per second: each read waits longer than the timeout
+    with pytest.raises(SourceError, match="failed after 2 attempts.*Timeout"):
+        src.read(0, 512 << 10)
