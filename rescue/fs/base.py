@@ -40,6 +40,7 @@ class Entry:
     link_target: str | None = None  # symlinks: target verbatim
     rdev: tuple[int, int] | None = None  # (major, minor) for device nodes
     xattrs: dict[str, bytes] | None = None  # None = not loaded yet; see FileSystem.xattrs
+    dev: int = 0                  # which filesystem of a stitched guest tree: (dev, inode) is unique
 
     @property
     def name(self) -> str:
