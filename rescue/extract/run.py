@@ -105,45 +105,49 @@ def plan(fs: FileSystem, options: ExtractOptions, on_entry: Callable[[int], None
 
 def _walk(fs: FileSystem, top: Entry, shown: str, options: ExtractOptions,
           skipped: list[Skipped]) -> Iterator[tuple[Entry, str]]:
-    """(entry, guest path as the user named it) for top and everything below."""
+    """(entry, guest path as the user named it) for top and everything below,
+    in pre-order (a directory, then its whole subtree, in name order), as
+    `tar c` writes them: GNU tar restores directory times correctly only then."""
     if excluded(shown, options.excludes):
         return
     yield top, shown
     if top.kind != DIR:
         return
-    stack = [(top, shown)]
     visited = {(getattr(top, "dev", 0), top.inode)}
-    while stack:
-        directory, dir_shown = stack.pop()
+
+    def children(directory: Entry, dir_shown: str) -> Iterator[tuple[Entry, str]]:
         try:
-            children = sorted(fs.listdir(directory.path), key=lambda e: e.path)
+            listing = sorted(fs.listdir(directory.path), key=lambda e: e.path)
         except (FileReadError, RescueError) as exc:
             skipped.append(Skipped(dir_shown, f"directory unreadable: {exc}"))
-            continue
-        subdirs = []
-        for child in children:
+            return
+        for child in listing:
             name = posixpath.basename(child.path)
-            why = unsafe_name(name)
             child_shown = posixpath.join(dir_shown, name)
+            why = unsafe_name(name)
             if why:
                 skipped.append(Skipped(child_shown, f"unsafe {why}"))
                 continue
-            if excluded(child_shown, options.excludes):
+            if not excluded(child_shown, options.excludes):
+                yield child, child_shown
+
+    stack = [children(top, shown)]
+    while stack:
+        try:
+            child, child_shown = next(stack[-1])
+        except StopIteration:
+            stack.pop()
+            continue
+        if child.kind == DIR:
+            key = (getattr(child, "dev", 0), child.inode)
+            if key in visited:   # a corrupt image linked a directory into its own subtree
+                skipped.append(Skipped(child_shown, "directory loop: already visited"))
                 continue
-            if child.kind == DIR:
-                key = (getattr(child, "dev", 0), child.inode)
-                if key in visited:   # a corrupt image linked a directory into its own subtree
-                    skipped.append(Skipped(child_shown, "directory loop: already visited"))
-                    continue
-                visited.add(key)
-                subdirs.append((child, child_shown))
+            visited.add(key)
             yield child, child_shown
-        # depth first, in name order: push in reverse
-        for sub in reversed(subdirs):
-            stack.append(sub)
-        # Depth-first order with a stack means a directory's subtrees follow
-        # all its direct children; tar readers do not care, and directories
-        # still come before what is inside them.
+            stack.append(children(child, child_shown))
+        else:
+            yield child, child_shown
 
 
 def extract(fs: FileSystem, sink: Sink, options: ExtractOptions, *,

@@ -37,6 +37,10 @@ _NAME_KIND = {
     pytsk3.TSK_FS_NAME_TYPE_BLK: BLOCK,
     pytsk3.TSK_FS_NAME_TYPE_SOCK: SOCKET,
 }
+_VIRTUAL_META = (int(pytsk3.TSK_FS_META_TYPE_VIRT), int(pytsk3.TSK_FS_META_TYPE_VIRT_DIR))
+# Entries TSK shows in a FAT/exFAT root that are directory records, not files.
+_FAT_LABEL_SUFFIX = " (Volume Label Entry)"
+_EXFAT_RECORDS = {"$ALLOC_BITMAP", "$UPCASE_TABLE", "$VOLUME_GUID", "$TEX_FAT", "$ACT"}
 _RUN_HOLE = int(pytsk3.TSK_FS_ATTR_RUN_FLAG_SPARSE) | int(pytsk3.TSK_FS_ATTR_RUN_FLAG_FILLER)
 _DATA_ATTRS = (pytsk3.TSK_FS_ATTR_TYPE_DEFAULT, pytsk3.TSK_FS_ATTR_TYPE_NTFS_DATA,
                pytsk3.TSK_FS_ATTR_TYPE_HFS_DATA)
@@ -106,6 +110,8 @@ class TskFileSystem(FileSystem):
                 self._ext = None
         if self.info.type == "ntfs" and not self.info.label:
             self.info.label = self._ntfs_label()
+        if self.info.type in ("vfat", "exfat"):
+            self.info.label = self._fat_label() or self.info.label
 
     # -- lookups -------------------------------------------------------------
 
@@ -148,8 +154,8 @@ class TskFileSystem(FileSystem):
                 if name in seen:
                     continue   # duplicate dirents (a corrupt directory) yield once
                 seen.add(name)
-                if path == "/" and self.info.type == "ntfs" and name.startswith("$"):
-                    continue   # NTFS system files ($MFT, $Bitmap...) are not user data
+                if path == "/" and self._is_metadata_name(name):
+                    continue
                 entry = self._entry(posixpath.join(path, name), handle.info.meta, name_info)
                 if entry is not None:
                     out.append(entry)
@@ -157,8 +163,17 @@ class TskFileSystem(FileSystem):
             raise FileReadError(f"cannot list {path}: {_tsk_reason(exc)}") from None
         return out
 
+    def _is_metadata_name(self, name: str) -> bool:
+        """Filesystem records TSK lists as files in the root directory."""
+        kind = self.info.type
+        if kind == "ntfs":
+            return name.startswith("$")   # $MFT, $Bitmap, ... are not user data
+        if kind in ("vfat", "exfat"):
+            return name.endswith(_FAT_LABEL_SUFFIX) or (kind == "exfat" and name in _EXFAT_RECORDS)
+        return False
+
     def _entry(self, path: str, meta, name_info) -> Entry | None:
-        if meta is None:
+        if meta is None or int(meta.type) in _VIRTUAL_META:
             return None
         kind = _META_KIND.get(meta.type) or _NAME_KIND.get(name_info.type if name_info else None)
         if kind is None:
@@ -291,6 +306,17 @@ class TskFileSystem(FileSystem):
             raise
         except Exception as exc:
             raise FileReadError(f"{entry.path}: extended attributes unreadable: {exc}") from None
+
+    def _fat_label(self) -> str | None:
+        """The label in the root directory's volume-label record (what blkid shows)."""
+        try:
+            for handle in self._fs.open_dir("/"):
+                raw = handle.info.name.name.decode("utf-8", "replace")
+                if raw.endswith(_FAT_LABEL_SUFFIX):
+                    return raw[:-len(_FAT_LABEL_SUFFIX)].rstrip() or None
+        except Exception:
+            return None
+        return None
 
     def _ntfs_label(self) -> str | None:
         try:

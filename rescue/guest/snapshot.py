@@ -94,7 +94,9 @@ class Snapshot:
             from ..fs import guestfs as guestfs_backend
         except ImportError:
             guestfs_backend = None
-        if guestfs_backend is None or not guestfs_backend.available():
+        opener = getattr(guestfs_backend, "open_volume", None)
+        why_not = getattr(guestfs_backend, "guestfs_unavailable", lambda: "not installed")() if opener else "missing"
+        if why_not:
             raise FilesystemError(f"volume {volume.id} is {volume.filesystem or 'unknown'}, which needs the "
                                   "libguestfs backend, and libguestfs is not installed here",
                                   file=self.spec, hint=_guestfs_hint())

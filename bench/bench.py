@@ -1,0 +1,314 @@
+#!/usr/bin/env python3
+"""rescue against the kernel's own path, on the same images, in the same run.
+
+    sudo .venv/bin/python bench/bench.py                 # all workloads, 3 runs each
+    .venv/bin/python bench/bench.py --workloads W1 --runs 5 --json
+
+Workloads are built once with the real tools and cached under bench/work/:
+  W1 "dead VPS": 4 GiB GPT disk, ext4 root, /srv with one 1 GiB file and 20 000
+     small files (~200 MiB); as raw, qcow2, qcow2 with zlib clusters, VMDK
+     streamOptimized, and raw inside a .tar.gz (the provider's archive).
+  W2 "big empty disk": 64 GiB virtual, a few hundred MiB used.
+  W3 "many tiny files": 200 000 files under one tree.
+References: read-only loop mount + GNU tar (root only), `qemu-img convert -O raw`,
+`tar xzf` + mount + tar for the archive, `virt-tar-out` where libguestfs is installed.
+Each figure is the median wall time of alternating runs with a warm page cache;
+peak RSS comes from wait4(); "read" is what rescue read from the snapshot file.
+Never part of the unit tests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(HERE)
+WORK = os.environ.get("RESCUE_BENCH_DIR", os.path.join(HERE, "work"))
+RESCUE = [sys.executable, "-m", "rescue"]
+IS_ROOT = os.geteuid() == 0
+GiB, MiB = 1 << 30, 1 << 20
+
+
+def sh(*cmd: str, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, check=True, **kw)
+
+
+def have(tool: str) -> bool:
+    return shutil.which(tool) is not None
+
+
+# -- building the workloads -------------------------------------------------------
+
+def _make_tree(root: str, big_file: int, small_files: int, small_size: int) -> None:
+    srv = os.path.join(root, "srv")
+    os.makedirs(os.path.join(root, "etc"), exist_ok=True)
+    with open(os.path.join(root, "etc", "os-release"), "w") as f:
+        f.write('ID=debian\nPRETTY_NAME="Debian GNU/Linux 12 (bookworm)"\n')
+    os.makedirs(srv, exist_ok=True)
+    if big_file:
+        with open(os.path.join(srv, "big.bin"), "wb") as f:
+            chunk = os.urandom(4 * MiB)   # incompressible, like a database file
+            for _ in range(big_file // len(chunk)):
+                f.write(chunk)
+    seed = os.urandom(small_size)
+    for i in range(small_files):
+        d = os.path.join(srv, "files", f"{i // 1000:03d}")
+        if i % 1000 == 0:
+            os.makedirs(d, exist_ok=True)
+        with open(os.path.join(d, f"f{i:06d}.dat"), "wb") as f:
+            f.write(seed[i % 64:] + seed[:i % 64])
+
+
+def _make_disk(path: str, size: int, tree: str) -> int:
+    """GPT disk with one ext4 partition made by mkfs.ext4 -d; returns the partition offset."""
+    start = MiB
+    part = path + ".part"
+    with open(part, "wb") as f:
+        f.truncate(size - 2 * MiB)
+    sh("mkfs.ext4", "-q", "-F", "-E", "lazy_itable_init=0", "-d", tree, part)
+    with open(path, "wb") as f:
+        f.truncate(size)
+    sh("sgdisk", "-o", "-n", f"1:{start // 512}:0", "-t", "1:8300", path, stdout=subprocess.DEVNULL)
+    # copy the filesystem in, keeping holes (conv=sparse)
+    sh("dd", f"if={part}", f"of={path}", "bs=4M", f"seek={start}", "oflag=seek_bytes", "conv=notrunc,sparse",
+       "status=none")
+    os.unlink(part)
+    return start
+
+
+@dataclass
+class Workload:
+    name: str
+    title: str
+    path_in_guest: str
+    images: dict[str, str] = field(default_factory=dict)   # variant -> file
+    raw: str = ""
+    offset: int = MiB
+
+
+def build(name: str, log) -> Workload:
+    os.makedirs(WORK, exist_ok=True)
+    specs = {
+        "W1": ("dead VPS: 4 GiB disk, /srv = 1 GiB file + 20 000 small files", 4 * GiB, GiB, 20_000, 10_000),
+        "W2": ("big empty disk: 64 GiB virtual, ~300 MiB used", 64 * GiB, 256 * MiB, 2_000, 10_000),
+        "W3": ("many tiny files: 200 000 files", 4 * GiB, 0, 200_000, 100),
+    }
+    title, size, big, count, small = specs[name]
+    w = Workload(name, title, "/srv")
+    w.raw = os.path.join(WORK, f"{name}.raw")
+    if not os.path.exists(w.raw):
+        log(f"building {name} ({title}) ...")
+        with tempfile.TemporaryDirectory(dir=WORK) as tmp:
+            _make_tree(tmp, big, count, small)
+            _make_disk(w.raw + ".tmp", size, tmp)
+        os.replace(w.raw + ".tmp", w.raw)
+    w.images["raw"] = w.raw
+    if name == "W1":
+        variants = {
+            "qcow2": ["qemu-img", "convert", "-O", "qcow2", w.raw],
+            "qcow2-zlib": ["qemu-img", "convert", "-c", "-O", "qcow2", w.raw],
+            "vmdk-stream": ["qemu-img", "convert", "-O", "vmdk", "-o", "subformat=streamOptimized", w.raw],
+        }
+        for variant, cmd in variants.items():
+            out = os.path.join(WORK, f"{name}.{variant}")
+            if not os.path.exists(out):
+                log(f"building {name} {variant} ...")
+                sh(*cmd, out + ".tmp")
+                os.replace(out + ".tmp", out)
+            w.images[variant] = out
+        tgz = os.path.join(WORK, f"{name}.tar.gz")
+        if not os.path.exists(tgz):
+            log(f"building {name} tar.gz (the provider's archive) ...")
+            sh("tar", "-C", WORK, "-Sczf", tgz + ".tmp", os.path.basename(w.raw))
+            os.replace(tgz + ".tmp", tgz)
+        w.images["tar.gz"] = tgz
+    if name == "W2":
+        q = os.path.join(WORK, f"{name}.qcow2")
+        if not os.path.exists(q):
+            sh("qemu-img", "convert", "-O", "qcow2", w.raw, q + ".tmp")
+            os.replace(q + ".tmp", q)
+        w.images["qcow2"] = q
+    return w
+
+
+# -- measuring --------------------------------------------------------------------
+
+@dataclass
+class Measure:
+    seconds: float
+    peak_rss: int
+    read: int | None = None
+
+
+def timed(cmd: list[str], *, env=None, stdout=subprocess.DEVNULL, parse_json=False) -> Measure:
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE if parse_json else stdout, stderr=subprocess.PIPE, env=env)
+    output = proc.stdout.read() if parse_json else b""
+    errors = proc.stderr.read()
+    _, status, usage = os.wait4(proc.pid, 0)
+    elapsed = time.perf_counter() - start
+    code = os.waitstatus_to_exitcode(status)
+    if code not in (0, 1):
+        raise RuntimeError(f"{' '.join(cmd)} failed ({code}): {errors.decode(errors='replace')[-400:]}")
+    read = None
+    if parse_json and output:
+        try:
+            read = json.loads(output).get("bytes_read_from_snapshot")
+        except ValueError:
+            pass
+    return Measure(elapsed, usage.ru_maxrss * 1024, read)
+
+
+def rescue_extract(image: str, guest_path: str, out: str) -> Measure:
+    if os.path.exists(out):
+        os.unlink(out)
+    return timed(RESCUE + ["extract", image, "--path", guest_path, "-o", out, "--json"], parse_json=True)
+
+
+def kernel_extract(raw: str, offset: int, guest_path: str, out: str) -> Measure | None:
+    """losetup + mount -o ro + GNU tar, timed as one job (root only)."""
+    if not IS_ROOT:
+        return None
+    mnt = tempfile.mkdtemp(prefix="rescue-bench-mnt-")
+    script = (f"set -e; mount -o ro,loop,offset={offset} {raw} {mnt}; "
+              f"trap 'umount {mnt}' EXIT; tar -C {mnt} -cf {out} {guest_path.lstrip('/')}")
+    try:
+        return timed(["bash", "-c", script])
+    finally:
+        os.rmdir(mnt)
+
+
+def archive_kernel_extract(tgz: str, offset: int, guest_path: str, out: str) -> Measure | None:
+    """What users do today: unpack the .tar.gz to a full-size file, mount, tar."""
+    if not IS_ROOT:
+        return None
+    tmp = tempfile.mkdtemp(prefix="rescue-bench-unpack-", dir=WORK)
+    mnt = tempfile.mkdtemp(prefix="rescue-bench-mnt-")
+    script = (f"set -e; tar -C {tmp} -xzf {tgz}; img=$(ls {tmp}/*); "
+              f"mount -o ro,loop,offset={offset} $img {mnt}; trap 'umount {mnt}' EXIT; "
+              f"tar -C {mnt} -cf {out} {guest_path.lstrip('/')}")
+    try:
+        return timed(["bash", "-c", script])
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.rmdir(mnt)
+
+
+def median_of(fn, runs: int) -> Measure | None:
+    results = [fn() for _ in range(runs)]
+    if any(r is None for r in results):
+        return None
+    return Measure(statistics.median(r.seconds for r in results), max(r.peak_rss for r in results),
+                   results[-1].read)
+
+
+def run_workload(w: Workload, runs: int, log) -> list[dict]:
+    rows: list[dict] = []
+    out = os.path.join(WORK, "out.tar")
+
+    def row(task, variant, ours, ref, ref_name):
+        r = {"workload": w.name, "task": task, "variant": variant, "seconds": round(ours.seconds, 3),
+             "peak_rss_mib": round(ours.peak_rss / MiB, 1),
+             "read_mib": round(ours.read / MiB, 1) if ours.read is not None else None,
+             "reference": ref_name, "ref_seconds": round(ref.seconds, 3) if ref else None,
+             "ratio": round(ours.seconds / ref.seconds, 2) if ref and ref.seconds else None}
+        rows.append(r)
+        log(f"  {w.name} {task:<8} {variant:<12} {r['seconds']:>8.2f}s  ratio {r['ratio']}  "
+            f"rss {r['peak_rss_mib']} MiB  read {r['read_mib']} MiB  (ref {ref_name}: {r['ref_seconds']})")
+
+    # Alternate ours and the kernel's, run by run, so both see the same cache state.
+    for variant, image in w.images.items():
+        ours_runs, ref_runs = [], []
+        for _ in range(runs):
+            ours_runs.append(rescue_extract(image, w.path_in_guest, out))
+            if variant == "tar.gz":
+                ref_runs.append(archive_kernel_extract(image, w.offset, w.path_in_guest, out))
+            else:
+                ref_runs.append(kernel_extract(w.raw, w.offset, w.path_in_guest, out))
+        ours = Measure(statistics.median(m.seconds for m in ours_runs), max(m.peak_rss for m in ours_runs),
+                       ours_runs[-1].read)
+        ref = None if None in ref_runs else Measure(statistics.median(m.seconds for m in ref_runs), 0)
+        ref_name = "tar xzf + mount + tar" if variant == "tar.gz" else "loop mount + tar"
+        row("extract", variant, ours, ref, ref_name if ref else "loop mount + tar (needs root: skipped)")
+    # inspect: must not grow with the virtual size (W2)
+    inspect = median_of(lambda: timed(RESCUE + ["inspect", "--json", w.raw]), runs)
+    rows.append({"workload": w.name, "task": "inspect", "variant": "raw", "seconds": round(inspect.seconds, 3),
+                 "peak_rss_mib": round(inspect.peak_rss / MiB, 1)})
+    log(f"  {w.name} inspect  raw          {inspect.seconds:>8.2f}s  rss {inspect.peak_rss / MiB:.1f} MiB")
+    # convert vs qemu-img convert, for the container formats
+    for variant, image in w.images.items():
+        if variant in ("raw", "tar.gz") or not have("qemu-img"):
+            continue
+        target = os.path.join(WORK, "convert.raw")
+        ours_runs, ref_runs = [], []
+        for _ in range(runs):
+            for f in (target,):
+                if os.path.exists(f):
+                    os.unlink(f)
+            try:
+                ours_runs.append(timed(RESCUE + ["convert", image, "-o", target]))
+            except RuntimeError as exc:
+                log(f"  convert {variant}: {exc}")
+                break
+            os.unlink(target)
+            ref_runs.append(timed(["qemu-img", "convert", "-O", "raw", image, target]))
+            os.unlink(target)
+        if ours_runs and len(ours_runs) == len(ref_runs):
+            ours = Measure(statistics.median(m.seconds for m in ours_runs), max(m.peak_rss for m in ours_runs))
+            ref = Measure(statistics.median(m.seconds for m in ref_runs), 0)
+            row("convert", variant, ours, ref, "qemu-img convert -O raw")
+    if have("virt-tar-out"):
+        vt = median_of(lambda: timed(["virt-tar-out", "--ro", "-a", w.raw, w.path_in_guest, out]), 1)
+        rows.append({"workload": w.name, "task": "extract", "variant": "raw", "reference": "virt-tar-out",
+                     "ref_seconds": round(vt.seconds, 3)})
+        log(f"  {w.name} virt-tar-out raw {vt.seconds:.2f}s")
+    if os.path.exists(out):
+        os.unlink(out)
+    return rows
+
+
+def machine() -> dict:
+    mem = 0
+    try:
+        with open("/proc/meminfo") as f:
+            mem = int(f.readline().split()[1]) * 1024
+    except OSError:
+        pass
+    return {"cpus": os.cpu_count(), "memory_gib": round(mem / GiB, 1), "python": platform.python_version(),
+            "platform": platform.platform(), "root": IS_ROOT}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--workloads", default="W1,W2,W3")
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--json", action="store_true", help="print the results as JSON on stdout")
+    args = ap.parse_args()
+    log = (lambda s: print(s, file=sys.stderr)) if args.json else print
+    for tool in ("mkfs.ext4", "sgdisk", "qemu-img"):
+        if not have(tool):
+            print(f"bench: {tool} is needed to build the workloads", file=sys.stderr)
+            return 2
+    log(f"machine: {machine()}")
+    rows = []
+    for name in args.workloads.split(","):
+        w = build(name.strip(), log)
+        log(f"{w.name}: {w.title}")
+        rows += run_workload(w, args.runs, log)
+    if args.json:
+        print(json.dumps({"machine": machine(), "results": rows}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
