@@ -224,3 +224,24 @@ def test_cli_rclone_login_refused_is_exit_2_one_line_without_secrets(server):
     lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and "refused the login" in lines[0], r.stderr
     assert bad not in r.stderr and "Wr0ng-secret-value" not in r.stderr
+
+
+def test_full_remote_is_one_clear_error(src, tmp_path, monkeypatch):
+    served = tmp_path / "s" / "served"
+    served.mkdir(parents=True)
+    if not IS_ROOT or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=128k", "tmpfs", str(served)],
+                                     capture_output=True).returncode != 0:
+        pytest.skip("needs root to mount a tiny tmpfs")
+    s = RcloneSftp(tmp_path / "s", name="tinyremote")
+    try:
+        for k, v in s.env.items():
+            monkeypatch.setenv(k, v)
+        monkeypatch.setenv("RCLONE_RETRIES", "1")          # a full disk will not empty itself
+        monkeypatch.setenv("RCLONE_LOW_LEVEL_RETRIES", "1")
+        with pytest.raises(TargetError) as exc:
+            send(tree_sink("rclone:tinyremote:x/"), items_from_tree(src))
+        msg = exc.value.one_line()
+        assert "is full" in msg and "nothing arrived" in msg and "\n" not in msg
+    finally:
+        s.stop()
+        subprocess.run(["umount", "-l", str(served)], check=False)

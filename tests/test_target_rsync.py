@@ -376,3 +376,11 @@ def test_cli_target_errors_are_exit_2_and_one_line_without_secrets(daemon, tmp_p
     assert "Wr0ng-secret-value" not in r.stderr + r.stdout and daemon.password not in r.stderr
     assert {"wrong-password": "auth failed", "unreachable": "cannot reach",
             "no-rsync": "rsync is not installed"}[case] in lines[0]
+
+
+def test_ssh_host_unreachable_is_one_clear_error(src, sshd, tmp_path):
+    port, ssh, base = sshd
+    bad = ssh.replace(f"-p {port}", f"-p {free_port()}")
+    with pytest.raises(TargetError) as exc:
+        send(f"root@127.0.0.1:{tmp_path}/x/", items_from_tree(src)[:3], rsync_opts=[bad])
+    assert "cannot reach" in exc.value.one_line() and "\n" not in exc.value.one_line()
