@@ -146,13 +146,16 @@ def build_mount_table(root_fs: FileSystem, volumes: list[Volume],
         if root_volume is not None and vol is root_volume:
             row.status = "skipped: same volume as /"
             continue
+        if vol.details.get("unsupported"):
+            row.status = f"failed: {vol.details['unsupported']}"
+            continue
         try:
             fs = open_fs(vol)
         except RescueError as exc:
             row.status = f"failed: {exc.problem}"
             continue
-        except OSError as exc:
-            row.status = f"failed: {exc}"
+        except Exception as exc:   # one unreadable volume must not cost the rest of the tree
+            row.status = f"failed: {type(exc).__name__}: {exc}"
             continue
         mounts[normalize(e.mountpoint)] = fs
         row.status = "mounted"
