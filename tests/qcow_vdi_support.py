@@ -66,14 +66,23 @@ class Images:
         return out
 
 
+_IMAGES: list[Images] = []
+
+
 def make_images(tmp_path_factory) -> Images:
+    """Once per session, shared by the qcow2 and VDI test modules."""
+    if _IMAGES:
+        return _IMAGES[0]
     root = tmp_path_factory.mktemp("qcow-vdi")
     if CAN_BUILD:
         subprocess.run([str(SCRIPT), str(root), "--all"], check=True, capture_output=True)
-        return Images(root, True)
-    for gz in FIXTURES.glob("*.gz"):
-        (root / gz.name[:-3]).write_bytes(gzip.decompress(gz.read_bytes()))
-    return Images(root, False)
+        images = Images(root, True)
+    else:
+        for gz in FIXTURES.glob("*.gz"):
+            (root / gz.name[:-3]).write_bytes(gzip.decompress(gz.read_bytes()))
+        images = Images(root, False)
+    _IMAGES.append(images)
+    return images
 
 
 def _file_data_ranges(path: Path, size: int) -> list[tuple[int, int]]:

@@ -93,7 +93,11 @@ def _copy(disk: DiskImage, fd: int, pos: int, n: int, stats: ConvertStats) -> No
             raise DamagedRange(f"{disk.name}: short read at {pos}: {len(data)} of {n} bytes")
     except DamagedRange as exc:
         if n <= RETRY_CHUNK:
-            stats.damaged.append((pos, n, str(exc)))
+            last = stats.damaged[-1] if stats.damaged else None
+            if last and last[0] + last[1] == pos:  # one entry per damaged stretch
+                stats.damaged[-1] = (last[0], last[1] + n, last[2])
+            else:
+                stats.damaged.append((pos, n, str(exc)))
             stats.holes += n
             return
         # Narrow the damage down so the healthy part of this chunk is kept.

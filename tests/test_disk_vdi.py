@@ -1,0 +1,204 @@
+"""VirtualBox VDI: our reader against qemu-img on images qemu-img made, on a
+hand-built image with blocks stored out of order, on real VDIs from other
+projects, and on damaged ones."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from qcow_vdi_support import (QEMU_IMG, Images, RealImages, assert_reads_equal, assert_runs_sound,
+                              make_images, real_images, time_limit)
+from rescue.disk import DiskOptions, open_disk, vdi
+from rescue.disk.base import RawDisk
+from rescue.disk.convert import convert
+from rescue.errors import DamagedRange, DiskFormatError, RescueError, UnsupportedFeature
+from rescue.source.base import FileSource
+
+MiB = 1 << 20
+FREE, ZERO = vdi.BLOCK_FREE, vdi.BLOCK_ZERO
+
+
+@pytest.fixture(scope="session")
+def images(tmp_path_factory) -> Images:
+    return make_images(tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def real(tmp_path_factory) -> RealImages:
+    return RealImages(tmp_path_factory.mktemp("real-vdi"))
+
+
+def open_path(path, **options):
+    return open_disk(FileSource(path), DiskOptions(**options))
+
+
+def make_vdi(path: Path, bmap: list[int], *, disk_size: int | None = None, **changes) -> bytes:
+    """A VDI of 1 MiB blocks built from our own Structs; block i of the data
+    area holds the byte 0x40+i. `changes` override header fields only.
+    Returns the disk it must read as."""
+    block_size = MiB
+    stored = [e for e in bmap if e < ZERO]
+    data_offset = MiB
+    fields = dict(
+        header_size=400, image_type=1, image_flags=0, description=bytes(256),
+        offset_bmap=512, offset_data=data_offset, cylinders=0, heads=0, sectors=0,
+        sector_size=512, unused=0, disk_size=disk_size or len(bmap) * block_size,
+        block_size=block_size, block_extra=0, blocks_in_image=len(bmap),
+        blocks_allocated=len(stored), uuid_image=os.urandom(16), uuid_last_snap=bytes(16),
+        uuid_link=bytes(16), uuid_parent=bytes(16))
+    fields.update(changes)
+    image = bytearray(data_offset + len(stored) * block_size)
+    pre = vdi.PreHeader.build(dict(text=b"<<< Oracle VM VirtualBox Disk Image >>>\n".ljust(64, b"\0"),
+                                   version=changes.pop("version", vdi.VERSION_1_1)))
+    head = pre + vdi.Header.build(fields)
+    image[:len(head)] = head
+    for i, e in enumerate(bmap):
+        image[512 + 4 * i:516 + 4 * i] = e.to_bytes(4, "little")
+    for e in stored:
+        image[data_offset + e * block_size:data_offset + (e + 1) * block_size] = bytes([0x40 + e]) * block_size
+    path.write_bytes(bytes(image))
+    expect = b"".join(bytes([0x40 + e]) * block_size if e < ZERO else bytes(block_size) for e in bmap)
+    return expect[:fields["disk_size"]]
+
+
+@pytest.mark.parametrize("name,kind", [("dynamic.vdi", "dynamic"), ("static.vdi", "static")])
+def test_qemu_img_vdis_read_exactly_like_qemu_img(images, name, kind):
+    disk = open_path(images.path(name))
+    assert (disk.info.format, disk.info.subformat, disk.info.cluster_size) == ("vdi", kind, MiB)
+    ref = images.reference(name)
+    assert_reads_equal(disk, ref, seed=11, cluster=MiB)
+    assert_runs_sound(disk, ref)
+
+
+def test_out_of_order_free_and_zero_blocks(tmp_path):
+    path = tmp_path / "hand.vdi"
+    expect = make_vdi(path, [2, FREE, 0, ZERO, 1, FREE, 3], disk_size=6 * MiB + 4096)
+    disk = open_path(path)
+    assert disk.read(0, disk.size) == expect
+    assert disk.read(MiB - 10, 20) == expect[MiB - 10:MiB + 10]
+    assert [tuple(r) for r in disk.runs(0, disk.size)] == [
+        (0, MiB, "data"), (MiB, MiB, "zero"), (2 * MiB, MiB, "data"), (3 * MiB, MiB, "zero"),
+        (4 * MiB, MiB, "data"), (5 * MiB, MiB, "zero"), (6 * MiB, 4096, "data")]
+    if QEMU_IMG:  # qemu-img agrees with what we built
+        ref = tmp_path / "ref.raw"
+        subprocess.run([QEMU_IMG, "convert", "-O", "raw", str(path), str(ref)], check=True)
+        assert ref.read_bytes() == expect
+
+
+def test_runs_of_a_mostly_free_vdi_and_sparse_convert(tmp_path):
+    path = tmp_path / "sparse.vdi"
+    bmap = [FREE] * 40
+    bmap[7], bmap[30] = 0, 1
+    expect = make_vdi(path, bmap)
+    disk = open_path(path)
+    runs = [(r.offset // MiB, r.length // MiB, r.kind) for r in disk.runs(0, disk.size)]
+    assert runs == [(0, 7, "zero"), (7, 1, "data"), (8, 22, "zero"), (30, 1, "data"), (31, 9, "zero")]
+    out = tmp_path / "out.raw"
+    seen = []
+    stats = convert(disk, out, progress=lambda d, t: seen.append(d))
+    assert out.read_bytes() == expect
+    assert stats.written == 2 * MiB and seen[-1] == 40 * MiB
+    assert out.stat().st_blocks * 512 <= 3 * MiB
+
+
+def test_convert_of_qemu_img_vdi_equals_qemu_img(images, tmp_path):
+    out = tmp_path / "disk.raw"
+    convert(open_path(images.path("dynamic.vdi")), out)
+    assert out.read_bytes() == images.reference("dynamic.vdi").read_bytes()
+
+
+@pytest.mark.parametrize("row", real_images((".vdi",)))
+def test_real_vdi_images(real, tmp_path, row):
+    if row["malformed"] == "no":
+        path = real.together(row)
+        if not QEMU_IMG:
+            pytest.skip("qemu-img is not installed (the reference)")
+        ref = tmp_path / "ref.raw"
+        done = subprocess.run([QEMU_IMG, "convert", "-O", "raw", path.name, str(ref)],
+                              cwd=path.parent, capture_output=True)
+        if done.returncode:
+            pytest.skip(f"qemu-img cannot read it either: {done.stderr.decode().strip()}")
+        with time_limit(120):
+            assert_reads_equal(open_path(path), ref, seed=13, cluster=MiB)
+        return
+    path = RealImages.alone(row, tmp_path)
+    with time_limit(60):
+        try:
+            disk = open_path(path)
+            for r in disk.runs(0, disk.size):
+                if r.kind == "data":
+                    disk.read(r.offset, min(r.length, MiB))
+            assert disk.info.warnings, f"{row['file']} opened without error or warning"
+        except RescueError as exc:
+            assert str(path) in exc.one_line()
+        except DamagedRange:
+            pass
+
+
+def test_differencing_vdi_is_refused_clearly(tmp_path):
+    make_vdi(tmp_path / "diff.vdi", [0], image_type=4, uuid_link=b"\x01" * 16)
+    with pytest.raises(UnsupportedFeature, match="differencing"):
+        open_path(tmp_path / "diff.vdi")
+    make_vdi(tmp_path / "linked.vdi", [0], uuid_link=b"\x01" * 16)
+    with pytest.raises(UnsupportedFeature, match="parent"):
+        open_path(tmp_path / "linked.vdi")
+
+
+@pytest.mark.parametrize("changes,match", [
+    ({"block_size": 3000}, "block_size"),
+    ({"block_size": 1 << 31}, "block_size"),
+    ({"blocks_in_image": 1 << 30}, "blocks_in_image"),
+    ({"blocks_in_image": 1 << 20}, "offset_bmap"),          # map runs past the end of the file
+    ({"disk_size": 1 << 60}, "disk_size"),
+    ({"offset_bmap": 1 << 31}, "offset_bmap"),
+    ({"image_type": 9}, "image_type"),
+    ({"version": 0x00010000}, "version 1.0"),
+])
+def test_bad_headers_name_the_field(tmp_path, changes, match):
+    path = tmp_path / "bad.vdi"
+    make_vdi(path, [0, FREE, 1], **changes)
+    with time_limit(10), pytest.raises(DiskFormatError, match=match) as err:
+        open_path(path)
+    assert str(path) in err.value.one_line()
+
+
+def test_block_past_the_end_damages_that_block_only(tmp_path):
+    path = tmp_path / "past.vdi"
+    expect = make_vdi(path, [0, 1, 2])
+    with open(path, "r+b") as f:  # block 1 now points far past the end
+        f.seek(512 + 4)
+        f.write((5000).to_bytes(4, "little"))
+    disk = open_path(path)
+    with pytest.raises(DamagedRange, match="past the end"):
+        disk.read(MiB + 5, 10)
+    assert disk.read(0, MiB) == expect[:MiB]
+    assert disk.read(2 * MiB, MiB) == expect[2 * MiB:]
+    out = tmp_path / "out.raw"
+    stats = convert(disk, out)
+    assert [(o, n) for o, n, _ in stats.damaged] == [(MiB, MiB)]
+    assert out.read_bytes() == expect[:MiB] + bytes(MiB) + expect[2 * MiB:]
+
+
+@pytest.mark.parametrize("keep", [10, 70, 300, 600, MiB + 100])
+def test_truncated_vdi_fails_clearly_or_damages_ranges(tmp_path, keep):
+    path = tmp_path / "cut.vdi"
+    make_vdi(path, [0, 1, FREE, 2])
+    with open(path, "r+b") as f:
+        f.truncate(keep)
+    with time_limit(10):
+        try:
+            disk = open_path(path)
+        except DiskFormatError as exc:
+            assert str(path) in exc.one_line()
+            return
+        if isinstance(disk, RawDisk):  # the signature itself is cut off
+            assert keep < 68
+            return
+        with pytest.raises(DamagedRange):
+            disk.read(MiB, 10)
+        assert disk.read(2 * MiB, MiB) == bytes(MiB)
