@@ -449,3 +449,46 @@ def test_real_lvm_tools_agree_on_dissect_image(tmp_path):
     _, vols = lvm.assemble([FileSource(img)])
     assert sorted((v.id, v.size) for v in vols) == sorted(
         (f"{r['vg_name']}/{r['lv_name']}", int(r["lv_size"].rstrip("B"))) for r in rows)
+
+
+def test_damaged_lv_segment_list_spoils_only_that_lv(fixture_disks):
+    data = bytearray(Path(fixture_disks["single"]).read_bytes())
+    start, hdr, loc = _mda(data)
+    text = bytes(data[start + loc.offset:start + loc.offset + loc.size]).rstrip(b"\0").decode()
+    meta = parse_metadata(text)
+    root_seg = meta["fixvg"]["logical_volumes"]["root"]["segment1"]
+    old = f"start_extent = 0\nextent_count = {root_seg['extent_count']}"
+    assert text.count(old) >= 1
+    idx = text.index("root {")
+    bad = (text[:idx] + text[idx:].replace(old, f"start_extent = 3\nextent_count = {root_seg['extent_count']}", 1))
+    raw = bad.encode() + b"\0"
+    _write_mda(data, start, hdr, [dict(offset=loc.offset, size=len(raw), checksum=lvm_crc(raw), flags=0)])
+    data[start + loc.offset:start + loc.offset + len(raw)] = raw
+    _, vols = lvm.assemble([BytesSource(bytes(data), "damaged-lv.img")])
+    by_id = {v.id: v for v in vols}
+    assert "gap" in by_id["fixvg/root"].details["unsupported"]
+    with pytest.raises(VolumeError, match="fixvg/root: metadata damaged"):
+        by_id["fixvg/root"].source.read(0, 1)
+    data_lv = by_id["fixvg/data"]
+    assert data_lv.source.read(0, data_lv.size) == make_fixtures.pattern("fixvg/data", data_lv.size)
+
+
+def test_truncated_and_garbage_pvs_give_clear_errors(fixture_disks):
+    whole = Path(fixture_disks["single"]).read_bytes()
+    with pytest.raises(VolumeError):
+        lvm.assemble([BytesSource(whole[:3000], "cut.img")])        # label, but no metadata area
+    junk = bytearray(whole)
+    _, hdr, loc = _mda(junk)
+    junk[hdr.start + loc.offset:hdr.start + loc.offset + loc.size] = b"{" * loc.size
+    with pytest.raises(VolumeError):
+        lvm.assemble([BytesSource(bytes(junk), "junk.img")])
+
+
+def test_metadata_that_does_not_parse_is_a_clear_error(fixture_disks):
+    data = bytearray(Path(fixture_disks["single"]).read_bytes())
+    start, hdr, loc = _mda(data)
+    raw = b"fixvg {\nid = \"x\"\nseqno = \n}\n\0"
+    data[start + loc.offset:start + loc.offset + len(raw)] = raw
+    _write_mda(data, start, hdr, [dict(offset=loc.offset, size=len(raw), checksum=lvm_crc(raw), flags=0)])
+    with pytest.raises(VolumeError, match="LVM metadata"):
+        lvm.assemble([BytesSource(bytes(data), "unparsable.img")])

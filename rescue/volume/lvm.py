@@ -268,17 +268,19 @@ def read_pv(source: ByteSource) -> PhysicalVolume:
     for start, size in pv.metadata_areas:
         try:
             text = _read_committed_text(source, start, size)
+            if text is None:
+                continue
+            meta = parse_metadata(text)
         except VolumeError as exc:
             errors.append(exc.problem)
             continue
-        if text is None:
-            continue
-        pv.metadata_text = text
-        pv.metadata = parse_metadata(text)
+        pv.metadata_text, pv.metadata = text, meta
         break
-    pv.warnings.extend(errors)
     if pv.metadata is None and errors:
-        raise VolumeError(f"PV {uuid}: no readable metadata area ({'; '.join(errors)})", file=source.name)
+        # Still useful: another PV of the VG may hold a good copy of the metadata.
+        pv.warnings.append(f"PV {uuid} ({source.name}): no readable metadata area ({'; '.join(errors)})")
+    else:
+        pv.warnings.extend(errors)
     return pv
 
 
@@ -351,9 +353,11 @@ class LvSource:
 
     def _check(self) -> None:
         if self.unsupported:
-            raise UnsupportedFeature(f"logical volume {self.name} is a {self.unsupported}",
-                                     layer="volume",
-                                     hint="copy the data out with the LVM tools on a Linux machine")
+            if self.unsupported.startswith("metadata damaged"):
+                raise VolumeError(f"logical volume {self.name}: {self.unsupported}")
+            raise UnsupportedFeature(f"logical volume {self.name}: {self.unsupported}", layer="volume",
+                                     hint="activate the VG with the LVM tools on a Linux machine "
+                                          "(vgchange -ay) and copy the data from /dev/VG/LV")
 
     def _pieces_for(self, offset: int, length: int) -> Iterator[tuple[_Piece, int, int]]:
         """(piece, offset inside piece, length) covering [offset, offset+length)."""
@@ -458,9 +462,14 @@ def _build_lv(vg_name: str, lv_name: str, lv: dict[str, Any], extent_bytes: int,
     missing: list[str] = []
     seg_keys = [k for k, v in lv.items() if isinstance(v, dict) and k.startswith("segment")]
     seg_list = sorted((lv[k] for k in seg_keys), key=lambda s: s.get("start_extent", 0))
+    next_extent = 0
     for seg in seg_list:
         start = _as_int(seg.get("start_extent", 0), f"{lv_name} start_extent", vg_name)
         count = _as_int(seg.get("extent_count", 0), f"{lv_name} extent_count", vg_name)
+        if start != next_extent:
+            raise VolumeError(f"VG {vg_name}: LV {lv_name} segment starts at extent {start}, "
+                              f"expected {next_extent} (segments overlap or leave a gap)")
+        next_extent = start + count
         segtype = str(seg.get("type", "striped"))
         info: dict[str, Any] = {"start_extent": start, "extent_count": count, "type": segtype}
         lv_start, lv_len = start * extent_bytes, count * extent_bytes
@@ -588,7 +597,15 @@ def assemble(pvs: list[ByteSource]) -> tuple[list[dict[str, Any]], list[Volume]]
         for lv_name, lvd in lv_sections.items():
             if not isinstance(lvd, dict):
                 continue
-            record, src = _build_lv(vg_name, lv_name, lvd, extent_bytes, pv_table, lv_names)
+            try:
+                record, src = _build_lv(vg_name, lv_name, lvd, extent_bytes, pv_table, lv_names)
+            except VolumeError as exc:
+                problem = f"metadata damaged: {exc.problem}"
+                status = lvd.get("status", [])
+                record = {"name": lv_name, "uuid": lvd.get("id"), "size": 0, "segments": [],
+                          "visible": "VISIBLE" in status if isinstance(status, list) else True,
+                          "missing_pvs": [], "unsupported": problem}
+                src = LvSource(f"{vg_name}/{lv_name}", 0, [], problem)
             lv_rows.append(record)
             sources[lv_name] = src
         # A snapshot's visible LV holds the copy-on-write store, not a filesystem.
@@ -616,10 +633,14 @@ def assemble(pvs: list[ByteSource]) -> tuple[list[dict[str, Any]], list[Volume]]
             volumes.append(Volume(id=f"{vg_name}/{record['name']}", start=0, size=record["size"],
                                   source=sources[record["name"]], description=_describe(record),
                                   details=details))
-    # PVs whose VG metadata we never saw (metadatacopies=0 and the other PVs absent).
-    for key, pv in by_uuid.items():
-        if key not in claimed:
-            groups.append({"name": None, "uuid": None, "extent_size": None, "seqno": None,
-                           "pvs": [{"name": None, "uuid": pv.uuid, "present": True, "file": pv.source.name}],
-                           "lvs": [], "warnings": [f"PV {pv.uuid} carries no metadata; its VG is unknown"]})
+    # PVs whose VG metadata we never saw (metadatacopies=0 or a damaged
+    # metadata area, and no other PV of the VG present).
+    orphans = [pv for key, pv in by_uuid.items() if key not in claimed]
+    if orphans and not groups and any(pv.warnings for pv in orphans):
+        problems = "; ".join(w for pv in orphans for w in pv.warnings)
+        raise VolumeError(f"LVM metadata unreadable: {problems}", file=orphans[0].source.name)
+    for pv in orphans:
+        groups.append({"name": None, "uuid": None, "extent_size": None, "seqno": None,
+                       "pvs": [{"name": None, "uuid": pv.uuid, "present": True, "file": pv.source.name}],
+                       "lvs": [], "warnings": pv.warnings or [f"PV {pv.uuid} carries no metadata; its VG is unknown"]})
     return groups, volumes
