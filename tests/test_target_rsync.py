@@ -384,3 +384,23 @@ def test_ssh_host_unreachable_is_one_clear_error(src, sshd, tmp_path):
     with pytest.raises(TargetError) as exc:
         send(f"root@127.0.0.1:{tmp_path}/x/", items_from_tree(src)[:3], rsync_opts=[bad])
     assert "cannot reach" in exc.value.one_line() and "\n" not in exc.value.one_line()
+
+
+def test_partial_transfer_counts_only_what_arrived(src, daemon):
+    if not IS_ROOT or not have("chattr"):
+        pytest.skip("needs root and chattr to make a receiving directory immutable")
+    locked = daemon.open_dir / "partial" / "db" / "_data"
+    locked.mkdir(parents=True)
+    if subprocess.run(["chattr", "+i", str(locked)], capture_output=True).returncode != 0:
+        pytest.skip("the filesystem under the test daemon has no immutable flag")
+    try:
+        sink, result = send(daemon.url("open", "partial/"), items_from_tree(src))
+    finally:
+        subprocess.run(["chattr", "-i", str(locked)], check=True)
+    blocked = {"db/_data/pg.conf", "db/_data/big.bin"}
+    for name in blocked:
+        assert any(w.startswith(name) and "did not arrive" in w for w in result.warnings), result.warnings
+    assert sorted(n for n, _ in result.not_arrived) == sorted(blocked)
+    total = sum(1 for p in src.rglob("*") if p.is_file() and not p.is_symlink())
+    assert result.files == total - len(blocked)
+    assert (daemon.open_dir / "partial" / "web" / "html" / "index.html").exists()

@@ -34,7 +34,7 @@ import tempfile
 from ..errors import TargetError
 from ..fs.base import BLOCK, CHAR, DIR, FIFO, FILE, SOCKET, SYMLINK, FileReadError
 from .base import Item, Sink, SinkResult
-from .remote_run import require_tool, run_tool, scrub
+from .remote_run import RemoteSinkResult, require_tool, run_tool, scrub
 from .remote_target import RCLONE_TAR, RCLONE_TREE, RemoteTarget, parse_remote_target
 from .staging import Staging
 
@@ -92,7 +92,7 @@ class RcloneSink(Sink):
         self.scratch_limit = max(1, int(scratch_limit))
         self.rclone_opts = list(rclone_opts)
         self.staging = Staging(scratch_dir, fake_super=False, devices=False, fifos=False, xattrs=False)
-        self.result = SinkResult(target=parsed.text)
+        self.result = RemoteSinkResult(parsed.text)
         self._batch: list[tuple[str, int]] = []
         self._batch_names: set[str] = set()
         self._sent_names: set[str] = set()          # multi-link files already on the remote

@@ -15,8 +15,19 @@ import tempfile
 from typing import Callable, Iterable
 
 from ..errors import TargetError
+from .base import SinkResult
 
 _URL_CREDS = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)[^/\s@:]+:[^/\s@]+@")
+
+
+class RemoteSinkResult(SinkResult):
+    """SinkResult plus the (name, bytes) the sink accepted but that did not
+    arrive: the engine should list them as skipped, not rescued. `files` and
+    `bytes` already leave them out."""
+
+    def __init__(self, target: str) -> None:
+        super().__init__(target=target)
+        self.not_arrived: list[tuple[str, int]] = []
 
 
 def scrub(text: str, secrets: Iterable[str]) -> str:

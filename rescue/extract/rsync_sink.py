@@ -37,7 +37,7 @@ import os
 from ..errors import TargetError
 from ..fs.base import DIR, FILE, FileReadError
 from .base import Item, Sink, SinkResult
-from .remote_run import error_lines, require_tool, run_tool, scrub, unescape_rsync
+from .remote_run import RemoteSinkResult, error_lines, require_tool, run_tool, scrub, unescape_rsync
 from .remote_target import RSYNC_DAEMON, RSYNC_SSH, RemoteTarget, parse_remote_target
 from .staging import Staging
 
@@ -67,7 +67,7 @@ class RsyncSink(Sink):
         self.io_timeout = io_timeout
         self.xattrs = xattrs
         self.staging = Staging(scratch_dir, fake_super=fake_super, devices=devices, keep_setuid=keep_setuid)
-        self.result = SinkResult(target=parsed.text)
+        self.result = RemoteSinkResult(parsed.text)
         self.secrets = [os.environ.get("RSYNC_PASSWORD", "")]
         self._placeholders_ok = not any(
             o in _CONTENT_OPTS or (o.startswith("-") and not o.startswith("--") and ("c" in o[1:] or "I" in o[1:])
@@ -174,48 +174,54 @@ class RsyncSink(Sink):
             argv.append("--dry-run")
         return argv + self.rsync_opts + [self.staging.root + "/", self.target.dest]
 
-    def _run(self, dry_run: bool = False) -> tuple[int, str, list[tuple[str, str]]]:
-        lines: list[tuple[str, str]] = []
+    def _run(self, dry_run: bool = False) -> tuple[int, str, set[str]]:
+        """Run rsync over the staged tree. Counts sent/unchanged files; for a
+        dry run returns the names that would still be sent (= did not arrive)."""
+        pending: set[str] = set()
+        counts = [0, 0]
 
         def on_line(line: str) -> None:
             parts = line.split("\t", 2)
-            if len(parts) == 3 and len(parts[0]) == 11:
-                lines.append((parts[0], unescape_rsync(parts[2])))
+            if len(parts) != 3 or len(parts[0]) != 11 or parts[2].endswith("/"):
+                return
+            flags = parts[0]
+            if dry_run:
+                if flags[0] in "<>ch":
+                    pending.add(unescape_rsync(parts[2]))
+            elif flags[1] == "f":
+                counts[0 if flags[0] in "<>" else 1] += 1
 
         self.staging.fix_dirs()
         code, stderr = run_tool(self._argv(dry_run), on_line=on_line)
-        return code, scrub(stderr, self.secrets), lines
+        if not dry_run:
+            self.sent_files += counts[0]
+            self.unchanged_files += counts[1]
+        return code, scrub(stderr, self.secrets), pending
 
     def _flush(self) -> None:
         self.peak_scratch = max(self.peak_scratch, self.staging.batch_bytes)
-        code, stderr, lines = self._run()
+        code, stderr, _ = self._run()
         if code != 0 and self.xattrs and "xattr" in stderr.lower() and "not supported" in stderr.lower():
             self.xattrs = False
             self.result.warnings.append(f"{self.target.text}: the receiver does not support xattrs; "
                                         "sending without them")
-            code, stderr, lines = self._run()
+            code, stderr, _ = self._run()
         self.batches += 1
         missing: set[str] = set()
-        if code in (23, 24):       # partial: find what still differs
+        if code in (23, 24):       # partial: a dry run of the same batch lists what still differs
             for msg in error_lines(stderr)[:20]:
                 self.result.warnings.append(f"{self.target.text}: {msg}")
-            code2, stderr2, check = self._run(dry_run=True)
+            code2, stderr2, missing = self._run(dry_run=True)
             if code2 not in (0, 23, 24):
                 raise self._error(code2, stderr2)
-            missing = {name for flags, name in check if flags[0] in "<>ch" and not name.endswith("/")}
         elif code != 0:
             raise self._error(code, stderr)
-        for flags, name in lines:
-            if name.endswith("/") or flags[1] != "f":
-                continue
-            if flags[0] in "<>":
-                self.sent_files += 1
-            elif flags[0] == ".":
-                self.unchanged_files += 1
         for name, size in self._batch:
             if name in missing:
                 self._failed.add(name)
-                self.result.warnings.append(f"{name}: did not arrive at {self.target.text}")
+                if size != -2:                      # a placeholder is not the user's file
+                    self.result.not_arrived.append((name, max(size, 0)))
+                    self.result.warnings.append(f"{name}: did not arrive at {self.target.text}")
                 continue
             if size >= 0:
                 self.result.files += 1
