@@ -298,7 +298,7 @@ def test_ssh_login_refused_is_one_clear_error(src, sshd, tmp_path):
 
 # -- end to end: `rescue extract ... -o rsync://` -----------------------------------
 
-from remote_servers import cli_available, reference_extract, rescue_extract, without_implied_mtimes  # noqa: E402
+from remote_servers import RESCUE, SAMPLE, VOLUMES, cli_available, reference_extract, rescue_extract, without_implied_mtimes  # noqa: E402,E501
 
 needs_cli = pytest.mark.skipif(not cli_available(), reason="needs fixtures/sample-vps.disk and .venv/bin/rescue")
 
@@ -404,3 +404,27 @@ def test_partial_transfer_counts_only_what_arrived(src, daemon):
     total = sum(1 for p in src.rglob("*") if p.is_file() and not p.is_symlink())
     assert result.files == total - len(blocked)
     assert (daemon.open_dir / "partial" / "web" / "html" / "index.html").exists()
+
+
+@needs_cli
+def test_cli_as_non_root_user_still_sends_owners_modes_and_xattrs_via_fake_super(daemon, reference, tmp_path):
+    """Staging as `nobody`: owners, setuid, xattrs travel in user.rsync.%stat;
+    only symlinks' owners need a root sender."""
+    if not IS_ROOT or not have("setpriv"):
+        pytest.skip("needs root and setpriv to run the CLI as nobody")
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    os.chown(scratch, 65534, 65534)
+    r = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", str(RESCUE), "extract",
+                        str(SAMPLE), "--path", VOLUMES, "--devices", "-o", daemon.url("open", "as-nobody/"),
+                        "--scratch-limit", "1M"],
+                       capture_output=True, text=True, env={**os.environ, "TMPDIR": str(scratch), "HOME": str(scratch)})
+    assert r.returncode == 0, r.stderr
+    assert "symlink owners not kept" in r.stderr
+    got, want = (without_implied_mtimes(snapshot(p)) for p in (daemon.open_dir / "as-nobody", reference))
+    for snap in (got, want):
+        for rec in snap.values():
+            if isinstance(rec, dict) and rec["kind"] == "symlink":
+                rec.pop("owner")
+    assert got == want
+    assert any(rec.get("owner") not in (None, (0, 0), (65534, 65534)) for rec in got.values() if isinstance(rec, dict))

@@ -95,6 +95,8 @@ class Staging:
                     os.mkdir(p, 0o700, dir_fd=fd)
                     os.chmod(p, 0o755, dir_fd=fd)  # an implied parent: the usual mode
                     self.dirs.setdefault("/".join(parts[:i + 1]), None)
+                    if self.fake_super:          # ... and owner (root, not whoever stages)
+                        self._implied_owner(p, fd)
                     nfd = os.open(p, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd)
                 os.close(fd)
                 fd = nfd
@@ -102,6 +104,13 @@ class Staging:
         except BaseException:
             os.close(fd)
             raise
+
+    def _implied_owner(self, name: str, parent_fd: int) -> None:
+        dfd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=parent_fd)
+        try:
+            self._setxattr(dfd, STAT_XATTR, b"40755 0,0 0:0")
+        finally:
+            os.close(dfd)
 
     def _clear_slot(self, pfd: int, leaf: str) -> None:
         """Make room for `leaf`: a name given twice replaces the earlier non-directory."""
