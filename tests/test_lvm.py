@@ -492,3 +492,13 @@ def test_metadata_that_does_not_parse_is_a_clear_error(fixture_disks):
     _write_mda(data, start, hdr, [dict(offset=loc.offset, size=len(raw), checksum=lvm_crc(raw), flags=0)])
     with pytest.raises(VolumeError, match="LVM metadata"):
         lvm.assemble([BytesSource(bytes(data), "unparsable.img")])
+
+
+def test_vg_summary_names_lvs_and_missing_pvs(fixture_disks):
+    vgs, _ = lvm.assemble(_open(fixture_disks, "pair-a"))
+    line = lvm.vg_summary(vgs[0])
+    missing = next(pv["uuid"] for pv in vgs[0]["pvs"] if not pv["present"])
+    assert line.startswith("volume group fixpair: 2 PVs (1 missing: " + missing)
+    assert "multi 4.0 MiB linear (2 segments)" in line and "str 4.0 MiB striped" in line
+    vgs, _ = lvm.assemble(_open(fixture_disks, "single"))
+    assert "thin 4.0 MiB thin [not supported yet]" in lvm.vg_summary(vgs[0])

@@ -378,12 +378,8 @@ class LvSource:
         if offset >= self.size or length <= 0:
             return b""
         length = min(length, self.size - offset)
-        out = bytearray(length)
-        pos = 0
-        for piece, inner, n in self._pieces_for(offset, length):
-            out[pos:pos + n] = self._read_piece(piece, inner, n)
-            pos += n
-        return bytes(out)
+        parts = [self._read_piece(piece, inner, n) for piece, inner, n in self._pieces_for(offset, length)]
+        return parts[0] if len(parts) == 1 else b"".join(parts)   # the common case: no copy
 
     def _read_piece(self, p: _Piece, inner: int, n: int) -> bytes:
         if p.kind == "zero":
@@ -394,7 +390,9 @@ class LvSource:
         if p.kind == "linear":
             src, base, _ = p.areas[0]
             data = src.read(base + inner, n)
-            return data + bytes(n - len(data))     # a PV image cut short reads as zeros
+            if len(data) < n:                      # a PV image cut short reads as zeros
+                data += bytes(n - len(data))
+            return data
         return self._read_striped(p, inner, n)
 
     def _read_striped(self, p: _Piece, inner: int, n: int) -> bytes:
@@ -402,7 +400,7 @@ class LvSource:
         chunk, width = p.chunk, len(p.areas)
         first, last = inner // chunk, (inner + n - 1) // chunk
         row0, row1 = first // width, last // width
-        stripes: list[bytes | None] = []
+        stripes: list[memoryview | None] = []
         for s, (src, base, pvname) in enumerate(p.areas):
             # chunks of stripe s within [first, last]
             c0 = first + ((s - first) % width)
@@ -413,9 +411,10 @@ class LvSource:
                 raise DamagedRange(f"{self.name}: bytes {p.start + inner}-{p.start + inner + n - 1} "
                                    f"need stripe {s} on PV {pvname} which is missing")
             data = src.read(base + row0 * chunk, (row1 - row0 + 1) * chunk)
-            stripes.append(data + bytes((row1 - row0 + 1) * chunk - len(data)))
-        out = bytearray(n)
-        pos = 0
+            if len(data) < (row1 - row0 + 1) * chunk:
+                data += bytes((row1 - row0 + 1) * chunk - len(data))
+            stripes.append(memoryview(data))
+        parts = []
         for c in range(first, last + 1):
             row, s = divmod(c, width)
             lo = inner - c * chunk if c == first else 0
@@ -423,9 +422,8 @@ class LvSource:
             src_off = (row - row0) * chunk
             data = stripes[s]
             assert data is not None
-            out[pos:pos + hi - lo] = data[src_off + lo:src_off + hi]
-            pos += hi - lo
-        return bytes(out)
+            parts.append(data[src_off + lo:src_off + hi])
+        return b"".join(parts)      # one copy of the views into the result
 
     def runs(self, offset: int, length: int) -> Iterator[Run]:
         self._check()
@@ -480,6 +478,10 @@ def _build_lv(vg_name: str, lv_name: str, lv: dict[str, Any], extent_bytes: int,
             pairs = [(str(raw[i]), _as_int(raw[i + 1], f"{lv_name} stripe extent", vg_name))
                      for i in range(0, len(raw), 2)]
             info["stripes"] = [list(p) for p in pairs]
+            per = count // len(pairs)
+            # as `lvs -o seg_pe_ranges` prints them, and "linear" like lvs says
+            info["pe_ranges"] = " ".join(f"{pv}:{pe}-{pe + per - 1}" for pv, pe in pairs)
+            info["type"] = "linear" if len(pairs) == 1 else "striped"
             areas: list[tuple[ByteSource | None, int, str]] = []
             for pvname, pe in pairs:
                 if pvname in lv_names:
@@ -528,9 +530,41 @@ def _describe(record: dict[str, Any]) -> str:
     stripes = max((len(s.get("stripes", [])) for s in record["segments"]), default=1)
     if stripes > 1:
         return f"LVM2 striped LV ({stripes} stripes)"
-    if kinds <= {"striped", "linear"}:
+    if kinds <= {"linear"}:
         return "LVM2 linear LV"
     return "LVM2 LV (" + ", ".join(sorted(kinds)) + ")"
+
+
+def _human(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def vg_summary(vg: dict[str, Any]) -> str:
+    """One line per VG for `inspect`: name, PVs (missing ones named), LVs."""
+    if vg.get("name") is None:
+        return "; ".join(vg.get("warnings", [])) or "PV without metadata"
+    pvs = vg["pvs"]
+    missing = [p["uuid"] for p in pvs if not p["present"]]
+    pv_text = f"{len(pvs)} PV" + ("s" if len(pvs) != 1 else "")
+    if missing:
+        pv_text += f" ({len(missing)} missing: {', '.join(missing)})"
+    lvs = []
+    for lv in vg["lvs"]:
+        if not lv["visible"]:
+            continue
+        kinds = sorted({s["type"] for s in lv["segments"]}) or ["?"]
+        text = f"{lv['name']} {_human(lv['size'])} {'/'.join(kinds)}"
+        if len(lv["segments"]) > 1:
+            text += f" ({len(lv['segments'])} segments)"
+        if lv["unsupported"]:
+            text += " [not supported yet]"
+        lvs.append(text)
+    return (f"volume group {vg['name']}: {pv_text}, extent {_human(vg['extent_size'])}, seqno {vg['seqno']}; "
+            f"LVs: {', '.join(lvs) or 'none'}")
 
 
 def assemble(pvs: list[ByteSource]) -> tuple[list[dict[str, Any]], list[Volume]]:
