@@ -338,6 +338,54 @@ def _progress(total: int, quiet: bool):
             bar.stop()
 
 
+# -- convert ----------------------------------------------------------------------
+
+@app.command()
+def convert(snapshot: str = SnapshotArg,
+            output: str = typer.Option(..., "-o", "--output", help="Raw disk file to write (sparse)."),
+            force: bool = typer.Option(False, "--force", help="Overwrite an existing output file."),
+            member: Optional[str] = MemberOpt, backing: Optional[str] = BackingOpt,
+            qsnap: Optional[str] = QSnapOpt,
+            as_json: bool = typer.Option(False, "--json", help="Print the result as JSON.")) -> None:
+    """Write the whole virtual disk as a sparse raw file, to hand it to any other tool.
+
+    Unallocated and zero areas stay holes; the file appears under its name only
+    when complete. Damaged ranges are written as zeros and listed (exit code 1).
+
+    Example: rescue convert snapshot.qcow2 -o disk.raw
+    """
+    from .disk import DiskOptions, open_disk
+    from .disk.convert import convert as run_convert
+    from .source import open_source
+    with _errors():
+        source = open_source(snapshot, member=member)
+        try:
+            disk = open_disk(source, DiskOptions(backing=backing, snapshot=qsnap))
+            try:
+                for warning in disk.info.warnings:
+                    _warn(warning)
+                with _download_bar(as_json) as (update, label):
+                    label(os.path.basename(output))
+                    stats = run_convert(disk, output, progress=update, force=force)
+            finally:
+                disk.close()
+        finally:
+            source.close()
+        damaged = [{"offset": o, "length": n, "reason": why} for o, n, why in stats.damaged]
+        if as_json:
+            _print_json({"path": os.path.abspath(output), "format": disk.info.format,
+                         "virtual_size": stats.total, "written": stats.written, "holes": stats.holes,
+                         "damaged": damaged, "seconds": round(stats.seconds, 3)})
+        else:
+            for d in damaged:
+                err.print(f"damaged: bytes {d['offset']}..{d['offset'] + d['length']} written as zeros: "
+                          f"{d['reason']}", markup=False)
+            err.print(f"converted {disk.info.format} -> {output}: {_human(stats.total)} virtual, "
+                      f"{_human(stats.written)} data, {_human(stats.holes)} holes, {stats.seconds:.1f} s",
+                      markup=False)
+        raise typer.Exit(EXIT_PARTIAL if stats.damaged else EXIT_OK)
+
+
 # -- download and provider snapshots ---------------------------------------------
 
 @app.command()

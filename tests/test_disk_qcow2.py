@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -81,7 +82,7 @@ def test_internal_snapshots_are_listed_and_selectable(images):
         assert snap.info.details["snapshot"].startswith(ids[0])
         assert_reads_equal(snap, before_ref, seed=3, reads=50)
     # The active state differs from "before" (written after the snapshot).
-    assert disk.read(0, 4096) != snap.read(0, 4096)
+    assert disk.read(4096, 4096) != snap.read(4096, 4096)
     with pytest.raises(DiskFormatError, match="before"):
         open_path(path, snapshot="nope")
 
@@ -386,3 +387,47 @@ def test_qcow_version_1_reads(tmp_path):
     if not QEMU_IMG:
         pytest.skip("qemu-img is not installed (the reference)")
     _assert_like_qemu_img(path, tmp_path)
+
+
+# -- through the whole stack and the command line -------------------------------
+
+def _rescue(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "rescue", *args], cwd=cwd, capture_output=True)
+
+
+@pytest.mark.parametrize("name", ["zstd.qcow2", "chain-extl2.qcow2", "cs512.qcow2", "dynamic.vdi"])
+def test_files_come_out_of_every_container_like_out_of_raw(images, name):
+    path = images.path(name)
+    done = _rescue("cat", str(path), "/etc/hostname")
+    assert done.returncode == 0, done.stderr.decode()
+    assert done.stdout == b"rescue-fixture\n"
+    notes = _rescue("cat", str(path), "/home/ann/notes.txt").stdout
+    assert notes == "".join(f"line {i} of ann's notes\n" for i in range(3000)).encode()
+
+
+def test_rescue_convert_command(images, tmp_path):
+    out = tmp_path / "disk.raw"
+    done = _rescue("convert", str(images.path("chain-top.qcow2")), "-o", str(out))
+    assert done.returncode == 0, done.stderr.decode()
+    assert out.read_bytes() == images.reference("chain-top.qcow2").read_bytes()
+    again = _rescue("convert", str(images.path("chain-top.qcow2")), "-o", str(out))
+    assert again.returncode == 2 and b"--force" in again.stderr and b"Traceback" not in again.stderr
+    lonely = tmp_path / "chain-top.qcow2"
+    shutil.copy(images.path("chain-top.qcow2"), lonely)
+    missing = _rescue("convert", str(lonely), "-o", str(tmp_path / "x.raw"))
+    assert missing.returncode == 2 and b"chain-base.qcow2" in missing.stderr
+    assert not (tmp_path / "x.raw").exists() and not (tmp_path / "x.raw.part").exists()
+
+
+def test_rescue_convert_reports_damage_with_exit_code_1(images, tmp_path):
+    path = tmp_path / "bad.qcow2"
+    shutil.copy(images.path("zlib.qcow2"), path)
+    disk = open_path(path)
+    offset, size = _first(disk, COMPRESSED).host
+    disk.close()
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        f.write(b"\xff" * 32)
+    done = _rescue("convert", str(path), "-o", str(tmp_path / "out.raw"), "--json")
+    assert done.returncode == 1, done.stderr.decode()
+    assert b'"damaged"' in done.stdout and b"decompress" in done.stdout
