@@ -77,15 +77,27 @@ def archives(disk, tmp_path_factory) -> dict[str, Path]:
     tar("gnu-sparse", "--format=gnu", "-S")
     for version in ("0.0", "0.1", "1.0"):
         tar(f"pax-sparse-{version}", "--format=pax", "-S", f"--sparse-version={version}")
-    for codec, cmd in (("gz", ["gzip", "-6"]), ("zst", ["zstd", "-q"]), ("xz", ["xz", "-T1"]),
-                       ("bz2", ["bzip2"])):
+    # tar.* through a pipe (no content size in the zstd header, as `tar --zstd` writes);
+    # bare disks from the file (zstd records the size). xz: the tar.xz is
+    # multi-block (-T2), the bare .xz one block (-T1), to cover both seek paths.
+    for codec, cmd in (("gz", ["gzip", "-6"]), ("zst", ["zstd", "-q"]), ("xz", ["xz", "-1"]),
+                       ("bz2", ["bzip2", "-1"])):
         src = made["gnu-sparse"] if codec == "gz" else made["tar"]
         made[f"tar.{codec}"] = out / f"snap.tar.{codec}"
+        threads = ["-T2"] if codec == "xz" else []
         with open(src, "rb") as fin, open(made[f"tar.{codec}"], "wb") as fout:
-            subprocess.run(cmd + ["-c"], stdin=fin, stdout=fout, check=True)
+            subprocess.run(cmd + threads + ["-c"], stdin=fin, stdout=fout, check=True)
         made[codec] = out / f"{name}.{codec}"
-        with open(disk, "rb") as fin, open(made[codec], "wb") as fout:
-            subprocess.run(cmd + ["-c"], stdin=fin, stdout=fout, check=True)
+        threads = ["-T1"] if codec == "xz" else []
+        with open(made[codec], "wb") as fout:
+            subprocess.run(cmd + threads + ["-c", str(disk)], stdout=fout, check=True)
+    # Several zstd frames (what pzstd or a seekable-zstd tool writes).
+    made["zst-frames"] = out / f"{name}.frames.zst"
+    data = disk.read_bytes()
+    with open(made["zst-frames"], "wb") as fout:
+        for i in range(0, len(data), 3 * MiB):
+            fout.write(subprocess.run(["zstd", "-q", "-c"], input=data[i:i + 3 * MiB],
+                                      stdout=subprocess.PIPE, check=True).stdout)
     made["zip-stored"] = out / "stored.zip"
     made["zip-deflated"] = out / "deflated.zip"
     made["zip64"] = out / "zip64.zip"
@@ -115,7 +127,7 @@ def _assert_same(source, disk: Path, samples: int = 40) -> None:
 
 
 KINDS = ["tar", "gnu-sparse", "pax-sparse-0.0", "pax-sparse-0.1", "pax-sparse-1.0", "tar.gz",
-         "tar.zst", "tar.xz", "tar.bz2", "gz", "zst", "xz", "bz2", "zip-stored", "zip-deflated",
+         "tar.zst", "tar.xz", "tar.bz2", "gz", "zst", "zst-frames", "xz", "bz2", "zip-stored", "zip-deflated",
          "zip64", "zip-infozip"]
 
 
@@ -125,7 +137,8 @@ def test_disk_inside_archive_reads_like_the_bare_disk(kind, archives, disk):
         pytest.skip(f"{kind}: tool missing")
     source = open_source(archives[kind])
     try:
-        _assert_same(source, disk)
+        # bzip2 and one-block xz can only decode forward: fewer random probes.
+        _assert_same(source, disk, samples=8 if kind in ("bz2", "tar.bz2", "xz") else 40)
     finally:
         source.close()
 

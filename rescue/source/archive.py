@@ -8,7 +8,7 @@ format GNU tar writes) and zip directories by `zipfile`; we only keep the
 member table (name, where the data starts, sparse map) and serve reads
 ourselves: a tar member is a window onto the (decompressed) archive, a sparse
 member maps its data runs and reads holes as zeros, a zip member is a window
-(stored) or a rapidgzip deflate stream. Nothing is unpacked to disk.
+(stored) or a deflate stream read like gzip. Nothing is unpacked to disk.
 
 The member table and the decompression seek index are cached (see cache.py),
 so a second open of the same archive starts at once.
@@ -28,7 +28,8 @@ from construct import Bytes, Const, Int16ul, Int32ul, Struct
 from ..errors import SourceError
 from .base import ByteSource, Run, Window
 from .cache import IndexCache
-from .compressed import CompressedSource, Progress, detect_codec, open_compressed
+from .compressed import (CompressedSource, Progress, deflate_as_gzip, detect_codec,
+                         open_compressed)
 from .fileobj import SourceFile
 
 # APPNOTE 4.3.7: the local header precedes each member's data; its name and
@@ -51,7 +52,7 @@ ZIP_STORED, ZIP_DEFLATED, ZIP_BZIP2 = 0, 8, 12
 
 DISK_SUFFIXES = (".disk", ".raw", ".img", ".qcow2", ".vmdk", ".vhd", ".vhdx", ".vdi")
 MAX_MEMBERS = 200_000  # a disk snapshot archive has a handful; a rootfs tarball is not a disk
-TABLE_VERSION = 1
+TABLE_VERSION = 2
 
 
 @dataclass
@@ -64,6 +65,7 @@ class Member:
     sparse: list[list[int]] = field(default_factory=list)  # [offset, length] data runs
     method: int = ZIP_STORED       # zip compression method
     target: str = ""               # link target
+    crc: int = 0                   # zip CRC-32 (to frame a deflate member as gzip)
 
     @property
     def is_file(self) -> bool:
@@ -166,7 +168,7 @@ def _read_zip_table(source: ByteSource) -> list[Member]:
                                           file=source.name)
                 members.append(Member(name=info.filename, size=info.file_size, type=kind,
                                       offset=offset, stored=info.compress_size,
-                                      method=info.compress_type))
+                                      method=info.compress_type, crc=info.CRC))
     except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, ValueError, EOFError) as exc:
         raise SourceError(f"zip archive is damaged: {exc}", file=source.name,
                           hint="re-download the snapshot and compare its checksum") from None
@@ -282,14 +284,18 @@ class Archive:
     def open_member(self, m: Member, *, primary: bool = False) -> ByteSource:
         name = f"{self.source.name}::{m.name}"
         if self.format == "zip" and m.method != ZIP_STORED:
-            codec = {ZIP_DEFLATED: "deflate", ZIP_BZIP2: "bzip2"}.get(m.method)
-            if codec is None:
+            raw: ByteSource = Window(self.source, m.offset, m.stored, name=name)
+            if m.method == ZIP_DEFLATED:
+                raw, codec = deflate_as_gzip(raw, m.crc, m.size), "gzip"
+            elif m.method == ZIP_BZIP2:
+                codec = "bzip2"
+            else:
                 raise SourceError(f"zip member {m.name!r} uses compression method {m.method}, "
                                   f"which rescue does not read (only stored, deflate, bzip2)",
                                   file=self.source.name, hint="unpack it with unzip or 7z")
             index = self.members.index(m)
-            stream = open_compressed(Window(self.source, m.offset, m.stored), codec,
-                                     cache=self.cache, name=name, cache_name=f"zip-{index}")
+            stream = open_compressed(raw, codec, cache=self.cache, name=name,
+                                     cache_name=f"zip-{index}")
             return MemberSource(self, m, stream, name, primary=primary, owns_data=True)
         data = self.source if self.format == "zip" else self.inner
         if m.type == "sparse":

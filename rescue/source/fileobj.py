@@ -1,6 +1,6 @@
 """A ByteSource seen as a read-only, seekable Python file object.
 
-Decompression libraries (rapidgzip, python-xz) and the stdlib archive parsers
+Decompression libraries (indexed_gzip, python-xz) and the stdlib archive parsers
 (tarfile, zipfile) want a file object; this adapter lets them read any byte
 source (local file, HTTP range source, another archive member) without a copy.
 """
