@@ -502,3 +502,28 @@ def test_vg_summary_names_lvs_and_missing_pvs(fixture_disks):
     assert "multi 4.0 MiB linear (2 segments)" in line and "str 4.0 MiB striped" in line
     vgs, _ = lvm.assemble(_open(fixture_disks, "single"))
     assert "thin 4.0 MiB thin [not supported yet]" in lvm.vg_summary(vgs[0])
+
+
+def test_second_metadata_area_is_used_when_the_first_is_damaged(tmp_path):
+    """pvcreate --pvmetadatacopies 2 keeps a copy at the end of the PV."""
+    _lvm_tools_or_skip()
+    img = tmp_path / "pv.img"
+    with open(img, "wb") as f:
+        f.truncate(16 << 20)
+    vg = "rt" + uuid.uuid4().hex[:10]
+    loop = _run("losetup", "-f", "--show", str(img)).strip()
+    try:
+        dev = ["--devices", loop, "--config", "backup { backup = 0 archive = 0 }"]
+        _run("pvcreate", *dev, "--pvmetadatacopies", "2", loop)
+        _run("vgcreate", *dev, "-s", "1M", vg, loop)
+        _run("lvcreate", *dev, "--driverloaded", "n", "-an", "-Zn", "-Wn", "-L", "3M", "-n", "root", vg)
+    finally:
+        subprocess.run(["losetup", "-d", loop], capture_output=True)
+    pv = lvm.read_pv(FileSource(img))
+    assert len(pv.metadata_areas) == 2
+    data = bytearray(img.read_bytes())
+    first = pv.metadata_areas[0][0]
+    data[first + 4:first + 20] = b"\0" * 16          # wipe the first header's magic
+    vgs, vols = lvm.assemble([BytesSource(bytes(data), "one-bad-mda.img")])
+    assert [v.id for v in vols] == [f"{vg}/root"]
+    assert any("no mda_header magic" in w for w in vgs[0]["warnings"])
