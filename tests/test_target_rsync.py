@@ -428,3 +428,14 @@ def test_cli_as_non_root_user_still_sends_owners_modes_and_xattrs_via_fake_super
                 rec.pop("owner")
     assert got == want
     assert any(rec.get("owner") not in (None, (0, 0), (65534, 65534)) for rec in got.values() if isinstance(rec, dict))
+
+
+def test_password_in_url_is_used_but_never_shown(src, daemon, monkeypatch):
+    monkeypatch.delenv("RSYNC_PASSWORD", raising=False)
+    url = f"rsync://alice:{daemon.password}@127.0.0.1:{daemon.port}/auth/in-url/"
+    sink, result = send(url, items_from_tree(src)[:6])
+    assert daemon.password not in result.target and daemon.password not in repr(sink.target)
+    assert (daemon.auth_dir / "in-url").is_dir()
+    with pytest.raises(TargetError) as exc:
+        send(f"rsync://alice:Wr0ngPassw0rd@127.0.0.1:{daemon.port}/auth/in-url/", items_from_tree(src)[:3])
+    assert "auth failed" in str(exc.value) and "Wr0ngPassw0rd" not in str(exc.value)

@@ -13,7 +13,7 @@ Anything else (a local path, `C:\\out`, `./a:b`, `s3://...`) is not ours:
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ..errors import TargetError
 
@@ -24,7 +24,7 @@ TAR_SUFFIXES = (".tar.zst", ".tar.gz", ".tgz", ".tar")
 # HOST:PATH / USER@HOST:PATH. Host: a name or [IPv6]; user: no '/', ':' or '@'.
 _SSH_RE = re.compile(r"^(?:(?P<user>[^/:@\s]+)@)?(?P<host>\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9][A-Za-z0-9._-]*):(?P<path>.*)$",
                      re.DOTALL)
-_DAEMON_RE = re.compile(r"^rsync://(?P<host>\[[0-9A-Fa-f:.]+\]|[^/:\[\]]+)(?::(?P<port>\d+))?/(?P<module>[^/]+)(?:/(?P<path>.*))?$",
+_DAEMON_RE = re.compile(r"^rsync://(?:(?P<user>[^/@:]+)(?::(?P<password>[^/@]*))?@)?(?P<host>\[[0-9A-Fa-f:.]+\]|[^/:\[\]]+)(?::(?P<port>\d+))?/(?P<module>[^/]+)(?:/(?P<path>.*))?$",
                         re.DOTALL)
 _RCLONE_RE = re.compile(r"^rclone:(?P<remote>[\w.+@ -]+):(?P<path>.*)$", re.DOTALL)
 
@@ -41,6 +41,7 @@ class RemoteTarget:
     remote: str | None = None   # rclone remote name
     path: str = ""              # path below the module / host / remote
     compression: str | None = None  # rclone tarball: None, "gz", "zst"
+    password: str | None = field(default=None, repr=False)  # rsync://user:PASS@ (passed as RSYNC_PASSWORD)
 
 
 def parse_remote_target(target: str) -> RemoteTarget | None:
@@ -51,7 +52,9 @@ def parse_remote_target(target: str) -> RemoteTarget | None:
     if target.startswith("rclone:"):
         return _parse_rclone(target)
     if target.startswith("rsync://"):
-        return _parse_daemon(target)
+        parsed = _parse_daemon(target)
+        parsed.text = masked(target)
+        return parsed
     if re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", target):
         return None                      # another URL scheme (s3://, http://): not an ssh host
     m = _SSH_RE.match(target)
@@ -67,21 +70,27 @@ def parse_remote_target(target: str) -> RemoteTarget | None:
                         host=host.strip("[]"), user=m.group("user"), path=path)
 
 
+def masked(target: str) -> str:
+    """The target as shown in messages: a password in user:pass@ becomes ***."""
+    return re.sub(r"^(rsync://[^/@:]+):[^/@]*@", r"\1:***@", target)
+
+
 def _parse_daemon(target: str) -> RemoteTarget:
     m = _DAEMON_RE.match(target)
     if not m:
-        raise TargetError(f"rsync target {target!r} has no module",
+        raise TargetError(f"rsync target {masked(target)!r} has no module",
                           hint="write rsync://HOST[:PORT]/MODULE/PATH/")
     port = None
     if m.group("port"):
         port = int(m.group("port"))
         if not 0 < port < 65536:
-            raise TargetError(f"rsync target {target!r}: port {port} is out of range")
+            raise TargetError(f"rsync target {masked(target)!r}: port {port} is out of range")
     path = (m.group("path") or "").strip("/")
-    host = m.group("host")
-    dest = f"rsync://{host}{':%d' % port if port else ''}/{m.group('module')}/{path + '/' if path else ''}"
-    return RemoteTarget(RSYNC_DAEMON, target, dest=dest, host=host.strip("[]"), port=port,
-                        module=m.group("module"), path=path)
+    host, user = m.group("host"), m.group("user")
+    dest = (f"rsync://{user + '@' if user else ''}{host}{':%d' % port if port else ''}/{m.group('module')}/"
+            f"{path + '/' if path else ''}")
+    return RemoteTarget(RSYNC_DAEMON, target, dest=dest, host=host.strip("[]"), port=port, user=user,
+                        module=m.group("module"), path=path, password=m.group("password"))
 
 
 def _parse_rclone(target: str) -> RemoteTarget:

@@ -68,7 +68,10 @@ class RsyncSink(Sink):
         self.xattrs = xattrs
         self.staging = Staging(scratch_dir, fake_super=fake_super, devices=devices, keep_setuid=keep_setuid)
         self.result = RemoteSinkResult(parsed.text)
-        self.secrets = [os.environ.get("RSYNC_PASSWORD", "")]
+        self.secrets = [os.environ.get("RSYNC_PASSWORD", ""), parsed.password or ""]
+        self.env = os.environ.copy()
+        if parsed.password:                 # rsync://user:PASS@ -> RSYNC_PASSWORD, never argv
+            self.env["RSYNC_PASSWORD"] = parsed.password
         self._placeholders_ok = not any(
             o in _CONTENT_OPTS or (o.startswith("-") and not o.startswith("--") and ("c" in o[1:] or "I" in o[1:])
                                    and not o.startswith("-e"))
@@ -192,7 +195,7 @@ class RsyncSink(Sink):
                 counts[0 if flags[0] in "<>" else 1] += 1
 
         self.staging.fix_dirs()
-        code, stderr = run_tool(self._argv(dry_run), on_line=on_line)
+        code, stderr = run_tool(self._argv(dry_run), on_line=on_line, env=self.env)
         if not dry_run:
             self.sent_files += counts[0]
             self.unchanged_files += counts[1]
