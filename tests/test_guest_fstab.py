@@ -220,3 +220,37 @@ def test_without_fstab_the_tree_is_the_root():
     root = MemFS({"/etc/hostname": b"x"})
     rows, tree = build_mount_table(root, [], lambda v: None)
     assert rows == [] and tree.read_file("/etc/hostname") == b"x"
+
+
+def _with_fstab(fs: MemFS, path: str, text: bytes) -> None:
+    e = fs.entries[path]
+    fs.data[e.inode] = text
+    e.size = len(text)
+
+
+def test_btrfs_subvolumes_of_a_top_level_view_become_the_tree():
+    """Ubuntu on btrfs: '@' is /, '@home' is /home, both on one filesystem
+    that a backend opened at its top level."""
+    top = MemFS({"/@/etc/fstab": b"", "/@/etc/hostname": b"ubuntu\n", "/@/home": None,
+                 "/@home/alice/notes.txt": b"alice's notes", "/@snapshots": None})
+    _with_fstab(top, "/@/etc/fstab", b"UUID=b1 / btrfs defaults,subvol=@ 0 0\n"
+                                     b"UUID=b1 /home btrfs defaults,subvol=/@home 0 0\n"
+                                     b"UUID=b1 /.snapshots btrfs subvol=@nope 0 0\n")
+    vols = [_vol("2", uuid="b1", filesystem="btrfs")]
+    rows, tree = build_mount_table(top, vols, lambda v: pytest.fail("the root's volume is not reopened"))
+    status = {r.mountpoint: r.status for r in rows}
+    assert status["/"] == "mounted" and status["/home"] == "mounted"
+    assert status["/.snapshots"].startswith("not found: btrfs subvolume /@nope")
+    assert tree.read_file("/etc/hostname") == b"ubuntu\n"
+    assert tree.read_file("/home/alice/notes.txt") == b"alice's notes"
+    assert {e.path for e in tree.listdir("/home")} == {"/home/alice"}
+    assert tree.stat("/home").dev != tree.stat("/etc").dev       # subvolumes: own inode spaces
+    with pytest.raises(GuestPathError):
+        tree.stat("/@home")                                       # the top level is not the guest's /
+
+
+def test_a_top_level_directory_without_a_matching_fstab_is_not_the_root():
+    top = MemFS({"/backup/etc/fstab": b"", "/data/x": b"x"})
+    _with_fstab(top, "/backup/etc/fstab", b"UUID=zz / ext4 defaults 0 1\n")
+    rows, tree = build_mount_table(top, [], lambda v: None)
+    assert rows == [] and tree.read_file("/data/x") == b"x"

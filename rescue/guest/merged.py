@@ -15,7 +15,7 @@ from dataclasses import dataclass, replace
 from typing import Any, Callable, Iterator
 
 from ..errors import GuestPathError, RescueError
-from ..fs.base import Entry, FileSystem, FsInfo, normalize
+from ..fs.base import DIR, Entry, FileSystem, FsInfo, normalize
 from ..volume.base import Volume
 from .fstab import FstabEntry, match_volume, parse_fstab
 
@@ -93,8 +93,56 @@ class MergedFileSystem(FileSystem):
         return fs.xattrs(inner)
 
     def close(self) -> None:
+        # The filesystems belong to whoever opened them (the Snapshot caches
+        # and closes its own); close each one once when the caller asks.
+        seen: set[int] = set()
         for fs in self._fs:
-            fs.close()
+            if id(fs) not in seen:
+                seen.add(id(fs))
+                fs.close()
+
+
+class SubtreeFileSystem(FileSystem):
+    """A directory of another filesystem seen as a filesystem's root (a btrfs
+    subvolume of a filesystem opened at its top level)."""
+
+    def __init__(self, fs: FileSystem, prefix: str) -> None:
+        self.fs = fs
+        self.prefix = normalize(prefix)
+        self.backend = fs.backend
+        self.info = fs.info
+
+    def _in(self, path: str) -> str:
+        path = normalize(path)
+        return self.prefix if path == "/" else self.prefix + path
+
+    def _out(self, entry: Entry) -> Entry:
+        inner = entry.path[len(self.prefix):] or "/"
+        return replace(entry, path=inner)
+
+    def _back(self, entry: Entry) -> Entry:
+        return replace(entry, path=self._in(entry.path))
+
+    def stat(self, path: str) -> Entry:
+        return self._out(self.fs.stat(self._in(path)))
+
+    def listdir(self, path: str) -> list[Entry]:
+        return [self._out(e) for e in self.fs.listdir(self._in(path))]
+
+    def read_chunks(self, entry: Entry, chunk_size: int = 1 << 20) -> Iterator[bytes]:
+        return self.fs.read_chunks(self._back(entry), chunk_size)
+
+    def read_range(self, entry: Entry, offset: int, length: int) -> bytes:
+        return self.fs.read_range(self._back(entry), offset, length)
+
+    def data_ranges(self, entry: Entry) -> list[tuple[int, int]] | None:
+        return self.fs.data_ranges(self._back(entry))
+
+    def xattrs(self, entry: Entry) -> dict[str, bytes]:
+        return self.fs.xattrs(self._back(entry))
+
+    def close(self) -> None:
+        pass   # the filesystem underneath is closed by its owner
 
 
 @dataclass
@@ -111,16 +159,60 @@ class MountRow:
         return dict(self.__dict__)
 
 
+def _subvol(entry: FstabEntry) -> str | None:
+    """The btrfs subvolume an fstab entry names (subvol=@home), as a path."""
+    for opt in entry.options:
+        if opt.startswith("subvol="):
+            return normalize(opt[len("subvol="):])
+    return None
+
+
+def _is_dir(fs: FileSystem, path: str) -> bool:
+    try:
+        return fs.stat(path).kind == DIR
+    except (RescueError, OSError):
+        return False
+
+
+def _read_fstab(fs: FileSystem, path: str) -> str | None:
+    try:
+        return fs.read_file(path, limit=1 << 20).decode("utf-8", "surrogateescape")
+    except (RescueError, OSError):
+        return None
+
+
+def _find_fstab(root_fs: FileSystem) -> tuple[str | None, FileSystem]:
+    """(fstab text, the root's view). A btrfs opened at its top level keeps the
+    root in a subvolume (Ubuntu '@', Fedora 'root'): look one level down, and
+    believe it only when that fstab mounts that subvolume on '/'."""
+    text = _read_fstab(root_fs, "/etc/fstab")
+    if text is not None:
+        return text, root_fs
+    try:
+        tops = [e for e in root_fs.listdir("/") if e.kind == DIR][:64]
+    except (RescueError, OSError):
+        return None, root_fs
+    for top in sorted(tops, key=lambda e: e.path):
+        text = _read_fstab(root_fs, posixpath.join(top.path, "etc/fstab"))
+        if text is None:
+            continue
+        for e in parse_fstab(text):
+            if e.mountpoint == "/" and _subvol(e) == normalize(top.path):
+                return text, SubtreeFileSystem(root_fs, top.path)
+    return None, root_fs
+
+
 def build_mount_table(root_fs: FileSystem, volumes: list[Volume],
                       open_fs: Callable[[Volume], FileSystem]) -> tuple[list[MountRow], MergedFileSystem]:
     """Read the guest's /etc/fstab from `root_fs` and mount what it names.
 
     A guest without /etc/fstab is just its root. Entries that cannot be
     mounted are listed with the reason; the rest of the tree still works.
+    btrfs subvolumes (subvol=) of a filesystem opened at its top level are
+    mounted as the subtree of that name.
     """
-    try:
-        text = root_fs.read_file("/etc/fstab", limit=1 << 20).decode("utf-8", "surrogateescape")
-    except (RescueError, OSError):
+    text, root_view = _find_fstab(root_fs)
+    if text is None:
         return [], MergedFileSystem(root_fs, {})
     entries = parse_fstab(text)
     rows: list[MountRow] = []
@@ -143,27 +235,34 @@ def build_mount_table(root_fs: FileSystem, volumes: list[Volume],
         if vol is None:
             row.status = f"not found: {e.spec}"
             continue
-        if root_volume is not None and vol is root_volume:
+        subvol = _subvol(e)
+        same_as_root = root_volume is not None and vol is root_volume
+        if same_as_root and subvol is None:
             row.status = "skipped: same volume as /"
             continue
         if vol.details.get("unsupported"):
             row.status = f"failed: {vol.details['unsupported']}"
             continue
         try:
-            fs = open_fs(vol)
+            fs = root_fs if same_as_root else open_fs(vol)
         except RescueError as exc:
             row.status = f"failed: {exc.problem}"
             continue
         except Exception as exc:   # one unreadable volume must not cost the rest of the tree
             row.status = f"failed: {type(exc).__name__}: {exc}"
             continue
+        if subvol is not None and subvol != "/":
+            if not _is_dir(fs, subvol):
+                row.status = f"not found: btrfs subvolume {subvol} (not visible from the subvolume opened)"
+                continue
+            fs = SubtreeFileSystem(fs, subvol)
         mounts[normalize(e.mountpoint)] = fs
         row.status = "mounted"
-    return rows, MergedFileSystem(root_fs, mounts)
+    return rows, MergedFileSystem(root_view, mounts)
 
 
 def mount_rows_json(rows: list[MountRow]) -> list[dict[str, Any]]:
     return [r.to_json() for r in rows]
 
 
-__all__ = ["MergedFileSystem", "MountRow", "build_mount_table", "FstabEntry"]
+__all__ = ["MergedFileSystem", "MountRow", "SubtreeFileSystem", "build_mount_table", "FstabEntry"]
