@@ -245,3 +245,36 @@ def test_full_remote_is_one_clear_error(src, tmp_path, monkeypatch):
     finally:
         s.stop()
         subprocess.run(["umount", "-l", str(served)], check=False)
+
+
+def test_interrupted_tree_upload_completes_on_rerun(src, tmp_path, monkeypatch):
+    s = RcloneSftp(tmp_path / "s", name="flaky")
+    try:
+        for k, v in s.env.items():
+            monkeypatch.setenv(k, v)
+        monkeypatch.setenv("RCLONE_RETRIES", "1")
+        monkeypatch.setenv("RCLONE_LOW_LEVEL_RETRIES", "1")
+        items = items_from_tree(src)
+        sink = tree_sink("rclone:flaky:vols/", scratch_limit=1000)
+        with pytest.raises(TargetError) as exc:
+            for item in items:
+                sink.add(item)
+                if sink.batches == 2 and s.proc is not None:
+                    s.stop()                          # the server goes away between batches
+            sink.close()
+        sink.abort()
+        assert "cannot reach" in str(exc.value) and "arrived before that" in str(exc.value)
+        arrived = sink.result.files
+        got = s.root / "vols"
+        first = {p: os.stat(p).st_ino for p in got.rglob("*") if p.is_file()}
+        assert arrived == sum(1 for p in first if not p.name.endswith(".rclonelink")) > 0
+        s.start()
+        sink2 = tree_sink("rclone:flaky:vols/", scratch_limit=1000)
+        result = send(sink2, items)
+        assert got_tree(got) == expected_tree(src)
+        assert all(os.stat(p).st_ino == ino for p, ino in first.items())   # not sent again
+        after = sum(1 for p in got.rglob("*") if p.is_file())
+        copies = 2                                    # the two hard links: server-side copies, not uploads
+        assert after - len(first) - copies <= sink2.sent_files <= after - len(first)
+    finally:
+        s.stop()
