@@ -23,7 +23,7 @@ import pytest
 from rescue.disk.base import DiskImage
 
 ROOT = Path(__file__).resolve().parent.parent
-FIXTURES = ROOT / "fixtures" / "disk"
+FIXTURES = ROOT / "fixtures" / "disk" / "vmdk-vhd"   # own folder: other scripts regenerate fixtures/disk
 REAL = ROOT.parent / "shared" / "real-images"
 CHUNK = 4 << 20
 

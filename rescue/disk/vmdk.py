@@ -80,6 +80,7 @@ MAX_GD_ENTRIES = 32 << 20             # qemu: "L1 size too big"
 MAX_GRAIN_SECTORS = 0x200000          # qemu: "Invalid granularity"
 MAX_COMPRESSED_GRAIN = 16 << 20       # bounded memory for one inflated grain
 MAX_DESCRIPTOR = 1 << 20
+STREAM_WINDOW = 1 << 20               # bytes read at once from a stream of compressed grains
 
 EXTENT_RE = re.compile(r'^\s*(RW|RDONLY|NOACCESS)\s+(\d+)\s+([A-Z]+)(?:\s+"([^"]*)"(?:\s+(\d+))?)?')
 
@@ -158,7 +159,7 @@ class SparseExtent:
             raise DiskFormatError(f"sparse extent has no 'KDMV' header (found {head[:4]!r})",
                                   file=self.name)
         self._tables = LRU(64)
-        self._grains = LRU(32)
+        self._grains = LRU(max(4, min(64, (64 << 20) // self.grain)))   # <= 64 MiB inflated
 
     def _init_cowd(self, head: bytes) -> None:
         h = CowdHeader.parse(head.ljust(SECTOR, b"\0"))
@@ -272,29 +273,53 @@ class SparseExtent:
                     yield Piece(DATA, v, n, self.src, entry * SECTOR + within)
                 pos += n
 
+    def _inflate(self, data: bytes) -> bytes:
+        for wbits in (15, -15):     # zlib stream (VMware, qemu); raw deflate as fallback
+            try:
+                out = zlib.decompressobj(wbits).decompress(data, self.grain)
+                return out.ljust(self.grain, b"\0")
+            except zlib.error as e:
+                err = e
+        raise ValueError(f"compressed grain does not inflate ({err})")
+
     def read_grain(self, host: int, gi: int) -> bytes:
-        def load():
-            raw = self.src.read(host, 2 * self.grain + 12)
-            if self.markers:
-                if len(raw) < 12:
-                    raise ValueError("grain marker past the end of the file")
-                m = GrainMarker.parse(raw[:12])
-                if m.size == 0 or m.size > len(raw) - 12:
-                    raise ValueError(f"grain marker size {m.size} is impossible")
-                data = raw[12:12 + m.size]
-            else:
-                data = raw
-            for wbits in (15, -15):     # zlib stream (VMware, qemu); raw deflate as fallback
-                try:
-                    d = zlib.decompressobj(wbits)
-                    out = d.decompress(data, self.grain)
-                    break
-                except zlib.error as e:
-                    err = e
-            else:
-                raise ValueError(f"compressed grain does not inflate ({err})")
-            return out.ljust(self.grain, b"\0")
-        return self._grains.get_or(gi, load)
+        """The inflated grain whose marker is at `host`. With markers, one read
+        of a window also inflates the grains that follow it in the file (a
+        stream is written in LBA order), so a sequential read does one pread
+        per window rather than per grain."""
+        got = self._grains.get(host)
+        if got is not None:
+            self._grains.move_to_end(host)
+            return got
+        if not self.markers:
+            got = self._inflate(self.src.read(host, 2 * self.grain + 12))
+            self._grains.get_or(host, lambda: got)
+            return got
+        window = self.src.read(host, max(2 * self.grain + 12, STREAM_WINDOW))
+        pos, first, count = 0, None, 0
+        while pos + 12 <= len(window) and count < self._grains.limit // 2:
+            # GrainMarker: lba (u64) and size (u32), read inline on this hot path
+            size = int.from_bytes(window[pos + 8:pos + 12], "little")
+            if size == 0 or pos + 12 + size > len(window):
+                break            # a metadata marker, or the window ends mid-grain
+            try:
+                out = self._inflate(window[pos + 12:pos + 12 + size])
+            except ValueError:
+                if first is None:
+                    raise
+                break
+            if first is None:
+                first = out
+            self._grains[host + pos] = out
+            count += 1
+            pos = (pos + 12 + size + SECTOR - 1) // SECTOR * SECTOR
+        while len(self._grains) > self._grains.limit:
+            self._grains.popitem(last=False)
+        if first is None:
+            size = int.from_bytes(window[8:12], "little") if len(window) >= 12 else None
+            raise ValueError(f"grain marker size {size} is impossible" if size is not None
+                             else "grain marker past the end of the file")
+        return first
 
     def allocated(self) -> int:
         return sum(1 for e in self.gd if e) * self.gtes * self.grain
