@@ -43,12 +43,13 @@ MemberOpt = typer.Option(None, "--member", help="File inside an archive, when it
 BackingOpt = typer.Option(None, "--backing", help="Parent image of a qcow2/VHD/VMDK overlay.")
 QSnapOpt = typer.Option(None, "--snapshot", help="qcow2 internal snapshot to read (name or id).")
 BackendOpt = typer.Option("auto", "--backend", help="Filesystem reader: auto, tsk, guestfs.")
+PartialOpt = typer.Option(False, "--partial", help="Read a truncated image anyway: rescue what it still holds.")
 
 
-def _options(volume, member, backing, snapshot, backend):
+def _options(volume, member, backing, snapshot, backend, partial=False):
     from .guest import SnapshotOptions
     return SnapshotOptions(volume=volume, member=member, backing=backing, snapshot=snapshot, backend=backend,
-                           status=lambda text: err.print(f"[dim]{text}...[/dim]"))
+                           partial=partial, status=lambda text: err.print(f"[dim]{text}...[/dim]"))
 
 
 @contextmanager
@@ -74,9 +75,9 @@ def _errors() -> Iterator[None]:
         raise typer.Exit(EXIT_ERROR)
 
 
-def _open(snapshot: str, volume, member, backing, qsnap, backend):
+def _open(snapshot: str, volume, member, backing, qsnap, backend, partial=False):
     from .guest import open_snapshot
-    return open_snapshot(snapshot, _options(volume, member, backing, qsnap, backend))
+    return open_snapshot(snapshot, _options(volume, member, backing, qsnap, backend, partial))
 
 
 def _human(n: Optional[int]) -> str:
@@ -172,11 +173,12 @@ def ls(snapshot: str = SnapshotArg, path: str = typer.Argument("/", help="Direct
        long: bool = typer.Option(False, "-l", "--long", help="Modes, owners, sizes, times."),
        volume: Optional[str] = VolumeOpt, member: Optional[str] = MemberOpt,
        backing: Optional[str] = BackingOpt, qsnap: Optional[str] = QSnapOpt, backend: str = BackendOpt,
+       partial: bool = PartialOpt,
        as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")) -> None:
     """List a directory inside the snapshot (like ls; symlinks are shown, not followed)."""
     from .extract.select import resolve_selection
     with _errors():
-        with _open(snapshot, volume, member, backing, qsnap, backend) as snap:
+        with _open(snapshot, volume, member, backing, qsnap, backend, partial) as snap:
             fs = snap.filesystem()
             users, groups = snap.user_names(), snap.group_names()
             _, entry = resolve_selection(fs, path)
@@ -203,16 +205,21 @@ def ls(snapshot: str = SnapshotArg, path: str = typer.Argument("/", help="Direct
 @app.command()
 def cat(snapshot: str = SnapshotArg, path: str = typer.Argument(..., help="File in the guest."),
         volume: Optional[str] = VolumeOpt, member: Optional[str] = MemberOpt,
-        backing: Optional[str] = BackingOpt, qsnap: Optional[str] = QSnapOpt, backend: str = BackendOpt) -> None:
+        backing: Optional[str] = BackingOpt, qsnap: Optional[str] = QSnapOpt, backend: str = BackendOpt,
+        partial: bool = PartialOpt) -> None:
     """Print a file from the snapshot to stdout (symlinks followed inside the guest)."""
-    from .errors import GuestPathError
+    from .errors import FilesystemError, GuestPathError
+    from .extract.run import check_file
     with _errors():
-        with _open(snapshot, volume, member, backing, qsnap, backend) as snap:
+        with _open(snapshot, volume, member, backing, qsnap, backend, partial) as snap:
             fs = snap.filesystem()
             entry = fs.resolve(path)
             if entry.kind != FILE:
                 raise GuestPathError(f"{path} is a {entry.kind}, not a file", file=snapshot,
                                      hint=f"rescue ls {snapshot} {path}")
+            damage = check_file(fs, entry)
+            if damage:
+                raise FilesystemError(f"{path}: {damage}", file=snapshot)
             sink = sys.stdout.buffer
             for chunk in fs.read_chunks(entry):
                 sink.write(chunk)
@@ -240,6 +247,7 @@ def extract(snapshot: str = SnapshotArg,
                                               help="Local scratch space for rsync/rclone tree targets (e.g. 512M)."),
             volume: Optional[str] = VolumeOpt, member: Optional[str] = MemberOpt,
             backing: Optional[str] = BackingOpt, qsnap: Optional[str] = QSnapOpt, backend: str = BackendOpt,
+            partial: bool = PartialOpt,
             as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON.")) -> None:
     """Copy directories out of the snapshot into a tarball, a folder, or a remote target.
 
@@ -254,10 +262,12 @@ def extract(snapshot: str = SnapshotArg,
                               "directory ending in '/', '-' for stdout) or use --dry-run --list", layer="extract")
         options = ExtractOptions(paths=paths, excludes=exclude, strip_components=strip_components,
                                  xattrs=not no_xattrs)
-        with _open(snapshot, volume, member, backing, qsnap, backend) as snap:
+        with _open(snapshot, volume, member, backing, qsnap, backend, partial) as snap:
             fs = snap.filesystem()
             users, groups = snap.user_names(), snap.group_names()
             work = plan(fs, options)
+            for warning in snap.warnings:
+                err.print(f"warning: {warning}", markup=False)
             if dry_run:
                 _render_plan(work, list_, as_json)
                 raise typer.Exit(EXIT_PARTIAL if work.skipped else EXIT_OK)

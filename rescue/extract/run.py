@@ -121,6 +121,12 @@ def _walk(fs: FileSystem, top: Entry, shown: str, options: ExtractOptions,
         except (FileReadError, RescueError) as exc:
             skipped.append(Skipped(dir_shown, f"directory unreadable: {exc}"))
             return
+        # Two entries of one name (a corrupt or crafted directory): paths cannot
+        # tell them apart, so keep one (not a directory: its contents would be
+        # unreachable by path anyway) and report the others.
+        by_name: dict[str, list[Entry]] = {}
+        for child in listing:
+            by_name.setdefault(posixpath.basename(child.path), []).append(child)
         for child in listing:
             name = posixpath.basename(child.path)
             child_shown = posixpath.join(dir_shown, name)
@@ -128,6 +134,13 @@ def _walk(fs: FileSystem, top: Entry, shown: str, options: ExtractOptions,
             if why:
                 skipped.append(Skipped(child_shown, f"unsafe {why}"))
                 continue
+            twins = by_name[name]
+            if len(twins) > 1:
+                keep = next((t for t in twins if t.kind != DIR), twins[0])
+                if child is not keep:
+                    skipped.append(Skipped(child_shown, f"{child.kind}: the directory holds another entry "
+                                                        f"of the same name (a {keep.kind}, kept)"))
+                    continue
             if not excluded(child_shown, options.excludes):
                 yield child, child_shown
 
@@ -179,7 +192,7 @@ def extract(fs: FileSystem, sink: Sink, options: ExtractOptions, *,
                     report.warnings.append(f"{entry.path}: extended attributes not kept: {exc}")
                     entry.xattrs = {}
             if entry.kind == FILE and not is_repeat:
-                why = _check_file(fs, entry)
+                why = check_file(fs, entry)
                 if why:
                     report.skipped.append(Skipped(entry.path, why))
                     continue
@@ -218,7 +231,7 @@ def extract(fs: FileSystem, sink: Sink, options: ExtractOptions, *,
     return report
 
 
-def _check_file(fs: FileSystem, entry: Entry) -> str | None:
+def check_file(fs: FileSystem, entry: Entry) -> str | None:
     """Why a file cannot be rescued honestly, found before anything is written."""
     if entry.size > ABSURD_SIZE:
         return f"size {entry.size} bytes is beyond any real file: the inode is damaged"

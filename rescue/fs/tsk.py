@@ -9,6 +9,7 @@ times) comes from `ext_inode.ExtInodeReader` when that reader is present.
 from __future__ import annotations
 
 import posixpath
+import re
 from typing import Iterator
 
 import pytsk3
@@ -90,8 +91,7 @@ class TskFileSystem(FileSystem):
         try:
             self._fs = pytsk3.FS_Info(self._img)
         except OSError as exc:
-            raise FilesystemError(f"The Sleuth Kit cannot open a filesystem here ({_tsk_reason(exc)})",
-                                  file=self.name) from None
+            raise FilesystemError(_tsk_reason(exc), file=self.name) from None
         found = probe(source)
         self.block_size = int(self._fs.info.block_size)
         self.block_count = int(self._fs.info.block_count)
@@ -138,7 +138,6 @@ class TskFileSystem(FileSystem):
                 raise GuestPathError(f"not a directory: {path}", file=self.name) from None
             raise FileReadError(f"cannot list {path}: {_tsk_reason(exc)}") from None
         out = []
-        seen = set()
         try:
             for handle in directory:
                 name_info = handle.info.name
@@ -151,9 +150,6 @@ class TskFileSystem(FileSystem):
                         int(name_info.type) == int(pytsk3.TSK_FS_NAME_TYPE_VIRT_DIR):
                     continue   # TSK's own $OrphanFiles and NTFS metafiles views
                 name = raw.decode("utf-8", "surrogateescape")
-                if name in seen:
-                    continue   # duplicate dirents (a corrupt directory) yield once
-                seen.add(name)
                 if path == "/" and self._is_metadata_name(name):
                     continue
                 entry = self._entry(posixpath.join(path, name), handle.info.meta, name_info)
@@ -336,7 +332,8 @@ class TskFileSystem(FileSystem):
 
 def _tsk_reason(exc: Exception) -> str:
     """TSK's message without its C++ file:line noise."""
-    text = str(exc)
-    if ": " in text and "tsk3.cpp" in text:
-        text = text.split(": ", 1)[1]
-    return text.replace("Error opening FS_Info: ", "").strip() or "unknown error"
+    text = re.sub(r"\(tsk3\.cpp:\d+\)\s*", "", str(exc))
+    text = re.sub(r"^\w+_Con: ", "", text)
+    text = text.replace("Error opening FS_Info: ", "")
+    text = re.sub(r"Unable to open the image as a filesystem at offset: 0x[0-9a-f]+ with error: ", "", text)
+    return text.strip() or "unknown error"

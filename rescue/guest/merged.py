@@ -63,18 +63,20 @@ class MergedFileSystem(FileSystem):
     def listdir(self, path: str) -> list[Entry]:
         path = normalize(path)
         fs, inner, dev = self._route(path)
-        out = {}
-        for e in fs.listdir(inner):
-            full = posixpath.join(path, e.name)
-            out[e.name] = self._outer(e, full, dev)
-        # Mountpoints directly below this directory show the mounted root.
+        # Mountpoints directly below this directory show the mounted root in
+        # place of the (usually empty) directory underneath.
+        covered = {}
         for mp in self.mounts:
             if mp != path and posixpath.dirname(mp) == path:
                 try:
-                    out[posixpath.basename(mp)] = self.stat(mp)
+                    covered[posixpath.basename(mp)] = self.stat(mp)
                 except RescueError:
                     continue
-        return list(out.values())
+        # Entries of the underlying fs are kept as they are, twins included:
+        # the extract layer reports names that occur twice.
+        out = [self._outer(e, posixpath.join(path, e.name), dev)
+               for e in fs.listdir(inner) if e.name not in covered]
+        return out + list(covered.values())
 
     def read_chunks(self, entry: Entry, chunk_size: int = 1 << 20) -> Iterator[bytes]:
         fs, inner = self._inner(entry)

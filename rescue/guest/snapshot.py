@@ -27,6 +27,7 @@ class SnapshotOptions:
     member: str | None = None        # --member: file inside an archive
     backing: str | None = None       # --backing: parent image override
     snapshot: str | None = None      # --snapshot: qcow2 internal snapshot
+    partial: bool = False            # --partial: read a truncated image anyway
     status: Callable[[str], None] | None = None   # progress notes ("starting libguestfs ...")
 
 
@@ -84,9 +85,8 @@ class Snapshot:
         try:
             return TskFileSystem(volume.source, name=f"{self.spec} volume {volume.id}")
         except FilesystemError as exc:
-            what = kind or "an unrecognised filesystem"
-            raise FilesystemError(f"volume {volume.id} holds {what} that The Sleuth Kit cannot read: "
-                                  f"{exc.problem}", file=self.spec,
+            what = kind or "no filesystem The Sleuth Kit knows"
+            raise FilesystemError(f"volume {volume.id} holds {what} ({exc.problem})", file=self.spec,
                                   hint=_guestfs_hint() if kind else None) from None
 
     def _open_guestfs(self, volume: Volume) -> FileSystem:
@@ -172,11 +172,37 @@ class Snapshot:
         mounts stitched in (unless --volume chose one filesystem)."""
         if self._tree is not None:
             return self._tree
-        root = self.open_filesystem(self.root_volume())
+        volume = self.root_volume()
+        root = self.open_filesystem(volume)
+        self._check_complete(volume, root)
         self._tree = root
         if not self.options.volume:
             self._tree = self._stitch(root)
         return self._tree
+
+    def truncation(self, volume: Volume, fs: FileSystem | None = None) -> str | None:
+        """Why this volume cannot be whole (the image ends too early), or None."""
+        disk_size = self.disk.size
+        wanted = volume.size
+        if fs is not None and fs.info.size:
+            wanted = max(wanted, fs.info.size) if volume.id.endswith("whole") else min(wanted, fs.info.size)
+        if volume.details.get("lv") or "/" in volume.id:
+            return None   # LVs map onto PVs; their reader reports missing extents itself
+        have = max(0, disk_size - volume.start)
+        if wanted > have:
+            return (f"the image is truncated: volume {volume.id} needs {wanted} bytes but the image holds only "
+                    f"{have} of them (it ends at {disk_size} bytes); files stored past that point are lost")
+        return None
+
+    def _check_complete(self, volume: Volume, fs: FileSystem) -> None:
+        why = self.truncation(volume, fs)
+        if why is None:
+            return
+        if not self.options.partial:
+            raise VolumeError(why, file=self.spec,
+                              hint="download the snapshot again (`rescue download` resumes), or add --partial "
+                                   "to rescue what the image still holds")
+        self.warnings.append(why)
 
     def _stitch(self, root: FileSystem) -> FileSystem:
         try:
