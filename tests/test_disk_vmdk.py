@@ -311,3 +311,45 @@ def test_sesparse_dirty_journal_warns_and_odd_versions_are_refused(tmp_path):
     ext.write_bytes(data)
     with pytest.raises(UnsupportedFeature, match="version"):
         open_disk(FileSource(desc))
+
+
+def test_esx2_cowd_extent_reads_like_qemu(tmp_path):
+    """VMFSSPARSE ('COWD'): qemu-img cannot write one, so it is built here
+    with the reader's Struct: 4 KiB grains, one 4096-entry grain table."""
+    grains = {0: b"A", 5: b"B", 255: b"Z"}           # grain number -> fill
+    gt = [0] * 4096
+    body = bytearray()
+    for i, (g, fill) in enumerate(sorted(grains.items())):
+        gt[g] = 40 + 8 * i
+        body += fill * 4096
+    head = vmdk.CowdHeader.build(dict(version=1, flags=3, disk_sectors=2048, granularity=8,
+                                      l1dir_offset=3, l1dir_size=1, file_sectors=40 + len(body) // 512))
+    data = bytearray(head.ljust(512, b"\0"))
+    # qemu looks for CID= in sector 1 of any sparse file
+    data += b"CID=12345678\nparentCID=ffffffff\n".ljust(1024, b"\0")
+    data += (4).to_bytes(4, "little").ljust(512, b"\0")             # GD at 3: GT at sector 4
+    data += b"".join(e.to_bytes(4, "little") for e in gt)           # sectors 4..35
+    data = data.ljust(40 * 512, b"\0") + body
+    path = tmp_path / "cowd.vmdk"
+    path.write_bytes(data)
+    img = open_disk(FileSource(path))
+    assert img.info.subformat == "vmfsSparse" and img.size == 1 << 20
+    assert img.read(5 * 4096 - 2, 4) == b"\0\0BB"
+    ref = qemu_raw(path, "vmdk", tmp_path / "ref.raw")
+    if isinstance(ref, str):
+        pytest.skip(f"qemu-img cannot read COWD: {ref}")
+    assert_same_as(img, ref, reads=50, grain=4096)
+
+
+@pytest.mark.parametrize("create_type, extent", [("vmfs", "VMFS"), ("vmfsThin", "VMFS"),
+                                                  ("monolithicFlat", "FLAT")])
+def test_esx_flat_descriptors(small, tmp_path, create_type, extent):
+    base = small / "vmdk_base.raw"
+    shutil.copy(base, tmp_path / "disk-flat.vmdk")
+    (tmp_path / "disk.vmdk").write_text(
+        f'# Disk DescriptorFile\nversion=1\nCID=fffffffe\nparentCID=ffffffff\ncreateType="{create_type}"\n'
+        f'RW {base.stat().st_size // 512} {extent} "disk-flat.vmdk" 0\nddb.thinProvisioned = "1"\n')
+    img = open_disk(FileSource(tmp_path / "disk.vmdk"))
+    assert img.info.subformat == create_type
+    ref = qemu_raw(tmp_path / "disk.vmdk", "vmdk", tmp_path / "ref.raw")
+    assert_same_as(img, base if isinstance(ref, str) else ref, reads=50)
