@@ -4,7 +4,6 @@ or hostile ones."""
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 import sys
@@ -89,7 +88,10 @@ def test_internal_snapshots_are_listed_and_selectable(images):
 
 # -- convert -------------------------------------------------------------------
 
-def test_convert_writes_qemu_img_bytes_as_a_sparse_file(images, tmp_path):
+@pytest.mark.parametrize("kernel_copy", [True, False], ids=["copy_file_range", "pread-pwrite"])
+def test_convert_writes_qemu_img_bytes_as_a_sparse_file(images, tmp_path, monkeypatch, kernel_copy):
+    from rescue.disk import convert as convert_module
+    monkeypatch.setattr(convert_module, "_kernel_copy_works", kernel_copy)
     disk = open_path(images.path("chain-top2.qcow2"))
     out = tmp_path / "disk.raw"
     seen = []

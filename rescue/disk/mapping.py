@@ -94,6 +94,7 @@ class MappedDisk(DiskImage):
     """
 
     span: int
+    data_source: ByteSource            # where DATA extents' host offsets point
     backing: Any = None                # a DiskImage / byte source, or None
     table_cache_entries = 1 << 18      # decoded table entries kept (memory bound)
     cluster_cache_size = 32            # decompressed clusters kept
@@ -217,6 +218,20 @@ class MappedDisk(DiskImage):
                 yield pos + inside, n - inside, "zero"
         else:
             yield pos, n, "data"
+
+    def file_extents(self, offset: int, length: int) -> list[tuple[int, int, int, int]] | None:
+        """(offset, length, fd, host offset) pieces when every byte of the range
+        is stored verbatim in a local file, so `convert` can copy it inside
+        the kernel; None when any part needs us (zeros, parents, inflating)."""
+        fileno = getattr(self.data_source, "fileno", None)
+        if fileno is None:
+            return None
+        out = []
+        for pos, n, kind, where in self.pieces(offset, length):
+            if kind != DATA or where + n > self.data_source.size:
+                return None
+            out.append((pos, n, fileno(), where))
+        return out
 
     def close(self) -> None:
         self._tables.clear()

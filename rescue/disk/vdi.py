@@ -81,7 +81,7 @@ class VdiDisk(MappedDisk):
     """The virtual disk of a static or dynamic VDI image."""
 
     def __init__(self, source: ByteSource) -> None:
-        self.source = source
+        self.source = self.data_source = source
         self.name = source.name
         self.backing = None
         head = source.read(0, 72 + Header.sizeof())
