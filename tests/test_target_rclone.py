@@ -119,8 +119,9 @@ def test_damaged_file_is_left_out(src, remote_env):
                 raised.append(item.name)
     finally:
         sink.close()
-    assert raised == ["db/_data/big.bin"]
+    assert raised == ["db/_data/big.bin", "web/big-link.bin"]     # its hard link has nothing to copy
     assert not (remote_env.root / "damaged" / "db" / "_data" / "big.bin").exists()
+    assert not (remote_env.root / "damaged" / "web" / "big-link.bin").exists()
     assert (remote_env.root / "damaged" / "db" / "_data" / "pg.conf").exists()
 
 

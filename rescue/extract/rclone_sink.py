@@ -120,7 +120,7 @@ class RcloneSink(Sink):
                 elif leader in self._sent_names:
                     self._copies.append((leader, name))
                 else:
-                    self.result.warnings.append(f"{name}: hard link to {leader} not sent: it did not arrive")
+                    raise FileReadError(f"hard link to {leader} not sent: it did not arrive")
                 return
             need = item.content.size if entry.kind == FILE and item.content is not None else 0
             if entry.kind == FILE and self._batch and self.staging.batch_bytes + need > self.scratch_limit:
@@ -136,7 +136,7 @@ class RcloneSink(Sink):
         except OSError as e:
             if e.errno == errno.ENOSPC:
                 raise TargetError(f"local scratch space is full ({self.staging.root})",
-                                  hint="free space, lower the scratch limit or pick another scratch dir") from None
+                                  hint="free space, lower --scratch-limit or point TMPDIR at a roomier disk") from None
             raise TargetError(f"cannot stage into {self.staging.root}: {e.strerror}") from None
         if entry.kind != DIR:
             self._batch.append((name, entry.size if entry.kind == FILE else -1))

@@ -148,10 +148,12 @@ class RsyncSink(Sink):
                 self.staging.placeholder(leader, self._leaders[leader])  # type: ignore[arg-type]
                 self._batch.append((leader, -2))                          # -2: not counted again
                 self.staging.link(leader, name)
-            else:
-                why = "it did not arrive" if leader in self._failed else "it was sent in an earlier batch"
-                self.result.warnings.append(f"{name}: hard link to {leader} not sent: {why}")
-                return
+            else:   # the engine lists it as skipped: nothing to link to
+                why = ("it did not arrive" if leader in self._failed else
+                       "it went in an earlier batch and --checksum/--ignore-times rule out the placeholder")
+                raise FileReadError(f"hard link to {leader} not sent: {why}")
+        except FileReadError:
+            raise
         except ValueError as e:
             raise FileReadError(f"refusing unsafe name: {e}") from None
         except OSError as e:
@@ -161,7 +163,7 @@ class RsyncSink(Sink):
     def _scratch_error(self, e: OSError) -> TargetError:
         if e.errno == errno.ENOSPC:
             return TargetError(f"local scratch space is full ({self.staging.root})",
-                               hint="free space, lower --scratch-limit or pick --scratch-dir")
+                               hint="free space, lower --scratch-limit or point TMPDIR at a roomier disk")
         return TargetError(f"cannot stage into {self.staging.root}: {e.strerror}")
 
     def _argv(self, dry_run: bool = False) -> list[str]:

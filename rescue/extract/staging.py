@@ -66,7 +66,7 @@ class Staging:
             self.root = tempfile.mkdtemp(prefix=prefix, dir=scratch_dir)
         except OSError as e:
             raise TargetError(f"cannot create scratch dir in {scratch_dir or tempfile.gettempdir()}: "
-                              f"{e.strerror}", hint="pick another with --scratch-dir") from None
+                              f"{e.strerror}", hint="point TMPDIR at a writable disk") from None
         os.chmod(self.root, 0o700)
         self.root_fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY)
         self.is_root = hasattr(os, "geteuid") and os.geteuid() == 0
