@@ -12,8 +12,10 @@ the end. All fields big-endian.
 
 from __future__ import annotations
 
+import array
 import dataclasses
 import os
+import sys
 import uuid
 from typing import Iterator
 from urllib.parse import unquote, urlparse
@@ -191,7 +193,10 @@ class VhdImage(MappedImage):
                                   f"{need} blocks of the {self.size}-byte disk", file=self.name)
         bat = self.source.read(h.table_offset, need * 4)
         # A truncated BAT: missing entries are damaged ranges, not a failure.
-        self.bat = [int.from_bytes(bat[i:i + 4], "big") for i in range(0, len(bat) - 3, 4)]
+        self.bat = array.array("I")
+        self.bat.frombytes(bat[:len(bat) // 4 * 4])
+        if sys.byteorder == "little":
+            self.bat.byteswap()          # the BAT is big-endian
         self.bitmap_size = -(-(bs // SECTOR // 8) // SECTOR) * SECTOR
         self._bitmaps = LRU(256)
         self.info.cluster_size = bs

@@ -17,7 +17,9 @@ not replayed (qemu would replay it, which means writing to the file).
 
 from __future__ import annotations
 
+import array
 import dataclasses
+import sys
 import uuid
 from typing import Iterator
 
@@ -281,7 +283,11 @@ class VhdxImage(MappedImage):
 
         def load():
             raw = self.source.read(self.bat_offset + page * BAT_PAGE * 8, BAT_PAGE * 8)
-            return [int.from_bytes(raw[i:i + 8], "little") for i in range(0, len(raw) - 7, 8)]
+            entries = array.array("Q")
+            entries.frombytes(raw[:len(raw) // 8 * 8])
+            if sys.byteorder == "big":
+                entries.byteswap()
+            return entries
         entries = self._bat_pages.get_or(page, load)
         i = index % BAT_PAGE
         return entries[i] if i < len(entries) else None

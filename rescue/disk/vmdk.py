@@ -497,9 +497,20 @@ class VmdkImage(MappedImage):
             raise DiskFormatError(f"delta disk (parentCID {parent_cid}) names no parent "
                                   "(parentFileNameHint missing)", file=self.name,
                                   hint="give the parent with --backing PATH")
-        name = name.replace("\\", "/") if not options.backing else name
-        src = open_sibling(self.source, name, "parent VMDK",
-                           hint="put the parent next to this file or use --backing PATH")
+        if options.backing:
+            names = [name]
+        else:   # the hint may be an absolute path from the VMware host: try its file name too
+            name = name.replace("\\", "/")
+            names = list(dict.fromkeys([name, name.rsplit("/", 1)[-1]]))
+        src = None
+        for i, candidate in enumerate(names):
+            try:
+                src = open_sibling(self.source, candidate, "parent VMDK",
+                                   hint="put the parent next to this file or use --backing PATH")
+                break
+            except DiskFormatError:
+                if i == len(names) - 1:
+                    raise
         try:
             sub = dataclasses.replace(options, backing=None)
             if detect(src):
