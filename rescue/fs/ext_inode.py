@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import struct
+from collections import namedtuple
 from dataclasses import dataclass
 from typing import Callable
 
@@ -102,6 +103,24 @@ Inode = Struct(
     "l_i_checksum_lo" / Int16ul,
     "l_i_reserved" / Int16ul,
 )                                        # 0x80 = 128 bytes, the "good old" inode
+# The same two layouts for the hot path (one parse per file): construct's
+# generic parser costs ~0.3 ms an inode, struct a microsecond. A test checks
+# both agree.
+_INODE = struct.Struct("<HHIIIIIHHIII15IIIIIHHHHHH")
+_INODE_NAMES = ("i_mode i_uid i_size_lo i_atime i_ctime i_mtime i_dtime i_gid i_links_count i_blocks_lo "
+                "i_flags osd1 i_block i_generation i_file_acl_lo i_size_high i_obso_faddr l_i_blocks_high "
+                "l_i_file_acl_high l_i_uid_high l_i_gid_high l_i_checksum_lo l_i_reserved").split()
+_InodeFields = namedtuple("_InodeFields", _INODE_NAMES)
+_INODE_EXTRA = struct.Struct("<HHIIIII")
+_InodeExtraFields = namedtuple("_InodeExtraFields", "i_extra_isize i_checksum_hi i_ctime_extra i_mtime_extra "
+                                                    "i_atime_extra i_crtime i_crtime_extra")
+
+
+def _fast_inode(raw: bytes) -> _InodeFields:
+    v = _INODE.unpack_from(raw)
+    return _InodeFields(*v[:12], v[12:27], *v[27:])
+
+
 InodeExtra = Struct(                     # after 128, present as far as i_extra_isize says
     "i_extra_isize" / Int16ul,           # 0x80
     "i_checksum_hi" / Int16ul,
@@ -242,6 +261,7 @@ class ExtInodeReader:
                  read_inode_data: Callable[[int, int], bytes] | None = None) -> None:
         self.source = source
         self.name = source.name
+        self._last = None   # (ino, parsed) of the last inode asked for
         self.read_inode_data = read_inode_data
         raw = self._read(SUPERBLOCK_OFFSET, 1024, "superblock")
         if len(raw) < 1024:
@@ -373,8 +393,11 @@ class ExtInodeReader:
         return bool(byte) and bool(byte[0] >> (index % 8) & 1)
 
     def _parse(self, ino: int):
+        # times(), rdev() and xattrs() ask for the same inode in a row: keep the last one.
+        if self._last is not None and self._last[0] == ino:
+            return self._last[1]
         raw = self.raw_inode(ino)
-        inode = Inode.parse(raw)
+        inode = _fast_inode(raw)
         extra_isize = 0
         extra = None
         if self.inode_size > 128:
@@ -382,8 +405,10 @@ class ExtInodeReader:
             if 128 + extra_isize > self.inode_size or extra_isize & 3:
                 raise FileReadError(f"{self.name}: inode {ino}: i_extra_isize={extra_isize} "
                                     f"does not fit a {self.inode_size}-byte inode")
-            extra = InodeExtra.parse(raw[128:128 + 24].ljust(24, b"\0"))
-        return raw, inode, extra_isize, extra
+            extra = _InodeExtraFields._make(_INODE_EXTRA.unpack(raw[128:128 + 24].ljust(24, b"\0")))
+        parsed = raw, inode, extra_isize, extra
+        self._last = (ino, parsed)
+        return parsed
 
     # -- public API --------------------------------------------------------------
 
