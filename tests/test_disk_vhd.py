@@ -22,6 +22,11 @@ from rescue.errors import DamagedRange, DiskFormatError  # noqa: E402
 from rescue.source import BytesSource, FileSource  # noqa: E402
 
 
+# Where the dynamic header (at 512 in these fixtures) keeps the parent's name and locators.
+PARENT_NAME = 512 + 64
+LOCATORS = 512 + 576
+
+
 def open_vhd(path: Path, **kw) -> vhd.VhdImage:
     return vhd.open(FileSource(path), DiskOptions(**kw))
 
@@ -87,9 +92,9 @@ def test_absolute_locator_is_tried_by_file_name(small, tmp_path):
     """Without the W2ru entry, the W2ku (C:\\vms\\vhd_dynamic.vhd) names the parent."""
     data = bytearray((small / "vhd_diff.vhd").read_bytes())
     h = vhd.DynamicHeader.parse(data[512:1536])
-    at = 512 + 64   # the first locator entry
     assert h.locators[0].platform_code == b"W2ru"
-    data[at:at + 4] = b"\0\0\0\0"
+    data[LOCATORS:LOCATORS + 4] = b"\0\0\0\0"        # drop the relative locator
+    data[PARENT_NAME:PARENT_NAME + 512] = bytes(512)   # and the parent's name
     (tmp_path / "child.vhd").write_bytes(data)
     shutil.copy(small / "vhd_dynamic.vhd", tmp_path / "vhd_dynamic.vhd")
     img = open_vhd(tmp_path / "child.vhd")
@@ -192,3 +197,28 @@ def test_real_fuzzed_vhd_fails_on_max_table_entries(tmp_path):
 def test_real_differencing_vhd_without_parent_names_it(tmp_path):
     kind, text = open_guarded("vhd", unpack("dfvfs/fat-differential.vhd", tmp_path))
     assert kind == "error" and "fat-parent.vhd" in text
+
+
+def test_parent_loop_is_refused(small, tmp_path):
+    # a differencing disk saved under its parent's name: its parent is itself
+    shutil.copy(small / "vhd_diff.vhd", tmp_path / "vhd_dynamic.vhd")
+    with pytest.raises(DiskFormatError, match="loop"):
+        open_vhd(tmp_path / "vhd_dynamic.vhd")
+
+
+def test_mac_file_url_locator(small, tmp_path):
+    data = bytearray((small / "vhd_diff.vhd").read_bytes())
+    h = vhd.DynamicHeader.parse(data[512:1536])
+    loc = h.locators[0]
+    url = b"file://localhost/Users/ann/VMs/vhd%5Fdynamic.vhd"
+    data[loc.data_offset:loc.data_offset + 512] = url.ljust(512, b"\0")
+    data[LOCATORS:LOCATORS + 4] = b"MacX"
+    data[LOCATORS + 8:LOCATORS + 12] = len(url).to_bytes(4, "big")
+    data[LOCATORS + 24:LOCATORS + 28] = b"\0\0\0\0"    # drop the W2ku entry
+    data[PARENT_NAME:PARENT_NAME + 512] = bytes(512)
+    assert [x.platform_code for x in vhd.DynamicHeader.parse(data[512:1536]).locators[:2]] == \
+        [b"MacX", bytes(4)]
+    (tmp_path / "child.vhd").write_bytes(data)
+    shutil.copy(small / "vhd_dynamic.vhd", tmp_path / "vhd_dynamic.vhd")
+    img = open_vhd(tmp_path / "child.vhd")
+    assert img.read(0, img.size) == (small / "vhd_diff.expected.raw").read_bytes()
