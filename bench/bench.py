@@ -12,7 +12,10 @@ Workloads are built once with the real tools and cached under bench/work/:
   W3 "many tiny files": 200 000 files under one tree.
 References: read-only loop mount + GNU tar (root only), `qemu-img convert -O raw`,
 `tar xzf` + mount + tar for the archive, `virt-tar-out` where libguestfs is installed.
-Each figure is the median wall time of alternating runs with a warm page cache;
+Both sides end with the output on disk (rescue fsyncs before renaming OUT.part
+to OUT; the kernel path runs `sync OUT` after tar), so neither wins by leaving
+dirty pages behind. Each figure is the median wall time of alternating runs
+with a warm page cache;
 peak RSS comes from wait4(); "read" is what rescue read from the snapshot file.
 Never part of the unit tests.
 """
@@ -181,7 +184,7 @@ def kernel_extract(raw: str, offset: int, guest_path: str, out: str) -> Measure 
         return None
     mnt = tempfile.mkdtemp(prefix="rescue-bench-mnt-")
     script = (f"set -e; mount -o ro,loop,offset={offset} {raw} {mnt}; "
-              f"trap 'umount {mnt}' EXIT; tar -C {mnt} -cf {out} {guest_path.lstrip('/')}")
+              f"trap 'umount {mnt}' EXIT; tar -C {mnt} -cf {out} {guest_path.lstrip('/')}; sync {out}")
     try:
         return timed(["bash", "-c", script])
     finally:
@@ -196,7 +199,7 @@ def archive_kernel_extract(tgz: str, offset: int, guest_path: str, out: str) -> 
     mnt = tempfile.mkdtemp(prefix="rescue-bench-mnt-")
     script = (f"set -e; tar -C {tmp} -xzf {tgz}; img=$(ls {tmp}/*); "
               f"mount -o ro,loop,offset={offset} $img {mnt}; trap 'umount {mnt}' EXIT; "
-              f"tar -C {mnt} -cf {out} {guest_path.lstrip('/')}")
+              f"tar -C {mnt} -cf {out} {guest_path.lstrip('/')}; sync {out}")
     try:
         return timed(["bash", "-c", script])
     finally:

@@ -88,6 +88,8 @@ class TskFileSystem(FileSystem):
         self.source = source
         self.name = name or source.name
         self._img = _TskImage(source)
+        self._last_handle = None
+        self._last_ranges = None
         try:
             self._fs = pytsk3.FS_Info(self._img)
         except OSError as exc:
@@ -213,10 +215,15 @@ class TskFileSystem(FileSystem):
     # -- content -------------------------------------------------------------
 
     def _handle(self, entry: Entry):
+        # check, map and read all ask for the same file in a row: keep the last handle
+        if self._last_handle is not None and self._last_handle[0] == entry.inode:
+            return self._last_handle[1]
         try:
-            return self._fs.open_meta(inode=entry.inode)
+            handle = self._fs.open_meta(inode=entry.inode)
         except OSError as exc:
             raise FileReadError(f"cannot open {entry.path}: {_tsk_reason(exc)}") from None
+        self._last_handle = (entry.inode, handle)
+        return handle
 
     def read_chunks(self, entry: Entry, chunk_size: int = 1 << 20) -> Iterator[bytes]:
         handle = self._handle(entry)
@@ -261,6 +268,9 @@ class TskFileSystem(FileSystem):
         half-written member out of the tar."""
         if entry.kind != FILE or entry.size == 0:
             return [] if entry.kind == FILE else None
+        cached = self._last_ranges
+        if cached is not None and cached[0] == (entry.inode, entry.size):
+            return cached[1]
         handle = self._handle(entry)
         bs = self.block_size
         ranges: list[tuple[int, int]] = []
@@ -291,7 +301,9 @@ class TskFileSystem(FileSystem):
                 break
         except OSError as exc:
             raise FileReadError(f"{entry.path}: cannot map its blocks: {_tsk_reason(exc)}") from None
-        return ranges if found else None
+        result = ranges if found else None
+        self._last_ranges = ((entry.inode, entry.size), result)
+        return result
 
     def xattrs(self, entry: Entry) -> dict[str, bytes]:
         if self._ext is None:

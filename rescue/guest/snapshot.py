@@ -214,7 +214,9 @@ class Snapshot:
         except Exception as exc:   # a strange fstab must not stop a rescue of the root
             self.warnings.append(f"/etc/fstab could not be applied: {exc}")
             return root
-        self.mounts = [row if isinstance(row, dict) else dict(row.__dict__) for row in rows]
+        self.mounts = [row.to_json() if hasattr(row, "to_json") else dict(row.__dict__) for row in rows]
+        if not any(m.get("status") == "mounted" and m.get("mountpoint") != "/" for m in self.mounts):
+            return root   # nothing stitched in: skip the routing layer
         return merged
 
     # -- what the guest is ---------------------------------------------------
