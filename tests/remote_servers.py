@@ -34,9 +34,14 @@ def wait_port(port: int, proc: subprocess.Popen, timeout: float = 10) -> None:
             raise RuntimeError(f"server exited with {proc.returncode}")
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                return
+                pass
         except OSError:
             time.sleep(0.05)
+            continue
+        time.sleep(0.2)      # someone else on that port? then our server exits for want of it
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode} (port {port} taken?)")
+        return
     raise RuntimeError(f"server on port {port} did not start")
 
 

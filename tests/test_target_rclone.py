@@ -242,7 +242,7 @@ def test_full_remote_is_one_clear_error(src, tmp_path, monkeypatch):
         with pytest.raises(TargetError) as exc:
             send(tree_sink("rclone:tinyremote:x/"), items_from_tree(src))
         msg = exc.value.one_line()
-        assert "is full" in msg and "nothing arrived" in msg and "\n" not in msg
+        assert "is full" in msg and "nothing arrived" in msg and "\n" not in msg, msg
     finally:
         s.stop()
         subprocess.run(["umount", "-l", str(served)], check=False)
