@@ -165,6 +165,19 @@ class MappedImage(DiskImage):
             else:
                 yield (p.offset, p.length, "data")
 
+    def file_extents(self, offset: int, length: int) -> list[tuple[int, int, int, int]] | None:
+        """(offset, length, fd, host offset) when every byte of the range is
+        stored verbatim in local files, so `rescue convert` can copy it in the
+        kernel; None when any part needs us (zeros, parents, inflating)."""
+        length = self._clamp(offset, length)
+        out = []
+        for p in self._merged(offset, length):
+            fileno = getattr(p.src, "fileno", None)
+            if p.kind != DATA or fileno is None or p.host + p.length > p.src.size:
+                return None
+            out.append((p.offset, p.length, fileno(), p.host))
+        return out
+
     def close(self) -> None:
         if self.parent is not None:
             self.parent.close()

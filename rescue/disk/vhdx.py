@@ -170,7 +170,7 @@ class VhdxImage(MappedImage):
             format="vhdx", virtual_size=self.size, cluster_size=self.block_size,
             subformat="differencing" if self.has_parent else "dynamic",
             warnings=self.warnings,
-            details={"logical_sector_size": self.sector_size,
+            details={"virtual_disk_id": self.disk_id, "logical_sector_size": self.sector_size,
                      "physical_sector_size": self.physical_sector_size,
                      "leave_blocks_allocated": self.leave_allocated})
         if self.leave_allocated and not self.has_parent:
@@ -256,6 +256,8 @@ class VhdxImage(MappedImage):
         self.sector_size = int.from_bytes(items[LOGICAL_SECTOR_SIZE][:4], "little")
         self.physical_sector_size = int.from_bytes(items.get(PHYSICAL_SECTOR_SIZE, b"")[:4], "little")
         self.locator = items.get(PARENT_LOCATOR)
+        disk_id = items.get(VIRTUAL_DISK_ID, b"")
+        self.disk_id = str(uuid.UUID(bytes_le=disk_id[:16])) if len(disk_id) >= 16 else None
         bs = self.block_size
         if bs < MiB or bs > 256 * MiB or bs & (bs - 1):
             raise self._err(f"block size {bs} is not a power of two between 1 MiB and 256 MiB")
