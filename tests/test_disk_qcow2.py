@@ -86,6 +86,22 @@ def test_internal_snapshots_are_listed_and_selectable(images):
         open_path(path, snapshot="nope")
 
 
+def test_backing_chain_inside_an_archive(images, tmp_path):
+    """Parents are found next to the image wherever it lives: here, as
+    members of the same .tar.gz (the provider's download)."""
+    import tarfile
+    from rescue.source import open_source
+
+    archive = tmp_path / "snapshot.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        for name in ("chain-top2.qcow2", "chain-top.qcow2", "chain-base.qcow2"):
+            tar.add(images.path(name), arcname=name)
+    disk = open_disk(open_source(str(archive), member="chain-top2.qcow2"), DiskOptions())
+    assert len(disk.info.backing_chain) == 2
+    assert_reads_equal(disk, images.reference("chain-top2.qcow2"), seed=17, reads=60)
+    disk.close()
+
+
 # -- convert -------------------------------------------------------------------
 
 @pytest.mark.parametrize("kernel_copy", [True, False], ids=["copy_file_range", "pread-pwrite"])
