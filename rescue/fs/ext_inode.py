@@ -262,6 +262,7 @@ class ExtInodeReader:
         self.source = source
         self.name = source.name
         self._last = None   # (ino, parsed) of the last inode asked for
+        self._descs: dict[int, tuple[int, int, int]] = {}   # group -> (inode table, bitmap, flags)
         self.read_inode_data = read_inode_data
         raw = self._read(SUPERBLOCK_OFFSET, 1024, "superblock")
         if len(raw) < 1024:
@@ -333,6 +334,14 @@ class ExtInodeReader:
         return first + bg * self.sb.s_blocks_per_group + (1 if self._bg_has_super(bg) else 0)
 
     def _group_desc(self, group: int) -> tuple[int, int, int]:
+        cached = self._descs.get(group)
+        if cached is None:
+            if len(self._descs) > 65536:   # bounded: metadata, not image size
+                self._descs.clear()
+            cached = self._descs[group] = self._read_group_desc(group)
+        return cached
+
+    def _read_group_desc(self, group: int) -> tuple[int, int, int]:
         """(inode table block, inode bitmap block, bg_flags) of a block group."""
         if group >= self.group_count:
             raise FileReadError(f"{self.name}: block group {group} is past the last "
