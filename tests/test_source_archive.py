@@ -339,3 +339,38 @@ def test_qcow2_inside_tar_gz_reads_as_the_disk(disk, tmp_path):
         _assert_same(image, disk, samples=10)
     finally:
         source.close()
+
+
+def _tar_entries(path: Path) -> dict[str, tuple]:
+    import tarfile
+    out = {}
+    with tarfile.open(path) as tf:
+        for info in tf:
+            data = tf.extractfile(info).read() if info.isreg() else b""
+            out[info.name] = (info.type, info.size, info.mode, info.mtime, info.uid, info.gid,
+                              info.linkname, hashlib.sha256(data).hexdigest())
+    return out
+
+
+@pytest.fixture(scope="session")
+def bare_extract(disk, tmp_path_factory) -> Path:
+    rescue = Path(__file__).resolve().parent.parent / ".venv" / "bin" / "rescue"
+    if not rescue.exists():
+        pytest.skip("the rescue command is not installed in .venv")
+    out = tmp_path_factory.mktemp("extract") / "bare.tar"
+    subprocess.run([str(rescue), "extract", str(disk), "--path", "/var/www", "--path", "/etc",
+                    "-o", str(out)], check=True, capture_output=True)
+    return out
+
+
+@pytest.mark.parametrize("kind", ["tar.gz", "tar.zst", "zip-deflated", "pax-sparse-1.0"])
+def test_extract_through_archive_equals_extract_from_bare_disk(kind, archives, bare_extract,
+                                                               tmp_path):
+    out = tmp_path / f"{kind}.tar"
+    cmd = [str(Path(__file__).resolve().parent.parent / ".venv" / "bin" / "rescue"), "extract",
+           str(archives[kind]), "--path", "/var/www", "--path", "/etc", "-o", str(out)]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    want = _tar_entries(bare_extract)
+    assert len(want) > 20
+    assert _tar_entries(out) == want
