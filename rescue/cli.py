@@ -49,7 +49,29 @@ PartialOpt = typer.Option(False, "--partial", help="Read a truncated image anywa
 def _options(volume, member, backing, snapshot, backend, partial=False):
     from .guest import SnapshotOptions
     return SnapshotOptions(volume=volume, member=member, backing=backing, snapshot=snapshot, backend=backend,
-                           partial=partial, status=lambda text: err.print(f"[dim]{text}...[/dim]"))
+                           partial=partial, status=lambda text: err.print(f"[dim]{text}...[/dim]"),
+                           progress=_IndexProgress())
+
+
+class _IndexProgress:
+    """Progress of the first open of a compressed archive (building its seek index)."""
+
+    def __init__(self) -> None:
+        self.started = time.monotonic()
+        self.bar: Optional[Progress] = None
+        self.task = None
+
+    def __call__(self, done: int, total: int) -> None:
+        if self.bar is None:
+            if time.monotonic() - self.started < 1.0 or done >= total:
+                return
+            self.bar = Progress(TextColumn("indexing archive"), BarColumn(), DownloadColumn(),
+                                TransferSpeedColumn(), TimeRemainingColumn(), console=err, transient=True)
+            self.bar.start()
+            self.task = self.bar.add_task("index", total=total or None)
+        self.bar.update(self.task, completed=done)
+        if total and done >= total:
+            self.bar.stop()
 
 
 @contextmanager

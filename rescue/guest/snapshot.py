@@ -29,6 +29,7 @@ class SnapshotOptions:
     snapshot: str | None = None      # --snapshot: qcow2 internal snapshot
     partial: bool = False            # --partial: read a truncated image anyway
     status: Callable[[str], None] | None = None   # progress notes ("starting libguestfs ...")
+    progress: Callable[[int, int], None] | None = None   # (done, total) while an archive is indexed
 
 
 @dataclass
@@ -43,7 +44,7 @@ class Snapshot:
     def __init__(self, spec: str, options: SnapshotOptions | None = None) -> None:
         self.spec = str(spec)
         self.options = options or SnapshotOptions()
-        self.source = open_source(self.spec, member=self.options.member)
+        self.source = open_source(self.spec, member=self.options.member, progress=self.options.progress)
         self.disk = open_disk(self.source, DiskOptions(backing=self.options.backing,
                                                        snapshot=self.options.snapshot))
         self.volumes: VolumeMap = discover(self.disk)
