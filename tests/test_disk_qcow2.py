@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -409,8 +408,14 @@ def test_qcow_version_1_reads(tmp_path):
 
 # -- through the whole stack and the command line -------------------------------
 
-def _rescue(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "rescue", *args], cwd=cwd, capture_output=True)
+def _rescue(*args):
+    """The CLI in-process (Typer's runner): exit code, stdout and stderr bytes."""
+    from typer.testing import CliRunner
+    from rescue.cli import app
+
+    result = CliRunner().invoke(app, list(args))
+    return subprocess.CompletedProcess(args, result.exit_code, result.stdout_bytes,
+                                       result.stderr_bytes or b"")
 
 
 @pytest.mark.parametrize("name", ["zstd.qcow2", "chain-extl2.qcow2", "cs512.qcow2", "dynamic.vdi"])
@@ -449,3 +454,8 @@ def test_rescue_convert_reports_damage_with_exit_code_1(images, tmp_path):
     done = _rescue("convert", str(path), "-o", str(tmp_path / "out.raw"), "--json")
     assert done.returncode == 1, done.stderr.decode()
     assert b'"damaged"' in done.stdout and b"decompress" in done.stdout
+
+
+def test_backing_option_on_an_image_without_parent_is_a_warning(images):
+    disk = open_path(images.path("v3.qcow2"), backing="/nonexistent.qcow2")
+    assert disk.backing is None and "ignored" in disk.info.warnings[0]

@@ -202,3 +202,11 @@ def test_truncated_vdi_fails_clearly_or_damages_ranges(tmp_path, keep):
         with pytest.raises(DamagedRange):
             disk.read(MiB, 10)
         assert disk.read(2 * MiB, MiB) == bytes(MiB)
+
+
+def test_qcow2_only_options_are_not_silently_applied(tmp_path):
+    path = tmp_path / "plain.vdi"
+    make_vdi(path, [0])
+    with pytest.raises(DiskFormatError, match="no internal snapshots"):
+        open_path(path, snapshot="before")
+    assert "ignored" in open_path(path, backing="/nonexistent").info.warnings[0]

@@ -289,8 +289,10 @@ class Qcow2Disk(MappedDisk):
         self.backing_name = self._read_backing_name(h.backing_file_offset, h.backing_file_size)
         if fmt:
             details["backing_format"] = fmt
-        if self.backing_name or options.backing:
+        if self.backing_name:
             self.backing = _open_backing(self, self.backing_name, fmt, options)
+        elif options.backing:
+            warnings.append(f"--backing {options.backing} ignored: this qcow2 has no backing file")
 
     def _open_v1(self, h: Any, details: dict) -> None:
         src = self.source

@@ -70,7 +70,15 @@ def detect(source: ByteSource) -> bool:
 
 
 def open(source: ByteSource, options: DiskOptions) -> "VdiDisk":  # noqa: A001 (reader interface)
-    return VdiDisk(source)
+    if options.snapshot is not None:
+        raise DiskFormatError(f"--snapshot {options.snapshot}: VDI files hold no internal snapshots "
+                              "(VirtualBox keeps each snapshot in its own differencing VDI)",
+                              file=source.name)
+    disk = VdiDisk(source)
+    if options.backing:
+        disk.info.warnings.append(f"--backing {options.backing} ignored: a {disk.info.subformat} "
+                                  "VDI has no parent")
+    return disk
 
 
 def _bad(source: ByteSource, field: str, value: Any, why: str) -> DiskFormatError:
