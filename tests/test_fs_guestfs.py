@@ -1,0 +1,275 @@
+"""The libguestfs backend on XFS and btrfs made by the real tools, against the
+kernel's view (read-only loop mounts, as root) or the tree they were made from.
+
+One appliance for the whole session, both images attached: XFS as a local file,
+btrfs as a partition-like window of a bigger file, which goes through our NBD
+export. Also: the NBD export alone against qemu-img, and the provisioning
+script (CI only)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from rescue.fs.base import DIR, FILE, SYMLINK
+from rescue.fs.nbd_export import NbdExport
+from rescue.source.base import BytesSource, FileSource, Window
+
+ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
+REPO = Path(__file__).resolve().parents[1]
+PAD = 1 << 20       # the btrfs image sits 1 MiB into its "disk"
+
+
+def run(*cmd: str) -> None:
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    if res.returncode != 0:
+        raise RuntimeError(f"{cmd} failed: {res.stderr.strip()}")
+
+
+def make_tree(top: Path) -> None:
+    top.mkdir()
+    (top / "etc").mkdir()
+    (top / "etc" / "hostname").write_text("dead-vps\n")
+    (top / "empty").write_bytes(b"")
+    big = top / "var" / "lib" / "db"
+    big.mkdir(parents=True)
+    # 3 MiB + a bit: more than one pread (2 MiB) per file
+    (big / "data.bin").write_bytes(hashlib.sha256(b"x").digest() * ((3 << 20) // 32 + 7))
+    (top / "emptydir").mkdir()
+    os.symlink("etc/hostname", top / "link")
+    os.symlink("/nowhere/../../escape", top / "dangling")
+    os.link(top / "etc" / "hostname", top / "hardlink")
+    os.mkfifo(top / "fifo")
+    (top / "setuid").write_text("#!/bin/sh\n")
+    os.chmod(top / "setuid", 0o4755)
+    os.setxattr(top / "etc" / "hostname", "user.origin", b"cloud-init")
+    os.setxattr(top / "var", "user.empty", b"")
+    os.utime(top / "etc" / "hostname", ns=(1_600_000_000_111_111_111, 1_700_000_000_123_456_789))
+    (top / "utf8-ñame").write_text("n\n")
+    if ROOT:
+        os.chown(top / "etc" / "hostname", 1000, 1001)
+        os.setxattr(top / "etc" / "hostname", "trusted.t", b"\x00\xff")
+        os.mknod(top / "null", 0o666 | stat.S_IFCHR, os.makedev(1, 3))
+        os.mknod(top / "bigdev", 0o660 | stat.S_IFBLK, os.makedev(259, 200000))  # XFS keeps 18-bit minors
+
+
+def guestfs_reason() -> str | None:
+    from rescue.fs.guestfs import guestfs_unavailable
+
+    return guestfs_unavailable()
+
+
+@pytest.fixture(scope="session")
+def images(tmp_path_factory):
+    base = tmp_path_factory.mktemp("guestfs")
+    tree = base / "tree"
+    make_tree(tree)
+    out = {"tree": tree}
+    if shutil.which("mkfs.btrfs"):
+        img = base / "btrfs.img"
+        with open(img, "wb") as f:
+            f.truncate(120 << 20)
+        run("mkfs.btrfs", "-q", "--rootdir", str(tree), str(img))
+        disk = base / "btrfs-disk.img"   # the filesystem as partition 1 of a disk
+        with open(disk, "wb") as f:
+            f.seek(PAD)
+            with open(img, "rb") as src:
+                shutil.copyfileobj(src, f, 1 << 20)
+        out["btrfs"] = (img, disk)
+    if shutil.which("mkfs.xfs") and ROOT:
+        img = base / "xfs.img"
+        with open(img, "wb") as f:
+            f.truncate(300 << 20)    # mkfs.xfs's minimum
+        run("mkfs.xfs", "-q", str(img))
+        mnt = base / "xfs.fill"
+        mnt.mkdir()
+        try:
+            run("mount", "-o", "loop", str(img), str(mnt))
+        except RuntimeError:
+            pass
+        else:
+            try:
+                run("cp", "-a", f"{tree}/.", str(mnt))
+            finally:
+                run("umount", str(mnt))
+            out["xfs"] = img
+    return out
+
+
+@pytest.fixture(scope="session")
+def appliance(images):
+    reason = guestfs_reason()
+    if reason:
+        pytest.skip(f"libguestfs unavailable: {reason}")
+    from rescue.errors import FilesystemError
+    from rescue.fs.guestfs import GuestfsAppliance
+
+    sources, names = [], []
+    if "xfs" in images:
+        sources.append(str(images["xfs"]))
+        names.append("xfs")
+    if "btrfs" in images:
+        _, disk = images["btrfs"]
+        sources.append(Window(FileSource(disk), PAD, (120 << 20), name="btrfs-part1"))
+        names.append("btrfs")
+    if not sources:
+        pytest.skip("neither mkfs.xfs (with root) nor mkfs.btrfs is available")
+    try:
+        app = GuestfsAppliance(sources)
+    except FilesystemError as exc:
+        pytest.skip(f"libguestfs appliance does not start here: {exc}")
+    print(f"\nlibguestfs appliance: {app.launch_seconds:.1f} s ({app.accelerator})", file=sys.stderr)
+    yield app, dict(zip(names, app.devices))
+    app.close()
+
+
+def reference_dir(images, kind: str, tmp_path_factory):
+    """A read-only loop mount of the image (root), else the source tree."""
+    if not ROOT:
+        return images["tree"], None
+    img = images[kind] if kind == "xfs" else images[kind][0]
+    mnt = tmp_path_factory.mktemp(f"{kind}-ro")
+    opts = "ro,loop,norecovery" if kind == "xfs" else "ro,loop"
+    try:
+        run("mount", "-o", opts, str(img), str(mnt))
+    except subprocess.CalledProcessError:
+        return images["tree"], None
+    return mnt, mnt
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def xattrs_of(path: Path) -> dict[str, bytes]:
+    try:
+        names = os.listxattr(path, follow_symlinks=False)
+    except OSError:
+        return {}
+    return {n: os.getxattr(path, n, follow_symlinks=False) for n in names}
+
+
+@pytest.mark.parametrize("kind", ["xfs", "btrfs"])
+def test_every_entry_matches_the_kernel_view(kind, images, appliance, tmp_path_factory):
+    from rescue.fs.guestfs import GuestfsFileSystem
+
+    app, devices = appliance
+    if kind not in devices:
+        pytest.skip(f"no {kind} image (mkfs.{kind} missing, or XFS without root)")
+    fs = GuestfsFileSystem(appliance=app, device=devices[kind], name=kind)
+    assert fs.info.type == kind and fs.launch_seconds > 0
+    ref, mnt = reference_dir(images, kind, tmp_path_factory)
+    try:
+        seen = set()
+        by_inode: dict[int, set[str]] = {}
+        for entry in fs.walk("/"):
+            seen.add(entry.path)
+            path = ref / entry.path.lstrip("/") if entry.path != "/" else ref
+            st = os.lstat(path)
+            if entry.path != "/" or mnt is not None:
+                assert entry.st_mode == st.st_mode, entry.path
+                assert (entry.uid, entry.gid) == (st.st_uid, st.st_gid), entry.path
+                assert entry.mtime_ns == st.st_mtime_ns, entry.path
+            if entry.kind == FILE:
+                assert entry.size == st.st_size, entry.path
+                h = hashlib.sha256()
+                for chunk in fs.read_chunks(entry):
+                    h.update(chunk)
+                assert h.hexdigest() == sha256_file(path), entry.path
+                by_inode.setdefault(entry.inode, set()).add(entry.path)
+            if entry.kind == SYMLINK:
+                assert entry.link_target == os.readlink(path), entry.path
+            if entry.rdev is not None:
+                assert entry.rdev == (os.major(st.st_rdev), os.minor(st.st_rdev)), entry.path
+            if entry.path != "/" or mnt is not None:
+                assert fs.xattrs(entry) == xattrs_of(path), entry.path
+        expected = {"/"} | {"/" + str(p.relative_to(ref)) for p in ref.rglob("*")}
+        expected = {p for p in expected if not p.startswith("/lost+found")}
+        assert seen == expected
+        assert {"/etc/hostname", "/hardlink"} in by_inode.values()
+        assert fs.read_range(fs.stat("/var/lib/db/data.bin"), (2 << 20) - 5, 10) == \
+            (ref / "var/lib/db/data.bin").read_bytes()[(2 << 20) - 5:(2 << 20) + 5]
+        assert fs.resolve("/link").path == "/etc/hostname"
+    finally:
+        fs.close()
+        if mnt is not None:
+            subprocess.run(["umount", str(mnt)], capture_output=True)
+
+
+def test_missing_path_is_a_guest_path_error(appliance):
+    from rescue.errors import GuestPathError
+    from rescue.fs.guestfs import GuestfsFileSystem
+
+    app, devices = appliance
+    fs = GuestfsFileSystem(appliance=app, device=next(iter(devices.values())))
+    with pytest.raises(GuestPathError):
+        fs.stat("/no/such/file")
+    assert fs.stat("/..").path == "/"      # cannot climb above the guest root
+
+
+def test_nbd_export_serves_a_window_byte_for_byte(tmp_path):
+    if shutil.which("qemu-img") is None:
+        pytest.skip("qemu-img not installed")
+    data = os.urandom(3 << 20) + b"tail-not-sector-aligned"
+    src = tmp_path / "disk.raw"
+    src.write_bytes(data)
+    before = sha256_file(src)
+    window = Window(FileSource(src), 4096 + 7, len(data) - 4096 - 7)
+    out = tmp_path / "out.raw"
+    with NbdExport(window) as export:
+        url = f"nbd+unix:///?socket={export.socket_path}"
+        subprocess.run(["qemu-img", "convert", "-f", "raw", url, "-O", "raw", str(out)],
+                       check=True, capture_output=True, timeout=60)
+        # writes are refused: the export is read-only
+        res = subprocess.run(["qemu-io", "-f", "raw", "-c", "write 0 512", url],
+                             capture_output=True, text=True, timeout=60) if shutil.which("qemu-io") else None
+    got = out.read_bytes()
+    assert got[:window.size] == window.read(0, window.size)
+    assert got[window.size:] == bytes(len(got) - window.size) and len(got) % 512 == 0
+    if res is not None:
+        assert "failed" in (res.stdout + res.stderr).lower() or res.returncode != 0
+    assert sha256_file(src) == before
+
+
+def test_nbd_export_reports_damaged_ranges_as_io_errors(tmp_path):
+    if shutil.which("qemu-img") is None:
+        pytest.skip("qemu-img not installed")
+    from rescue.errors import DamagedRange
+
+    class Damaged(BytesSource):
+        def read(self, offset, length):
+            if offset < 8192 + 512 and offset + length > 8192:
+                raise DamagedRange("bad cluster")
+            return super().read(offset, length)
+
+    with NbdExport(Damaged(bytes(1 << 20), "damaged")) as export:
+        res = subprocess.run(["qemu-img", "convert", "-f", "raw",
+                              f"nbd+unix:///?socket={export.socket_path}", "-O", "raw",
+                              str(tmp_path / "x.raw")], capture_output=True, text=True, timeout=60)
+    assert res.returncode != 0 and "error" in res.stderr.lower()
+
+
+@pytest.mark.skipif(os.environ.get("CI") != "true" or not ROOT,
+                    reason="runs scripts/provision-guestfs.sh (installs packages): CI=true and root only")
+def test_provisioning_script_installs_a_working_guestfs_backend(tmp_path):
+    venv = tmp_path / "venv"
+    res = subprocess.run(["bash", str(REPO / "scripts" / "provision-guestfs.sh"), "--venv", str(venv),
+                          "--repo", str(REPO), "--no-appliance-check"],
+                         capture_output=True, text=True, timeout=1800)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    check = subprocess.run([str(venv / "bin" / "python"), "-c",
+                            "import guestfs; from rescue.fs.guestfs import import_guestfs; import_guestfs()"],
+                           capture_output=True, text=True)
+    assert check.returncode == 0, check.stderr
+    assert subprocess.run([str(venv / "bin" / "rescue"), "--help"], capture_output=True).returncode == 0
