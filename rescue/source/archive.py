@@ -110,10 +110,26 @@ def _tar_type(info: tarfile.TarInfo) -> str:
     return "other"
 
 
-def _read_tar_table(source: ByteSource) -> list[Member]:
+class _ProgressFile(SourceFile):
+    """Reports how far the tar walk has got (it decodes a one-frame stream)."""
+
+    def __init__(self, source: ByteSource, progress: Progress | None) -> None:
+        super().__init__(source)
+        self._progress = progress
+        self._reported = 0
+
+    def read(self, size: int = -1) -> bytes:
+        data = super().read(size)
+        if self._progress and self._pos - self._reported >= 64 << 20:
+            self._reported = self._pos
+            self._progress(self._pos, self.source.size)
+        return data
+
+
+def _read_tar_table(source: ByteSource, progress: Progress | None = None) -> list[Member]:
     members = []
     try:
-        tf = tarfile.open(fileobj=SourceFile(source), mode="r:")
+        tf = tarfile.open(fileobj=_ProgressFile(source, progress), mode="r:")
         while True:
             info = tf.next()
             if info is None:
@@ -200,16 +216,16 @@ class Archive:
         self.members: list[Member] = []
         if self.codec:
             self.inner = open_compressed(source, self.codec, cache=self.cache, progress=progress)
-        self._detect_container()
+        self._detect_container(progress)
 
-    def _detect_container(self) -> None:
+    def _detect_container(self, progress: Progress | None) -> None:
         cached = self.cache.load_json("members.json")
         if cached and cached.get("version") == TABLE_VERSION:
             self.format = cached["format"]
             self.members = [Member(**m) for m in cached["members"]]
             return
         if _is_tar(self.inner):
-            self.format, self.members = "tar", _read_tar_table(self.inner)
+            self.format, self.members = "tar", _read_tar_table(self.inner, progress)
         elif self.codec is None and _is_zip(self.source):
             self.format, self.members = "zip", _read_zip_table(self.source)
         elif self.codec:

@@ -43,12 +43,37 @@ def source_key(source: ByteSource) -> str | None:
     return hashlib.sha256(json.dumps(ident, default=str).encode()).hexdigest()[:32]
 
 
+KEEP_ARCHIVES = 64  # index entries kept; the least recently used go first
+
+
+def _prune(root: Path, keep: int = KEEP_ARCHIVES) -> None:
+    try:
+        entries = sorted(root.iterdir(), key=lambda p: p.stat().st_mtime, reverse=True)
+    except OSError:
+        return
+    for old in entries[keep:]:
+        for f in old.glob("*"):
+            try:
+                f.unlink()
+            except OSError:
+                pass
+        try:
+            old.rmdir()
+        except OSError:
+            pass
+
+
 class IndexCache:
     """One directory per archive; files inside are written atomically."""
 
     def __init__(self, source: ByteSource) -> None:
         key = source_key(source)
         self.dir = cache_root() / "archives" / key if key else None
+        if self.dir is not None and self.dir.is_dir():
+            try:
+                os.utime(self.dir)  # mark as recently used
+            except OSError:
+                pass
 
     @property
     def enabled(self) -> bool:
@@ -76,7 +101,9 @@ class IndexCache:
         if p is None:
             return
         try:
-            p.parent.mkdir(parents=True, exist_ok=True)
+            if not p.parent.is_dir():
+                p.parent.mkdir(parents=True, exist_ok=True)
+                _prune(p.parent.parent)
             tmp = p.with_name(p.name + f".tmp{os.getpid()}")
             tmp.write_bytes(data)
             os.replace(tmp, p)

@@ -506,6 +506,7 @@ class ZstdSource(FramedStreamSource):
 
     def _skip_blocks(self, start: int, pos: int, total: int, progress: Progress | None) -> int:
         buf, buf_at = b"", pos
+        reported = pos
         while True:  # one step per block (<= 128 KiB): this is the index build, not the data path
             if pos + 3 > buf_at + len(buf):
                 buf, buf_at = self.source.read(pos, 1 << 20), pos
@@ -523,7 +524,8 @@ class ZstdSource(FramedStreamSource):
             if last:
                 pos += 4 if self._checksum else 0
                 break
-            if progress and (pos - start) % (16 << 20) < 131075:
+            if progress and pos - reported >= 16 << 20:
+                reported = pos
                 progress(min(pos, total), total)
         if pos > total:
             raise self._error(f"zstd stream truncated: the frame at byte {start} needs {pos} "
