@@ -9,8 +9,10 @@ merged across clusters and tables so that each piece is served by one read.
 
 from __future__ import annotations
 
+import os
 from bisect import bisect_right
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Iterator, NamedTuple
 
 from ..errors import DamagedRange
@@ -23,6 +25,17 @@ ZERO = "zero"              # reads as zeros (zero cluster, unallocated w/o paren
 BACKING = "backing"        # not stored here: the backing file's bytes (or zeros)
 COMPRESSED = "compressed"  # one compressed cluster; `host` is its descriptor
 DAMAGED = "damaged"        # the table entry is invalid: reads raise DamagedRange
+
+
+MAX_BATCH_READ = 16 << 20   # compressed bytes fetched by one read
+_POOL: list[ThreadPoolExecutor] = []
+
+
+def _pool() -> ThreadPoolExecutor:
+    if not _POOL:
+        _POOL.append(ThreadPoolExecutor(max_workers=max(2, min(8, os.cpu_count() or 2)),
+                                        thread_name_prefix="rescue-inflate"))
+    return _POOL[0]
 
 
 class Extent(NamedTuple):
@@ -81,6 +94,15 @@ class LRU:
             self._items.popitem(last=False)
         return value
 
+    def has(self, key: Any) -> bool:
+        return key in self._items
+
+    def put(self, key: Any, value: Any) -> None:
+        self._items[key] = value
+        self._items.move_to_end(key)
+        if len(self._items) > self.capacity:
+            self._items.popitem(last=False)
+
     def clear(self) -> None:
         self._items.clear()
 
@@ -90,7 +112,8 @@ class MappedDisk(DiskImage):
 
     Subclasses set name, size, info, span, backing and implement
     `_decode_table(index) -> (starts, extents)` (extents covering [0, span)),
-    `_read_host(offset, length)` and `_read_compressed(descriptor) -> cluster`.
+    `_read_host(offset, length)` and, for compressed clusters (descriptor =
+    (offset, size) in `source`), `_inflate(descriptor, raw) -> cluster`.
     """
 
     span: int
@@ -107,9 +130,6 @@ class MappedDisk(DiskImage):
         raise NotImplementedError
 
     def _read_host(self, offset: int, length: int) -> bytes:
-        raise NotImplementedError
-
-    def _read_compressed(self, descriptor: Any) -> bytes:
         raise NotImplementedError
 
     # -- resolving requests -------------------------------------------------
@@ -161,8 +181,13 @@ class MappedDisk(DiskImage):
     def read(self, offset: int, length: int) -> bytes:
         if offset >= self.size or length <= 0:
             return b""
+        pieces = list(self.pieces(offset, length))
+        inflated: dict[Any, bytes] = {}
+        wanted = {p[3][0] for p in pieces if p[2] == COMPRESSED}
+        if len(wanted) > 1:
+            inflated = self._inflate_many([d for d in wanted if not self._clusters.has(d)])
         parts = []
-        for pos, n, kind, where in self.pieces(offset, length):
+        for pos, n, kind, where in pieces:
             if kind == DATA:
                 parts.append(self._read_data(where, n))
             elif kind == ZERO:
@@ -171,11 +196,44 @@ class MappedDisk(DiskImage):
                 parts.append(self._read_backing(pos, n))
             elif kind == COMPRESSED:
                 descriptor, skip = where
-                cluster = self._clusters.get(descriptor, lambda: self._read_compressed(descriptor))
+                cluster = inflated.get(descriptor)
+                if cluster is None:
+                    cluster = self._clusters.get(descriptor, lambda: self._read_compressed(descriptor))
                 parts.append(cluster[skip:skip + n])
             else:
                 raise DamagedRange(f"{self.name}: bytes {pos}..{pos + n}: {where}")
         return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def _read_compressed(self, descriptor: Any) -> bytes:
+        offset, size = descriptor
+        return self._inflate(descriptor, self.source.read(offset, size))
+
+    def _inflate(self, descriptor: Any, raw: bytes) -> bytes:
+        raise NotImplementedError
+
+    def _inflate_many(self, descriptors: list) -> dict[Any, bytes]:
+        """Inflate many compressed clusters at once: neighbours in the file are
+        fetched with one read, and zlib/zstd run on several threads (they
+        release the GIL), as qemu-img does."""
+        descriptors.sort()
+        raw: dict[Any, bytes] = {}
+        i = 0
+        while i < len(descriptors):
+            start = descriptors[i][0]
+            end, j = start + descriptors[i][1], i + 1
+            while (j < len(descriptors) and descriptors[j][0] <= end + 4096
+                   and descriptors[j][0] + descriptors[j][1] - start <= MAX_BATCH_READ):
+                end = max(end, descriptors[j][0] + descriptors[j][1])
+                j += 1
+            blob = self.source.read(start, end - start)
+            for d in descriptors[i:j]:
+                raw[d] = blob[d[0] - start:d[0] - start + d[1]]
+            i = j
+        results = _pool().map(lambda d: self._inflate(d, raw[d]), descriptors)
+        out = dict(zip(descriptors, results))
+        for d in descriptors[-self._clusters.capacity:]:
+            self._clusters.put(d, out[d])
+        return out
 
     def _read_data(self, host: int, n: int) -> bytes:
         data = self._read_host(host, n)

@@ -527,10 +527,9 @@ class Qcow2Disk(MappedDisk):
     def _read_host(self, offset: int, length: int) -> bytes:
         return self.data_source.read(offset, length)
 
-    def _read_compressed(self, descriptor: tuple[int, int]) -> bytes:
+    def _inflate(self, descriptor: tuple[int, int], data: bytes) -> bytes:
         offset, size = descriptor
         cs = self.cluster_size
-        data = self.source.read(offset, size)
         where = f"{self.name}: compressed cluster at host offset {offset}"
         if not data:
             raise DamagedRange(f"{where} is past the end of the file")

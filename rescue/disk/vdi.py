@@ -18,7 +18,7 @@ from typing import Any
 
 from construct import Bytes, Const, ConstructError, Int32ul, Int64ul, Struct
 
-from ..errors import DamagedRange, DiskFormatError, UnsupportedFeature
+from ..errors import DiskFormatError, UnsupportedFeature
 from ..source.base import ByteSource
 from .base import DiskInfo, DiskOptions
 from .mapping import DATA, ZERO, ExtentBuilder, MappedDisk, read_exact_table
@@ -160,9 +160,6 @@ class VdiDisk(MappedDisk):
 
     def _read_host(self, offset: int, length: int) -> bytes:
         return self.source.read(offset, length)
-
-    def _read_compressed(self, descriptor: Any) -> bytes:
-        raise DamagedRange(f"{self.name}: VDI has no compressed blocks")
 
     def close(self) -> None:
         super().close()
