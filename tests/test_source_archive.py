@@ -374,3 +374,18 @@ def test_extract_through_archive_equals_extract_from_bare_disk(kind, archives, b
     want = _tar_entries(bare_extract)
     assert len(want) > 20
     assert _tar_entries(out) == want
+
+
+def test_concatenated_gzip_members_read_as_one_disk(disk, tmp_path):
+    data = disk.read_bytes()
+    path = tmp_path / "parts.gz"
+    path.write_bytes(gzip.compress(data[:5 * MiB]) + gzip.compress(data[5 * MiB:]))
+    source = open_source(path)
+    try:
+        _assert_same(source, disk, samples=10)
+    finally:
+        source.close()
+    cut = tmp_path / "parts-cut.gz"
+    cut.write_bytes(path.read_bytes()[:-1000])
+    with pytest.raises(SourceError, match="truncated"):
+        open_source(cut)

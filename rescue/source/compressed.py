@@ -226,20 +226,44 @@ class GzipSource(CompressedSource):
         """RFC 1952 2.3.1: a member ends with CRC-32 and ISIZE (length mod 2^32).
 
         indexed_gzip stops quietly at a cut-off end, so we compare ourselves.
-        Streams of several members (BGZF, concatenated) only end with the
-        last member's trailer: for those only a BGZF header is recognised."""
-        head = self.source.read(0, 16)
-        if len(head) >= 16 and head[3] & 0x04 and head[12:14] == b"BC":
-            return  # BGZF: many members by design
+        A stream of several members (BGZF, `cat a.gz b.gz`) ends with the last
+        member's trailer only: when the trailer does not match the whole, the
+        members are walked once more with zlib, which checks each of them."""
         tail = self.source.read(self.source.size - 8, 8)
         want_crc, want_size = int.from_bytes(tail[:4], "little"), int.from_bytes(tail[4:], "little")
-        if want_size != size & 0xFFFFFFFF:
+        if want_size == size & 0xFFFFFFFF and want_crc == crc:
+            return
+        self._verify_members(size)
+
+    def _verify_members(self, size: int) -> None:
+        import zlib
+        total, pos, members, produced = self.source.size, 0, 0, 0
+        dec, fed = zlib.decompressobj(31), False
+        try:
+            while pos < total:
+                chunk = self.source.read(pos, 1 << 20)
+                pos += len(chunk)
+                while chunk:
+                    if not fed and not chunk.strip(b"\0"):
+                        break  # zero padding after the last member
+                    fed = True
+                    produced += len(dec.decompress(chunk, 16 << 20))
+                    chunk = dec.unconsumed_tail
+                    if dec.eof:
+                        members += 1
+                        chunk = dec.unused_data
+                        dec, fed = zlib.decompressobj(31), False
+        except zlib.error as exc:
+            raise self._error(f"gzip data is corrupt in member {members + 1}: {exc}",
+                              hint="re-download the snapshot and compare its checksum") from None
+        if fed or members == 0:
             raise self._error(
-                f"gzip stream is truncated or damaged: it decompresses to {size} bytes but its "
-                f"trailer says {want_size} (mod 4 GiB)",
+                f"gzip stream is truncated: member {members + 1} does not end before the end "
+                f"of the file ({size} bytes decompressed)",
                 hint="re-download the snapshot and compare its checksum")
-        if want_crc != crc:
-            raise self._error(f"gzip data is corrupt: CRC-32 {crc:08x}, trailer says {want_crc:08x}",
+        if produced != size:
+            raise self._error(f"gzip stream is damaged: {produced} bytes in its members, "
+                              f"{size} read through the index",
                               hint="re-download the snapshot and compare its checksum")
 
     def _fetch(self, offset: int) -> bytes:
