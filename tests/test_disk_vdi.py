@@ -140,13 +140,69 @@ def test_real_vdi_images(real, tmp_path, row):
             pass
 
 
-def test_differencing_vdi_is_refused_clearly(tmp_path):
-    make_vdi(tmp_path / "diff.vdi", [0], image_type=4, uuid_link=b"\x01" * 16)
-    with pytest.raises(UnsupportedFeature, match="differencing"):
+def _uuid(path: Path) -> bytes:
+    return vdi.Header.parse(path.read_bytes()[72:72 + vdi.Header.sizeof()]).uuid_image
+
+
+def test_differencing_vdi_reads_its_own_blocks_over_the_parent(images, tmp_path):
+    base = tmp_path / "vm" / "base.vdi"
+    base.parent.mkdir()
+    shutil.copy(images.path("dynamic.vdi"), base)
+    parent = images.reference("dynamic.vdi").read_bytes()
+    size = len(parent)
+    bmap = [FREE, 0, ZERO, FREE, 1]            # 5 blocks: the last one is partial
+    own = make_vdi(tmp_path / "diff.vdi", bmap, disk_size=size, image_type=4, uuid_link=_uuid(base))
+    expect = b"".join(own[i * MiB:(i + 1) * MiB] if e != FREE else parent[i * MiB:(i + 1) * MiB]
+                      for i, e in enumerate(bmap))
+    # Next to the parent, and in the Snapshots/ folder below it, as VirtualBox keeps them.
+    snapdir = base.parent / "Snapshots"
+    snapdir.mkdir()
+    for where in (base.parent / "child.vdi", snapdir / "{0f1e2d3c}.vdi"):
+        shutil.copy(tmp_path / "diff.vdi", where)
+        disk = open_path(where)
+        assert disk.info.subformat == "differencing" and disk.info.backing_chain == [str(base)]
+        assert disk.read(0, size) == expect
+        assert disk.read(MiB - 7, 3 * MiB) == expect[MiB - 7:4 * MiB - 7]
+        assert [tuple(r) for r in disk.runs(0, size)] == [
+            (0, 2 * MiB, "data"), (2 * MiB, MiB, "zero"), (3 * MiB, size - 3 * MiB, "data")]
+        where.unlink()
+    # Alone: a clear error naming the parent's UUID; --backing supplies it.
+    with pytest.raises(DiskFormatError, match="parent image with UUID") as err:
         open_path(tmp_path / "diff.vdi")
-    make_vdi(tmp_path / "linked.vdi", [0], uuid_link=b"\x01" * 16)
-    with pytest.raises(UnsupportedFeature, match="parent"):
-        open_path(tmp_path / "linked.vdi")
+    assert "--backing" in err.value.one_line()
+    assert open_path(tmp_path / "diff.vdi", backing=str(base)).read(0, size) == expect
+    other = tmp_path / "other.vdi"
+    make_vdi(other, [0])
+    assert "not the parent" in open_path(tmp_path / "diff.vdi", backing=str(other)).info.warnings[0]
+
+
+def test_differencing_vdis_naming_each_other_are_a_loop(tmp_path):
+    a, b = os.urandom(16), os.urandom(16)
+    make_vdi(tmp_path / "a.vdi", [FREE], image_type=4, uuid_image=a, uuid_link=b)
+    make_vdi(tmp_path / "b.vdi", [FREE], image_type=4, uuid_image=b, uuid_link=a)
+    with time_limit(10), pytest.raises(DiskFormatError, match="loop"):
+        open_path(tmp_path / "a.vdi")
+
+
+def test_undo_vdi_is_refused_clearly(tmp_path):
+    make_vdi(tmp_path / "undo.vdi", [0], image_type=3)
+    with pytest.raises(UnsupportedFeature, match="undo"):
+        open_path(tmp_path / "undo.vdi")
+
+
+def test_real_virtualbox_snapshot_vdi_reads_over_its_parent(real, tmp_path):
+    rows = {r.values[0]["file"]: r.values[0] for r in real_images((".vdi",)) if r.values[0]}
+    row = rows.get("bwlehrpool/image-default_snapshot.vdi")
+    if row is None or not QEMU_IMG:
+        pytest.skip("needs ../shared/real-images and qemu-img")
+    child = real.together(row)
+    disk = open_path(child)
+    assert Path(disk.info.backing_chain[0]).name == "image-default.vdi"
+    assert disk.header.blocks_allocated == 0  # an empty snapshot: it reads as its parent
+    ref = tmp_path / "parent.raw"
+    subprocess.run([QEMU_IMG, "convert", "-O", "raw", str(child.parent / "image-default.vdi"), str(ref)],
+                   check=True)
+    assert_reads_equal(disk, ref, seed=19, cluster=MiB, reads=50)
 
 
 @pytest.mark.parametrize("changes,match", [

@@ -9,13 +9,14 @@ merged across clusters and tables so that each piece is served by one read.
 
 from __future__ import annotations
 
+import contextvars
 import os
 from bisect import bisect_right
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable, Iterator, NamedTuple
+from typing import Any, Callable, Iterator, NamedTuple, TypeVar
 
-from ..errors import DamagedRange
+from ..errors import DamagedRange, DiskFormatError
 from ..source.base import ByteSource, Run, runs as source_runs
 from .base import DiskImage
 
@@ -27,6 +28,7 @@ COMPRESSED = "compressed"  # one compressed cluster; `host` is its descriptor
 DAMAGED = "damaged"        # the table entry is invalid: reads raise DamagedRange
 
 
+T = TypeVar("T")
 MAX_BATCH_READ = 16 << 20   # compressed bytes fetched by one read
 _POOL: list[ThreadPoolExecutor] = []
 
@@ -297,6 +299,29 @@ class MappedDisk(DiskImage):
         if self.backing is not None:
             self.backing.close()
             self.backing = None
+
+
+# Images being opened in the current backing chain, (identity, name), top
+# first: a parent opened while its child is being opened sees the chain.
+_CHAIN: contextvars.ContextVar[tuple] = contextvars.ContextVar("rescue_disk_chain", default=())
+
+
+def open_in_chain(source: ByteSource, options: Any, make: Callable[[], T]) -> T:
+    """Run `make()` (which may open parents) with loop and length checks."""
+    identity = getattr(source, "identity", None) or source.name
+    chain = _CHAIN.get()
+    if any(ident == identity for ident, _ in chain):
+        names = " -> ".join([n for _, n in chain] + [source.name])
+        raise DiskFormatError(f"backing chain loops: {names}", file=chain[0][1],
+                              hint="one of the backing files names an image above it")
+    if len(chain) >= options.max_chain:
+        raise DiskFormatError(f"backing chain longer than {options.max_chain} images",
+                              file=chain[0][1] if chain else source.name)
+    token = _CHAIN.set(chain + ((identity, source.name),))
+    try:
+        return make()
+    finally:
+        _CHAIN.reset(token)
 
 
 def read_exact_table(source: ByteSource, offset: int, length: int, what: str) -> bytes:

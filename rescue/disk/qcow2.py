@@ -13,7 +13,6 @@ extents (mapping.py) and cached; reads resolve into merged runs.
 
 from __future__ import annotations
 
-import contextvars
 import datetime as _dt
 import sys
 import zlib
@@ -28,7 +27,7 @@ from ..errors import DamagedRange, DiskFormatError, RescueError, UnsupportedFeat
 from ..source.base import ByteSource, open_relative
 from .base import DiskInfo, DiskOptions, RawDisk
 from .mapping import (BACKING, COMPRESSED, DAMAGED, DATA, ZERO, ExtentBuilder, MappedDisk,
-                      read_exact_table)
+                      open_in_chain, read_exact_table)
 
 MAGIC = b"QFI\xfb"
 
@@ -125,29 +124,12 @@ MAX_VIRTUAL_SIZE = 1 << 62
 COMPRESSION_NAMES = {0: "zlib", 1: "zstd"}
 CRYPT_NAMES = {1: "AES", 2: "LUKS"}
 
-# Images being opened in this backing chain (identity, name): loop detection.
-_CHAIN: contextvars.ContextVar[tuple] = contextvars.ContextVar("qcow2_chain", default=())
-
-
 def detect(source: ByteSource) -> bool:
     return source.read(0, 4) == MAGIC
 
 
 def open(source: ByteSource, options: DiskOptions) -> "Qcow2Disk":  # noqa: A001 (reader interface)
-    identity = getattr(source, "identity", None) or source.name
-    chain = _CHAIN.get()
-    if any(ident == identity for ident, _ in chain):
-        names = " -> ".join([n for _, n in chain] + [source.name])
-        raise DiskFormatError(f"backing chain loops: {names}", file=chain[0][1],
-                              hint="one of the backing files names an image above it")
-    if len(chain) >= options.max_chain:
-        raise DiskFormatError(f"backing chain longer than {options.max_chain} images",
-                              file=chain[0][1] if chain else source.name)
-    token = _CHAIN.set(chain + ((identity, source.name),))
-    try:
-        return Qcow2Disk(source, options)
-    finally:
-        _CHAIN.reset(token)
+    return open_in_chain(source, options, lambda: Qcow2Disk(source, options))
 
 
 def _bad(source: ByteSource, field: str, value: Any, why: str, hint: str | None = None) -> DiskFormatError:

@@ -1,4 +1,4 @@
-"""VirtualBox VDI, static (fixed) and dynamic (normal) images, header version 1.1.
+"""VirtualBox VDI, static (fixed), dynamic (normal) and differencing images, header 1.1.
 
 References:
 - VirtualBox src/VBox/Storage/VDICore.h (VDIPREHEADER, VDIHEADER1PLUS,
@@ -6,22 +6,28 @@ References:
 - qemu block/vdi.c (the same layout, as qemu-img writes it).
 
 A block map of one little-endian u32 per block gives the block's index in
-the data area; 0xFFFFFFFF is a free block and 0xFFFFFFFE a zeroed one, both
-read as zeros. Differencing images (a parent found by UUID) are not read.
+the data area; 0xFFFFFFFF is a free block (zeros, or the parent's block in a
+differencing image) and 0xFFFFFFFE a zeroed one. A differencing image names
+its parent only by UUID: we look for it among the .vdi files next to it and
+one folder up (VirtualBox keeps snapshots in <VM>/Snapshots/), or take
+--backing.
 """
 
 from __future__ import annotations
 
+import os
 import sys
+import uuid
 from array import array
+from dataclasses import replace
 from typing import Any
 
 from construct import Bytes, Const, ConstructError, Int32ul, Int64ul, Struct
 
-from ..errors import DiskFormatError, UnsupportedFeature
-from ..source.base import ByteSource
+from ..errors import DiskFormatError, RescueError, UnsupportedFeature
+from ..source.base import ByteSource, FileSource
 from .base import DiskInfo, DiskOptions
-from .mapping import DATA, ZERO, ExtentBuilder, MappedDisk, read_exact_table
+from .mapping import BACKING, DATA, ZERO, ExtentBuilder, MappedDisk, open_in_chain, read_exact_table
 
 SIGNATURE = 0xBEDA107F
 VERSION_1_1 = 0x00010001
@@ -74,11 +80,7 @@ def open(source: ByteSource, options: DiskOptions) -> "VdiDisk":  # noqa: A001 (
         raise DiskFormatError(f"--snapshot {options.snapshot}: VDI files hold no internal snapshots "
                               "(VirtualBox keeps each snapshot in its own differencing VDI)",
                               file=source.name)
-    disk = VdiDisk(source)
-    if options.backing:
-        disk.info.warnings.append(f"--backing {options.backing} ignored: a {disk.info.subformat} "
-                                  "VDI has no parent")
-    return disk
+    return open_in_chain(source, options, lambda: VdiDisk(source, options))
 
 
 def _bad(source: ByteSource, field: str, value: Any, why: str) -> DiskFormatError:
@@ -86,9 +88,10 @@ def _bad(source: ByteSource, field: str, value: Any, why: str) -> DiskFormatErro
 
 
 class VdiDisk(MappedDisk):
-    """The virtual disk of a static or dynamic VDI image."""
+    """The virtual disk of a static, dynamic or differencing VDI image."""
 
-    def __init__(self, source: ByteSource) -> None:
+    def __init__(self, source: ByteSource, options: DiskOptions | None = None) -> None:
+        options = options or DiskOptions()
         self.source = self.data_source = source
         self.name = source.name
         self.backing = None
@@ -106,11 +109,11 @@ class VdiDisk(MappedDisk):
         kind = TYPE_NAMES.get(h.image_type)
         if kind is None:
             raise _bad(source, "image_type", h.image_type, "unknown")
-        if kind in ("differencing", "undo") or any(h.uuid_link):
-            raise UnsupportedFeature(
-                f"VDI {kind if kind != 'dynamic' else 'differencing'} image (a snapshot layer whose "
-                "parent is found by UUID): not supported", file=source.name,
-                hint="merge the snapshot in VirtualBox or convert with VBoxManage clonemedium")
+        if kind == "undo":
+            raise UnsupportedFeature("VDI undo image: not supported", file=source.name,
+                                     hint="merge it in VirtualBox or use VBoxManage clonemedium")
+        if any(h.uuid_link):
+            kind = "differencing"
         bs = h.block_size
         if bs < 512 or bs > MAX_BLOCK_SIZE or bs & (bs - 1):
             raise _bad(source, "block_size", bs, "must be a power of two, 512 B .. 1 GiB")
@@ -132,11 +135,22 @@ class VdiDisk(MappedDisk):
         self.size = h.disk_size
         self.span = TABLE_BLOCKS * bs
         self._init_caches(TABLE_BLOCKS)
+        details = {"blocks": h.blocks_in_image, "blocks_allocated": h.blocks_allocated,
+                   "uuid": str(uuid.UUID(bytes_le=h.uuid_image)),
+                   "creator": pre.text.split(b"\0")[0].decode("ascii", "replace").strip()}
+        warnings: list[str] = []
+        if kind == "differencing":
+            details["parent_uuid"] = str(uuid.UUID(bytes_le=h.uuid_link))
+            self.backing = _open_parent(self, h.uuid_link, options, warnings)
+        elif options.backing:
+            warnings.append(f"--backing {options.backing} ignored: a {kind} VDI has no parent")
+        parent_info = getattr(self.backing, "info", None)
         self.info = DiskInfo(
             format="vdi", subformat=kind, virtual_size=self.size, allocated_size=source.size,
-            cluster_size=bs,
-            details={"blocks": h.blocks_in_image, "blocks_allocated": h.blocks_allocated,
-                     "creator": pre.text.split(b"\0")[0].decode("ascii", "replace").strip()},
+            cluster_size=bs, details=details,
+            backing_chain=([self.backing.name] + list(parent_info.backing_chain if parent_info else []))
+            if self.backing is not None else [],
+            warnings=warnings + (list(parent_info.warnings) if parent_info else []),
         )
 
     def _decode_table(self, index: int):
@@ -150,7 +164,9 @@ class VdiDisk(MappedDisk):
         b = ExtentBuilder()
         add, stride, base = b.add, bs + h.block_extra, h.offset_data + h.block_extra
         for i, e in enumerate(entries):
-            if e >= BLOCK_ZERO:
+            if e == BLOCK_FREE:  # the parent's block in a differencing image, else zeros
+                add(i * bs, bs, BACKING)
+            elif e == BLOCK_ZERO:
                 add(i * bs, bs, ZERO)
             else:
                 add(i * bs, bs, DATA, base + e * stride)
@@ -164,3 +180,69 @@ class VdiDisk(MappedDisk):
     def close(self) -> None:
         super().close()
         self.source.close()
+
+
+MAX_PARENT_CANDIDATES = 1000
+
+
+def _open_parent(child: VdiDisk, want: bytes, options: DiskOptions, warnings: list[str]):
+    """Open the parent of a differencing VDI: --backing, else found by UUID."""
+    from . import open_disk
+    from ..source.open import open_source
+
+    shown = str(uuid.UUID(bytes_le=want))
+    if options.backing:
+        try:
+            src = open_source(options.backing)
+        except RescueError as exc:
+            raise DiskFormatError(f"parent VDI {options.backing!r} not found ({exc.one_line()})",
+                                  file=child.name) from None
+        if _uuid_of(src) not in (want, None):
+            warnings.append(f"--backing {options.backing} is not the parent this image names "
+                            f"(UUID {shown}); reading it anyway")
+    else:
+        src = _find_by_uuid(child.source, want)
+        if src is None:
+            raise DiskFormatError(
+                f"differencing VDI: parent image with UUID {shown} not found next to it",
+                file=child.name, hint="pass the parent .vdi with --backing PATH (VirtualBox keeps it "
+                "in the VM folder, snapshots in its Snapshots/ folder)")
+    try:
+        return open_disk(src, replace(options, backing=None, snapshot=None))
+    except BaseException:
+        src.close()
+        raise
+
+
+def _uuid_of(src: ByteSource) -> bytes | None:
+    head = src.read(0, 72 + Header.sizeof())
+    if len(head) < 72 + Header.sizeof() or int.from_bytes(head[64:68], "little") != SIGNATURE:
+        return None
+    return Header.parse(head[72:]).uuid_image
+
+
+def _find_by_uuid(source: ByteSource, want: bytes) -> ByteSource | None:
+    path = getattr(source, "path", None)
+    if not path:  # an archive member or URL: no folder to look through
+        return None
+    here = os.path.dirname(os.path.abspath(path))
+    seen = 0
+    for folder in (here, os.path.dirname(here)):
+        try:
+            entries = sorted(os.scandir(folder), key=lambda e: e.name)
+        except OSError:
+            continue
+        for entry in entries:
+            if not entry.name.lower().endswith(".vdi") or not entry.is_file():
+                continue
+            seen += 1
+            if seen > MAX_PARENT_CANDIDATES:
+                return None
+            try:
+                candidate = FileSource(entry.path)
+            except RescueError:
+                continue
+            if candidate.identity != getattr(source, "identity", None) and _uuid_of(candidate) == want:
+                return candidate
+            candidate.close()
+    return None
