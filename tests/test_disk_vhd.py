@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
-from vdisk_helpers import (assert_same_as, built, open_guarded, qemu_raw, reference,  # noqa: E402,F401
+from vdisk_helpers import (assert_same_as, built, fuzz, open_guarded, qemu_raw, reference,  # noqa: E402,F401
                            sha256, small, unpack)
 
 from rescue.disk import DiskOptions, open_disk, vhd  # noqa: E402
@@ -222,3 +222,9 @@ def test_mac_file_url_locator(small, tmp_path):
     shutil.copy(small / "vhd_dynamic.vhd", tmp_path / "vhd_dynamic.vhd")
     img = open_vhd(tmp_path / "child.vhd")
     assert img.read(0, img.size) == (small / "vhd_diff.expected.raw").read_bytes()
+
+
+def test_randomly_damaged_vhd_images_fail_cleanly(small):
+    """Random bytes in headers and tables, truncation: a clear error or a
+    damaged range, never another exception or a hang."""
+    assert fuzz(small, ["vhd_dynamic.vhd", "vhd_diff.vhd", "vhd_fixed.vhd"], seed=1, rounds=60) == []

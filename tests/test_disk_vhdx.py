@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
-from vdisk_helpers import (assert_same_as, built, open_guarded, qemu_raw, reference,  # noqa: E402,F401
+from vdisk_helpers import (assert_same_as, built, fuzz, open_guarded, qemu_raw, reference,  # noqa: E402,F401
                            sha256, small, unpack)
 
 from rescue.disk import DiskOptions, open_disk, vhdx  # noqa: E402
@@ -194,3 +194,9 @@ def test_real_vhdx_reads_like_qemu(tmp_path, name):
 def test_real_differencing_vhdx_without_parent_names_it(tmp_path):
     kind, text = open_guarded("vhdx", unpack("dissect.hypervisor/vhdx_differencing.avhdx.gz", tmp_path))
     assert kind == "error" and "Generation 1_49C4BAF3-4B25-4406-8C4B-D39E65C32385.avhdx" in text
+
+
+def test_randomly_damaged_vhdx_images_fail_cleanly(small):
+    """Random bytes in headers and tables, truncation: a clear error or a
+    damaged range, never another exception or a hang."""
+    assert fuzz(small, ["vhdx_dynamic.vhdx", "vhdx_diff.vhdx"], seed=1, rounds=40) == []

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
-from vdisk_helpers import (assert_same_as, built, open_guarded, qemu_raw, reference,  # noqa: E402,F401
+from vdisk_helpers import (assert_same_as, built, fuzz, open_guarded, qemu_raw, reference,  # noqa: E402,F401
                            sha256, small, unpack)
 
 from rescue.disk import DiskOptions, open_disk, vhd, vhdx, vmdk  # noqa: E402
@@ -353,3 +353,9 @@ def test_esx_flat_descriptors(small, tmp_path, create_type, extent):
     assert img.info.subformat == create_type
     ref = qemu_raw(tmp_path / "disk.vmdk", "vmdk", tmp_path / "ref.raw")
     assert_same_as(img, base if isinstance(ref, str) else ref, reads=50)
+
+
+def test_randomly_damaged_vmdk_images_fail_cleanly(small):
+    """Random bytes in headers and tables, truncation: a clear error or a
+    damaged range, never another exception or a hang."""
+    assert fuzz(small, ["vmdk_sparse.vmdk", "vmdk_stream.vmdk", "vmdk_split.vmdk", "vmdk_delta.vmdk"], seed=1, rounds=60) == []

@@ -199,6 +199,9 @@ def open_sibling(source: ByteSource, name: str, what: str, hint: str | None = No
     except SourceError as e:
         raise DiskFormatError(f"{what} {name!r} cannot be opened ({e.problem})", file=source.name,
                               hint=hint) from None
+    except (ValueError, OSError) as e:   # names from a damaged image: NUL bytes, too long ...
+        raise DiskFormatError(f"{what} {name!r} cannot be opened ({e})", file=source.name,
+                              hint=hint) from None
 
 
 def check_chain(source: ByteSource, options: DiskOptions, chain: tuple) -> tuple:
