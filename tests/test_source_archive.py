@@ -389,3 +389,22 @@ def test_concatenated_gzip_members_read_as_one_disk(disk, tmp_path):
     cut.write_bytes(path.read_bytes()[:-1000])
     with pytest.raises(SourceError, match="truncated"):
         open_source(cut)
+
+
+def test_compressed_disk_inside_a_tar_is_unwrapped_too(archives, disk, tmp_path, cache_dir):
+    """A `.disk.gz` packed in a tar, and a `.tar.gz` packed in a zip."""
+    nested_tar = tmp_path / "nested.tar"
+    _run("tar", "-cf", str(nested_tar), "-C", str(archives["gz"].parent), archives["gz"].name)
+    nested_zip = tmp_path / "nested.zip"
+    with zipfile.ZipFile(nested_zip, "w", zipfile.ZIP_STORED) as zf:
+        zf.write(archives["tar.gz"], "backup/snap.tar.gz")
+    for path in (nested_tar, nested_zip):
+        builds = compressed.STATS["index_builds"]
+        source = open_source(path)
+        try:
+            _assert_same(source, disk, samples=10)
+        finally:
+            source.close()
+        assert compressed.STATS["index_builds"] == builds + 1
+        open_source(path).close()  # the inner index is cached under the outer identity
+        assert compressed.STATS["index_builds"] == builds + 1

@@ -27,7 +27,7 @@ from construct import Bytes, Const, Int16ul, Int32ul, Struct
 
 from ..errors import SourceError
 from .base import ByteSource, Run, Window
-from .cache import IndexCache
+from .cache import IndexCache, source_key
 from .compressed import (CompressedSource, Progress, deflate_as_gzip, detect_codec,
                          open_compressed)
 from .fileobj import SourceFile
@@ -337,6 +337,9 @@ class MemberSource:
         self._primary = primary
         self._owns_data = owns_data
         self.notes = list(getattr(archive.inner, "notes", []))
+        outer = source_key(archive.source)
+        # Lets an archive inside this member (a .gz in a .tar) cache its index too.
+        self.identity = ("member", outer, member.name, member.offset, member.size) if outer else None
 
     def read(self, offset: int, length: int) -> bytes:
         if offset >= self.size or length <= 0:

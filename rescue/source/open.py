@@ -40,6 +40,27 @@ def open_source(spec: str | os.PathLike, *, member: str | None = None,
     """
     opener = next(open_ for claims, open_ in LOCATIONS if claims(spec))
     source = opener(spec)
+    # Peel archive layers (a .qcow2.gz inside a .tar): `member` names a file
+    # in the outermost archive; inner ones must hold a single disk.
+    for depth in range(MAX_NESTING):
+        inner = _unwrap(source, member if depth == 0 else None, progress)
+        if inner is None:
+            break
+        source = inner
+    else:
+        depth = MAX_NESTING
+    if member is not None and depth == 0:
+        source.close()
+        raise SourceError(f"--member {member!r} given, but this is not an archive",
+                          file=source.name, hint="drop --member")
+    return source
+
+
+MAX_NESTING = 3
+
+
+def _unwrap(source: ByteSource, member: str | None, progress) -> ByteSource | None:
+    """The source inside `source` (closing it on failure), or None if it is a disk."""
     try:
         for unwrap in UNWRAPPERS:
             inner = unwrap(source, member=member, progress=progress)
@@ -48,8 +69,4 @@ def open_source(spec: str | os.PathLike, *, member: str | None = None,
     except BaseException:
         source.close()
         raise
-    if member is not None:
-        source.close()
-        raise SourceError(f"--member {member!r} given, but this is not an archive",
-                          file=source.name, hint="drop --member")
-    return source
+    return None
