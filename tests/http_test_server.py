@@ -41,6 +41,7 @@ class LogEntry:
 @dataclass
 class Modes:
     no_range: bool = False          # ignore Range, always 200 with the whole file
+    probe_range_only: bool = False  # honour only `bytes=0-0` (a CDN that lies about Range)
     status: int | None = None       # answer every file request with this status
     body: bytes = b""               # ... and this body
     drop_after: int | None = None   # close the connection after N body bytes per response
@@ -109,8 +110,9 @@ class Handler(BaseHTTPRequestHandler):
             if transient:
                 modes.fail_times -= 1
         if parts.path in self.server.routes:
-            status, ctype, body = self.server.routes[parts.path](urllib.parse.parse_qs(parts.query))
-            return self._simple(entry, status, body, ctype)
+            status, ctype, body, *extra = self.server.routes[parts.path](
+                urllib.parse.parse_qs(parts.query))
+            return self._simple(entry, status, body, ctype, extra[0] if extra else {})
         if transient:
             return self._simple(entry, 503, b"busy, try later")
         local = self.server.files.get(parts.path)
@@ -121,10 +123,12 @@ class Handler(BaseHTTPRequestHandler):
         self._file(entry, local, modes, head)
 
     def _simple(self, entry: LogEntry, status: int, body: bytes,
-                ctype: str = "application/xml") -> None:
+                ctype: str = "application/xml", headers: dict | None = None) -> None:
         entry.status = status
         self.send_response(status)
         self.send_header("Content-Type", ctype)
+        for k, v in (headers or {}).items():
+            self.send_header(k, v)
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         entry.sent = len(body)
@@ -138,7 +142,8 @@ class Handler(BaseHTTPRequestHandler):
         start, end, status = 0, size - 1, 200
         rng = self.headers.get("Range")
         if_range = self.headers.get("If-Range")
-        if rng and not modes.no_range and (if_range is None or if_range in (etag, last_mod)):
+        honoured = not modes.no_range and not (modes.probe_range_only and rng != "bytes=0-0")
+        if rng and honoured and (if_range is None or if_range in (etag, last_mod)):
             first, _, last = rng.removeprefix("bytes=").partition("-")
             if first == "":
                 start, end = max(0, size - int(last)), size - 1

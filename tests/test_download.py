@@ -128,6 +128,22 @@ def test_server_ignoring_range_restarts_from_zero_with_a_warning(http_server, sn
     assert res.resumed_from == 0
 
 
+def test_a_resume_answered_with_the_whole_file_restarts_from_zero(http_server, snapshot, tmp_path):
+    """The probe got a 206, but the resume request gets 200 and the whole file."""
+    url = http_server.serve("vps.tar.gz", snapshot)
+    out = tmp_path / "vps.tar.gz"
+    http_server.modes.drop_after = 2 * MiB
+    with pytest.raises(SourceError):
+        download(url, out, retries=0)
+    http_server.reset()
+    http_server.modes.probe_range_only = True
+    warned = []
+    res = download(url, out, sha256=digests(snapshot)[1], warn=warned.append)
+    assert out.read_bytes() == snapshot.read_bytes()
+    assert any("ignored the Range request" in w for w in warned), warned
+    assert http_server.body_bytes_sent() == 8 * MiB + 1
+
+
 def test_a_file_changed_between_attempts_is_fetched_again_not_spliced(http_server, snapshot,
                                                                       tmp_path):
     url = http_server.serve("vps.tar.gz", snapshot)

@@ -251,3 +251,13 @@ def test_a_stalled_server_times_out_with_a_clear_error_instead_of_hanging(http_s
     http_server.modes.slow = 1.0  # 64 KiB per second: each read waits longer than the timeout
     with pytest.raises(SourceError, match="failed after 2 attempts.*Timeout"):
         src.read(0, 512 << 10)
+
+
+def test_redirected_links_are_followed_with_their_ranges(http_server, images):
+    """Provider links often redirect (a CDN, a signed object-store URL)."""
+    target = http_server.serve("real/disk.raw", images["raw"])
+    http_server.routes["/dl"] = lambda q: (302, "text/plain", b"", {"Location": target})
+    src = HttpSource(http_server.url("dl"))
+    assert src.size == os.path.getsize(images["raw"])
+    assert src.read(5 * MiB, 1000) == images["raw"].read_bytes()[5 * MiB:5 * MiB + 1000]
+    assert any(e.path == "/real/disk.raw" and e.status == 206 for e in http_server.log)
