@@ -79,12 +79,12 @@ def archives(disk, tmp_path_factory) -> dict[str, Path]:
         tar(f"pax-sparse-{version}", "--format=pax", "-S", f"--sparse-version={version}")
     # tar.* through a pipe (no content size in the zstd header, as `tar --zstd` writes);
     # bare disks from the file (zstd records the size). xz: the tar.xz is
-    # multi-block (-T2), the bare .xz one block (-T1), to cover both seek paths.
-    for codec, cmd in (("gz", ["gzip", "-6"]), ("zst", ["zstd", "-q"]), ("xz", ["xz", "-1"]),
+    # multi-block (2 MiB blocks), the bare .xz one block (-T1), to cover both seek paths.
+    for codec, cmd in (("gz", ["gzip", "-6"]), ("zst", ["zstd", "-q"]), ("xz", ["xz", "-0"]),
                        ("bz2", ["bzip2", "-1"])):
         src = made["gnu-sparse"] if codec == "gz" else made["tar"]
         made[f"tar.{codec}"] = out / f"snap.tar.{codec}"
-        threads = ["-T2"] if codec == "xz" else []
+        threads = ["-T2", "--block-size=2MiB"] if codec == "xz" else []
         with open(src, "rb") as fin, open(made[f"tar.{codec}"], "wb") as fout:
             subprocess.run(cmd + threads + ["-c"], stdin=fin, stdout=fout, check=True)
         made[codec] = out / f"{name}.{codec}"
