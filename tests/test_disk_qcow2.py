@@ -459,3 +459,32 @@ def test_rescue_convert_reports_damage_with_exit_code_1(images, tmp_path):
 def test_backing_option_on_an_image_without_parent_is_a_warning(images):
     disk = open_path(images.path("v3.qcow2"), backing="/nonexistent.qcow2")
     assert disk.backing is None and "ignored" in disk.info.warnings[0]
+
+
+def test_backing_name_right_after_a_v2_header_is_not_an_extension(images, tmp_path):
+    """Old qemu wrote the backing file name at offset 72, where version 2
+    header extensions would start; qemu stops looking for extensions there."""
+    top = tmp_path / "old.qcow2"
+    make_qcow2(top, 4195840, backing="chain-base.qcow2")
+    shutil.copy(images.path("chain-base.qcow2"), tmp_path / "chain-base.qcow2")
+    _write_header(top, version=2, backing_file_offset=72, incompatible_features=None,
+                  compatible_features=None, autoclear_features=None, refcount_order=None,
+                  header_length=None, compression_type=None)
+    with open(top, "r+b") as f:
+        f.seek(72)
+        f.write(b"chain-base.qcow2")
+    disk = open_path(top)
+    assert disk.info.subformat == "compat=0.10" and not disk.info.warnings
+    assert_reads_equal(disk, images.reference("chain-base.qcow2"), seed=23, reads=30)
+
+
+def test_a_broken_header_extension_is_a_warning(images, tmp_path):
+    path = tmp_path / "ext.qcow2"
+    shutil.copy(images.path("v3.qcow2"), path)
+    with open(path, "r+b") as f:
+        f.seek(_header(path).header_length)
+        f.write(qcow2.HeaderExtension.build(dict(type=0x12345678, length=8, data=bytes(8)))[:8]
+                .replace(b"\x00\x00\x00\x08", b"\x7f\xff\xff\xff"))
+    disk = open_path(path)
+    assert any("extension 0x12345678" in w for w in disk.info.warnings)
+    assert_reads_equal(disk, images.reference("v3.qcow2"), seed=29, reads=20)

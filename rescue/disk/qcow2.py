@@ -234,7 +234,7 @@ class Qcow2Disk(MappedDisk):
                 (INCOMPAT_DATA_FILE, "external data file"), (INCOMPAT_COMPRESSION, "compression type"),
                 (INCOMPAT_EXTL2, "extended L2")) if incompat & b]
 
-        exts = self._read_extensions(header_length, cs)
+        exts = self._read_extensions(header_length, cs, h.backing_file_offset, warnings)
         for etype, data in exts:
             if etype == EXT_CRYPTO:
                 raise UnsupportedFeature("encrypted qcow2 (LUKS): reading encrypted images is not "
@@ -322,10 +322,14 @@ class Qcow2Disk(MappedDisk):
         if sys.byteorder == "little":
             self.l1.byteswap()
 
-    def _read_extensions(self, start: int, cs: int) -> list[tuple[int, bytes]]:
-        if self.version < 3 and start != 72:
-            return []
-        blob = self.source.read(start, min(cs, MAX_HEADER_EXTENSIONS_BYTES) - start)
+    def _read_extensions(self, start: int, cs: int, backing_offset: int,
+                         warnings: list[str]) -> list[tuple[int, bytes]]:
+        # They end at the end of the first cluster, or where the backing file
+        # name starts (old qemu put it right after the header), as in qemu.
+        end = min(cs, MAX_HEADER_EXTENSIONS_BYTES)
+        if start <= backing_offset < end:
+            end = backing_offset
+        blob = self.source.read(start, max(0, end - start))
         exts, pos = [], 0
         while pos + 8 <= len(blob):
             etype = int.from_bytes(blob[pos:pos + 4], "big")
@@ -334,8 +338,9 @@ class Qcow2Disk(MappedDisk):
             try:
                 ext = HeaderExtension.parse(blob[pos:])
             except ConstructError:
-                raise DiskFormatError(f"qcow2 header extension {etype:#x} at offset {start + pos} "
-                                      "runs past the header cluster", file=self.source.name) from None
+                warnings.append(f"qcow2 header extension {etype:#x} at offset {start + pos} runs past "
+                                "the header area; the extensions after it are ignored")
+                break
             exts.append((ext.type, ext.data))
             pos += 8 + ext.length + (-ext.length % 8)
         return exts
