@@ -33,7 +33,7 @@ import time
 from typing import Any, Iterator, Sequence
 
 from ..errors import FilesystemError, GuestPathError
-from ..source.base import ByteSource, FileSource
+from ..source.base import ByteSource, FileSource, Window
 from .base import (BLOCK, CHAR, DIR, FIFO, FILE, SOCKET, SYMLINK, Entry, FileReadError, FileSystem,
                    FsInfo, normalize)
 
@@ -318,6 +318,7 @@ class GuestfsFileSystem(FileSystem):
                                   f"{' (' + fstype + ')' if fstype else ''}; it sees: "
                                   + (", ".join(f"{d} {t}" for d, t in found.items()) or "nothing"),
                                   file=self.name, layer="fs")
+        self.skipped: list[str] = []   # entries the bindings cannot name (non-UTF-8)
         self.root = appliance.mount(self.device)
         self.info = self._info(fstype)
 
@@ -372,7 +373,7 @@ class GuestfsFileSystem(FileSystem):
         real = self._real(path)
         try:
             st = self.g.lstatns(real)
-        except RuntimeError:
+        except (RuntimeError, UnicodeError):
             raise GuestPathError(f"no such file or directory: {path}", file=self.name) from None
         link = None
         if st["st_mode"] & _S_IFMT == 0o120000:
@@ -386,7 +387,7 @@ class GuestfsFileSystem(FileSystem):
         path = normalize(path)
         real = self._real(path)
         try:
-            names = [n for n in self.g.ls(real) if n not in (".", "..")]
+            names = [n for n in self._names(real) if n not in (".", "..")]
         except RuntimeError as exc:
             if self.stat(path).kind != DIR:
                 raise GuestPathError(f"not a directory: {path}", file=self.name) from None
@@ -405,6 +406,35 @@ class GuestfsFileSystem(FileSystem):
                     continue
                 out.append(self._entry(posixpath.join(path, name), st, targets.get(name)))
         return out
+
+    def _names(self, real: str) -> list[str]:
+        try:
+            return list(self.g.ls(real))
+        except UnicodeDecodeError:
+            pass
+        # The bindings pass names as strict UTF-8 str and cannot carry other
+        # bytes either way: list them as bytes (ls0 into a local file), keep the
+        # UTF-8 ones and report the others.
+        fd, tmp = tempfile.mkstemp(prefix="rescue-ls0-")
+        os.close(fd)
+        try:
+            self.g.ls0(real, tmp)
+            with open(tmp, "rb") as f:
+                raw = f.read().split(b"\0")
+        finally:
+            os.unlink(tmp)
+        names = []
+        for name in raw:
+            if not name:
+                continue
+            try:
+                names.append(name.decode("utf-8"))
+            except UnicodeDecodeError:
+                shown = posixpath.join(real[len(self.root):] or "/", name.decode("utf-8", "backslashreplace"))
+                log.warning("%s: %s: name is not UTF-8; the libguestfs backend cannot read it "
+                            "(the tsk backend can, for filesystems it knows)", self.name, shown)
+                self.skipped.append(shown)
+        return names
 
     def read_chunks(self, entry: Entry, chunk_size: int = 1 << 20) -> Iterator[bytes]:
         if entry.kind != FILE or entry.size == 0:
@@ -452,3 +482,14 @@ class GuestfsFileSystem(FileSystem):
     def close(self) -> None:
         if self._own:
             self.appliance.close()
+
+
+def open_volume(volume, name: str | None = None) -> GuestfsFileSystem:
+    """The snapshot layer's entry point: one volume (`rescue.volume.base.Volume`)
+    in its own appliance. The volume's byte source goes in by path when it is a
+    whole local file, else over the NBD export."""
+    source = volume.source
+    if isinstance(source, Window) and isinstance(source.parent, FileSource) and source.start == 0 \
+            and source.size == source.parent.size:
+        source = source.parent   # a bare filesystem file: attach it directly
+    return GuestfsFileSystem(source, name=name or volume.id)
