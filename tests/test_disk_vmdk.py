@@ -359,3 +359,39 @@ def test_randomly_damaged_vmdk_images_fail_cleanly(small):
     """Random bytes in headers and tables, truncation: a clear error or a
     damaged range, never another exception or a hang."""
     assert fuzz(small, ["vmdk_sparse.vmdk", "vmdk_stream.vmdk", "vmdk_split.vmdk", "vmdk_delta.vmdk"], seed=1, rounds=60) == []
+
+
+def test_gd_at_end_footer_and_a_stream_cut_short(small, tmp_path):
+    """The header says GD_AT_END (as VMware and AWS exports do): the footer
+    serves; cut the file short and the grains are found by walking the markers,
+    the rest of the disk is a damaged range."""
+    full = _patch_header(small / "vmdk_stream.vmdk", tmp_path / "end.vmdk", gd_offset=vmdk.GD_AT_END)
+    img = open_vmdk(full)
+    ref = qemu_raw(full, "vmdk", tmp_path / "ref.raw")
+    assert_same_as(img, small / "vmdk_base.raw" if isinstance(ref, str) else ref, reads=50)
+    data = full.read_bytes()
+    base = (small / "vmdk_base.raw").read_bytes()
+    (tmp_path / "cut.vmdk").write_bytes(data[:len(data) // 2])
+    cut = open_vmdk(tmp_path / "cut.vmdk")
+    assert any("no footer" in w for w in cut.info.warnings)
+    lost = cut.extents[0][1].lost_from
+    assert 0 < lost < cut.size
+    assert cut.read(0, lost) == base[:lost]
+    with pytest.raises(DamagedRange, match="lost"):
+        cut.read(lost, 512)
+
+
+def test_real_vmware_stream_cut_short_keeps_what_arrived(tmp_path):
+    path = unpack("qemu/iotest-version3.vmdk.bz2", tmp_path)
+    whole = open_vmdk(path)
+    data = path.read_bytes()
+    (tmp_path / "cut.vmdk").write_bytes(data[:len(data) // 2])
+    cut = open_vmdk(tmp_path / "cut.vmdk")
+    lost = cut.extents[0][1].lost_from
+    assert 0 < lost < cut.size and cut.info.warnings
+    runs = [r for r in whole.runs(0, lost) if r.kind == "data"]
+    assert runs and runs == [r for r in cut.runs(0, lost) if r.kind == "data"]
+    for r in runs:
+        assert cut.read(r.offset, r.length) == whole.read(r.offset, r.length)
+    with pytest.raises(DamagedRange):
+        cut.read(lost, 512)

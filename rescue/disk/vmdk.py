@@ -182,6 +182,8 @@ class SparseExtent:
         self.src = src
         self.name = src.name
         self.warnings: list[str] = []
+        self.scanned: dict | None = None      # grain tables found by scanning a cut stream
+        self.lost_from = 1 << 62
         head = src.read(0, SECTOR)
         if head[:4] == b"COWD":
             self._init_cowd(head)
@@ -230,6 +232,8 @@ class SparseExtent:
             # streamOptimized: the real header is the footer, 1024 bytes from the end.
             foot = self.src.read(self.src.size - 1024, SECTOR)
             if len(foot) != SECTOR or foot[:4] != b"KDMV":
+                if h.flags & FLAG_MARKERS and h.flags & FLAG_COMPRESSED:
+                    return self._scan_stream(h)
                 raise DiskFormatError("streamOptimized VMDK has GD_AT_END but no footer header "
                                       "1024 bytes before the end: file truncated?", file=self.name)
             h = SparseExtentHeader.parse(foot)
@@ -252,8 +256,55 @@ class SparseExtent:
             raw = self.src.read(h.descriptor_offset * SECTOR, h.descriptor_size * SECTOR)
             self.descriptor = raw.split(b"\0", 1)[0].decode("utf-8", "replace")
 
+    def _scan_stream(self, h) -> None:
+        """A streamOptimized file without its footer (a download cut short):
+        find the grains by walking the markers. A stream is written in LBA
+        order, so grains missing before the last one found are zeros, and all
+        after it may be lost with the rest of the file (damaged ranges)."""
+        self.header = h
+        self.flags = h.flags
+        self.compressed = self.markers = True
+        self._set_geometry(h.capacity, h.grain_size, h.num_gtes_per_gt or 512, 0, "KDMV", scan=True)
+        tables: dict[int, array.array] = {}
+        pos = max(h.overhead, 1) * SECTOR
+        buf, buf_at = b"", pos
+        last = -1
+        while True:
+            if pos + 16 > buf_at + len(buf):
+                buf, buf_at = self.src.read(pos, STREAM_WINDOW), pos
+                if len(buf) < 16:
+                    break
+            at = pos - buf_at
+            lba = int.from_bytes(buf[at:at + 8], "little")
+            size = int.from_bytes(buf[at + 8:at + 12], "little")
+            if size:                                   # a grain
+                gi = lba * SECTOR // self.grain
+                if lba * SECTOR >= self.capacity or lba * SECTOR % self.grain or pos + 12 + size > self.src.size:
+                    break
+                ti, ei = divmod(gi, self.gtes)
+                table = tables.get(ti)
+                if table is None:
+                    table = tables[ti] = array.array("I", bytes(4 * self.gtes))
+                table[ei] = pos // SECTOR
+                last = max(last, gi)
+                pos = (pos + 12 + size + SECTOR - 1) // SECTOR * SECTOR
+            else:                                      # metadata marker: lba = its sectors
+                kind = int.from_bytes(buf[at + 12:at + 16], "little")
+                if kind == 0 or kind > 3:              # end of stream, or garbage
+                    break
+                pos += SECTOR + lba * SECTOR
+        self.scanned = tables
+        self.lost_from = (last + 1) * self.grain
+        self.warnings.append(
+            f"streamOptimized VMDK has no footer (file cut short?): grains found by scanning; "
+            f"data after byte {self.lost_from} of the disk is lost")
+        self.descriptor = ""
+        if h.descriptor_offset and 0 < h.descriptor_size <= MAX_DESCRIPTOR // SECTOR:
+            raw = self.src.read(h.descriptor_offset * SECTOR, h.descriptor_size * SECTOR)
+            self.descriptor = raw.split(b"\0", 1)[0].decode("utf-8", "replace")
+
     def _set_geometry(self, capacity: int, grain: int, gtes: int, gd_sector: int, kind: str,
-                      n_gd_max: int | None = None) -> None:
+                      n_gd_max: int | None = None, scan: bool = False) -> None:
         if grain == 0 or grain & (grain - 1) or grain > MAX_GRAIN_SECTORS:
             raise DiskFormatError(f"grainSize {grain} sectors is not a power of two up to "
                                   f"{MAX_GRAIN_SECTORS}", file=self.name)
@@ -271,17 +322,23 @@ class SparseExtent:
             raise DiskFormatError(f"grain directory of {n_gd_max} entries cannot cover capacity "
                                   f"{capacity} sectors", file=self.name)
         self.width = 8 if kind == "SESPARSE" else 4       # seSparse tables hold u64 entries
+        self.n_gd = n_gd
+        self.kind = kind
+        if scan:
+            self.gd = array.array("I")
+            return
         raw = self.src.read(gd_sector * SECTOR, n_gd * self.width)
         gd = array.array("Q" if self.width == 8 else "I")
         gd.frombytes(raw[:len(raw) // self.width * self.width])
         if sys.byteorder == "big":
             gd.byteswap()
         self.gd = gd
-        self.n_gd = n_gd
-        self.kind = kind
 
     def _table(self, idx: int):
         """Grain table `idx` as an array of sector offsets, or a reason string."""
+        if self.scanned is not None:
+            return self.scanned.get(idx)
+
         def load():
             if idx >= len(self.gd):
                 return f"grain directory entry {idx} lies past the end of {self.name}"
@@ -314,6 +371,11 @@ class SparseExtent:
             if pos >= self.capacity:
                 yield Piece(ZERO, voff + pos - off, end - pos)
                 return
+            if pos >= self.lost_from:
+                yield Piece(DAMAGED, voff + pos - off, min(end, self.capacity) - pos, None,
+                            "lost: the streamOptimized file ends before this grain")
+                pos = min(end, self.capacity)
+                continue
             gi, within = divmod(pos, g)
             ti, ei = divmod(gi, self.gtes)
             table = self._table(ti)
