@@ -439,3 +439,15 @@ def test_password_in_url_is_used_but_never_shown(src, daemon, monkeypatch):
     with pytest.raises(TargetError) as exc:
         send(f"rsync://alice:Wr0ngPassw0rd@127.0.0.1:{daemon.port}/auth/in-url/", items_from_tree(src)[:3])
     assert "auth failed" in str(exc.value) and "Wr0ngPassw0rd" not in str(exc.value)
+
+
+@needs_cli
+def test_cli_full_remote_is_exit_2_and_one_line(tmp_path, tiny_tmpfs):
+    d = RsyncDaemon(tmp_path / "d", tiny=tiny_tmpfs)
+    try:
+        r = rescue_extract(d.url("tiny", "vols/"), "--scratch-limit", "64K")
+        assert r.returncode == 2, r.stderr
+        lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+        assert len(lines) == 1 and "the remote is full" in lines[0], r.stderr
+    finally:
+        d.stop()
