@@ -277,3 +277,23 @@ def test_provisioning_script_installs_a_working_guestfs_backend(tmp_path):
                            capture_output=True, text=True)
     assert check.returncode == 0, check.stderr
     assert subprocess.run([str(venv / "bin" / "rescue"), "--help"], capture_output=True).returncode == 0
+
+
+def test_vagrantfile_validates(tmp_path):
+    if shutil.which("vagrant") is None:
+        pytest.skip("vagrant not installed (apt install vagrant)")
+    work = tmp_path / "repo"
+    (work / "scripts").mkdir(parents=True)
+    shutil.copy(REPO / "Vagrantfile", work)
+    shutil.copy(REPO / "scripts" / "provision-guestfs.sh", work / "scripts")
+    env = dict(os.environ, VAGRANT_HOME=str(tmp_path / "vagrant.d"), VAGRANT_CHECKPOINT_DISABLE="1")
+    # no provider (VirtualBox, ...) on a CI machine: validate all but the provider blocks
+    res = subprocess.run(["vagrant", "validate", "--ignore-provider"], cwd=work, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "validated successfully" in res.stdout
+    # and it does check: a provisioner script that is not there fails
+    (work / "scripts" / "provision-guestfs.sh").unlink()
+    res = subprocess.run(["vagrant", "validate", "--ignore-provider"], cwd=work, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode != 0
