@@ -478,14 +478,15 @@ class VmdkImage(MappedImage):
     def __init__(self, source: ByteSource, options: DiskOptions, chain: tuple) -> None:
         self.source = source
         self.name = source.name
-        self._sources = []
+        self._sources = []          # extent files we opened
         self.parent = None
         self.chain = check_chain(source, options, chain)
         try:
             self._open(source, options)
         except BaseException:
-            self.close()
+            self.close()            # what we opened; the caller closes `source`
             raise
+        self._sources.insert(0, source)   # from now on close() closes it too, like RawDisk
 
     def _open(self, source: ByteSource, options: DiskOptions) -> None:
         head = source.read(0, 4096)
