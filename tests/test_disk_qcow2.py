@@ -488,3 +488,15 @@ def test_a_broken_header_extension_is_a_warning(images, tmp_path):
     disk = open_path(path)
     assert any("extension 0x12345678" in w for w in disk.info.warnings)
     assert_reads_equal(disk, images.reference("v3.qcow2"), seed=29, reads=20)
+
+
+def test_absurd_snapshot_disk_size_is_refused(images, tmp_path):
+    path = tmp_path / "snap.qcow2"
+    shutil.copy(images.path("snap.qcow2"), path)
+    entry = _header(path).snapshots_offset
+    with open(path, "r+b") as f:  # extra data: vm_state_size_large, then disk_size
+        f.seek(entry + 48)
+        f.write((1 << 61).to_bytes(8, "big"))
+    assert open_path(path).info.snapshots[0]["disk_size"] == 1 << 61  # listing still works
+    with pytest.raises(DiskFormatError, match="size"):
+        open_path(path, snapshot="before")

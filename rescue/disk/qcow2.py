@@ -312,6 +312,8 @@ class Qcow2Disk(MappedDisk):
         if l1_size < needed:
             raise _bad(src, "l1_size", l1_size,
                        f"too small for virtual size {self.virtual_size} (needs {needed})")
+        if needed * 8 > MAX_L1_BYTES:  # a snapshot's own size can ask for more
+            raise _bad(src, "size", self.virtual_size, f"needs an L1 table over {MAX_L1_BYTES >> 20} MiB")
         if self.version >= 2 and offset % cs:
             raise _bad(src, field, offset, "not aligned to a cluster")
         if offset + l1_size * 8 > src.size:
