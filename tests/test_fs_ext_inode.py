@@ -90,6 +90,7 @@ IMAGES = {
     # name: mkfs arguments
     "ext4": ["mkfs.ext4", "-q", "-b", "4096", "-I", "256", "-O", "ea_inode"],
     "ext4_64bit_metabg": ["mkfs.ext4", "-q", "-b", "1024", "-I", "512", "-O", "64bit,meta_bg,^resize_inode"],
+    "ext4_inline_data": ["mkfs.ext4", "-q", "-b", "4096", "-I", "256", "-O", "inline_data"],
     "ext2": ["mkfs.ext2", "-q", "-b", "1024", "-I", "128"],
     "ext2_256": ["mkfs.ext2", "-q", "-b", "2048", "-I", "256"],
 }
