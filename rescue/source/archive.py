@@ -245,7 +245,7 @@ class Archive:
     def find(self, name: str) -> Member | None:
         want = name.lstrip("/")
         want = want[2:] if want.startswith("./") else want
-        for m in self.members:
+        for m in reversed(self.members):  # tar: a name appended later replaces the earlier one
             have = m.name[2:] if m.name.startswith("./") else m.name
             if have == want or have.rstrip("/") == want.rstrip("/"):
                 return m

@@ -417,8 +417,14 @@ class FramedStreamSource(CompressedSource):
         for cur in self._cursors:
             if cur[0] == index and cur[1] <= inner and (best is None or cur[1] > best[1]):
                 best = cur
+        if (best is not None and len(self._cursors) < self.MAX_CURSORS
+                and inner - best[1] > max(best[1], 16 << 20)):
+            # A long jump ahead (the backup GPT at the disk's end): leave this
+            # decoder parked near the metadata it serves and reach the target
+            # with a new one; that costs at most twice the jump.
+            best = None
         if best is None:
-            if any(cur[0] == index for cur in self._cursors):
+            if any(cur[0] == index and cur[1] > inner for cur in self._cursors):
                 STATS["stream_restarts"] += 1
             cstart, csize, _, _ = self._frames[index]
             best = [index, 0, self._reader(Window(self.source, cstart, csize))]
