@@ -184,8 +184,17 @@ def test_unsafe_names_never_leave_the_target(src, daemon, tmp_path):
     for item in evil:
         with pytest.raises(FileReadError, match="unsafe name"):
             sink.add(item)
+    # a symlink to /etc, then a file "through" it: refused, nothing written outside
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    link = Item(name="lnk", entry=Entry(path="/lnk", kind="symlink", mode=0o777, link_target=str(outside)))
+    sink.add(link)
+    with pytest.raises(FileReadError, match="not a directory"):
+        sink.add(Item(name="lnk/owned", entry=Entry(path="/lnk/owned", kind=FILE, mode=0o644, size=4),
+                      content=Content(size=4, chunks=lambda: iter([b"evil"]))))
     result = sink.close()
-    assert result.files == 0
+    assert result.files == 0 and not list(outside.iterdir())
+    assert (daemon.open_dir / "evil" / "lnk").is_symlink()
     assert not list(daemon.base.rglob("escaped*")) and not list(tmp_path.parent.rglob("escaped*"))
 
 

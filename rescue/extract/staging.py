@@ -89,7 +89,11 @@ class Staging:
             for i, p in enumerate(parts):
                 try:
                     nfd = os.open(p, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd)
-                except FileNotFoundError:
+                except OSError as e:
+                    if e.errno not in (errno.ENOENT, errno.ELOOP, errno.ENOTDIR):
+                        raise
+                    if e.errno != errno.ENOENT:   # a symlink or file where a directory should be
+                        raise ValueError(f"{'/'.join(parts[:i + 1])} is not a directory") from None
                     if not create:
                         raise
                     os.mkdir(p, 0o700, dir_fd=fd)
@@ -299,7 +303,7 @@ class Staging:
         parts = split_name(name)
         try:
             pfd = self._open_dir(parts[:-1], create=False)
-        except OSError:
+        except (OSError, ValueError):
             return False
         try:
             os.stat(parts[-1], dir_fd=pfd, follow_symlinks=False)
