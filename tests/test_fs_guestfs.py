@@ -1,9 +1,9 @@
 """The libguestfs backend on XFS and btrfs made by the real tools, against the
 kernel's view (read-only loop mounts, as root) or the tree they were made from.
 
-One appliance for the whole session, both images attached: XFS as a local file,
-btrfs as a partition-like window of a bigger file, which goes through our NBD
-export. Also: the NBD export alone against qemu-img, and the provisioning
+One appliance for the whole session (open_volumes), both images attached: XFS
+as a local file, btrfs as a partition-like window of a bigger file, which goes
+through our NBD export. Also: the NBD export alone against qemu-img, and the provisioning
 script (CI only)."""
 
 from __future__ import annotations
@@ -106,30 +106,37 @@ def images(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def appliance(images):
+def filesystems(images):
+    """kind -> GuestfsFileSystem, all from one appliance (open_volumes)."""
     reason = guestfs_reason()
     if reason:
         pytest.skip(f"libguestfs unavailable: {reason}")
     from rescue.errors import FilesystemError
-    from rescue.fs.guestfs import GuestfsAppliance
+    from rescue.fs.guestfs import open_volumes
+    from rescue.volume.base import Volume
 
-    sources, names = [], []
+    volumes, kinds = [], []
     if "xfs" in images:
-        sources.append(str(images["xfs"]))
-        names.append("xfs")
+        src = FileSource(images["xfs"])   # a bare filesystem file: attached by path
+        volumes.append(Volume(id="xfs", start=0, size=src.size, source=Window(src, 0, src.size)))
+        kinds.append("xfs")
     if "btrfs" in images:
-        _, disk = images["btrfs"]
-        sources.append(Window(FileSource(disk), PAD, (120 << 20), name="btrfs-part1"))
-        names.append("btrfs")
-    if not sources:
+        _, disk = images["btrfs"]         # partition 1 of a disk: through the NBD export
+        volumes.append(Volume(id="1", start=PAD, size=120 << 20,
+                              source=Window(FileSource(disk), PAD, 120 << 20, name="btrfs-part1")))
+        kinds.append("btrfs")
+    if not volumes:
         pytest.skip("neither mkfs.xfs (with root) nor mkfs.btrfs is available")
     try:
-        app = GuestfsAppliance(sources)
+        opened = open_volumes(volumes, names=kinds)
     except FilesystemError as exc:
         pytest.skip(f"libguestfs appliance does not start here: {exc}")
+    app = opened[0].appliance
     print(f"\nlibguestfs appliance: {app.launch_seconds:.1f} s ({app.accelerator})", file=sys.stderr)
-    yield app, dict(zip(names, app.devices))
-    app.close()
+    yield dict(zip(kinds, opened))
+    for fs in opened:
+        fs.close()
+    assert app.g is None      # the last close closed the appliance
 
 
 def reference_dir(images, kind: str, tmp_path_factory):
@@ -163,14 +170,14 @@ def xattrs_of(path: Path) -> dict[str, bytes]:
 
 
 @pytest.mark.parametrize("kind", ["xfs", "btrfs"])
-def test_every_entry_matches_the_kernel_view(kind, images, appliance, tmp_path_factory):
-    from rescue.fs.guestfs import GuestfsFileSystem
-
-    app, devices = appliance
-    if kind not in devices:
+def test_every_entry_matches_the_kernel_view(kind, images, filesystems, tmp_path_factory):
+    if kind not in filesystems:
         pytest.skip(f"no {kind} image (mkfs.{kind} missing, or XFS without root)")
-    fs = GuestfsFileSystem(appliance=app, device=devices[kind], name=kind)
+    fs = filesystems[kind]
     assert fs.info.type == kind and fs.launch_seconds > 0
+    # a bare file goes in by path; a partition window through the NBD export's overlay
+    drive = fs.appliance.drives[fs.appliance.devices.index(fs.device)]
+    assert drive[0].endswith(".qcow2") == (kind == "btrfs")
     ref, mnt = reference_dir(images, kind, tmp_path_factory)
     try:
         seen = set()
@@ -206,17 +213,14 @@ def test_every_entry_matches_the_kernel_view(kind, images, appliance, tmp_path_f
             (ref / "var/lib/db/data.bin").read_bytes()[(2 << 20) - 5:(2 << 20) + 5]
         assert fs.resolve("/link").path == "/etc/hostname"
     finally:
-        fs.close()
         if mnt is not None:
             subprocess.run(["umount", str(mnt)], capture_output=True)
 
 
-def test_missing_path_is_a_guest_path_error(appliance):
+def test_missing_path_is_a_guest_path_error(filesystems):
     from rescue.errors import GuestPathError
-    from rescue.fs.guestfs import GuestfsFileSystem
 
-    app, devices = appliance
-    fs = GuestfsFileSystem(appliance=app, device=next(iter(devices.values())))
+    fs = next(iter(filesystems.values()))
     with pytest.raises(GuestPathError):
         fs.stat("/no/such/file")
     assert fs.stat("/..").path == "/"      # cannot climb above the guest root

@@ -243,6 +243,14 @@ class GuestfsAppliance:
         self._mount_slots[device] = where
         return where
 
+    users = 0    # GuestfsFileSystems that close the appliance with them (own=True)
+
+    def release(self) -> None:
+        """One owning filesystem is done; the last one closes the appliance."""
+        self.users -= 1
+        if self.users <= 0:
+            self.close()
+
     def _close_handle(self) -> None:
         if self.g is not None:
             try:
@@ -296,15 +304,25 @@ class GuestfsFileSystem(FileSystem):
 
     def __init__(self, source: ByteSource | str | os.PathLike | None = None, *,
                  appliance: GuestfsAppliance | None = None, device: str | None = None,
-                 name: str | None = None) -> None:
+                 name: str | None = None, own: bool = False) -> None:
         if appliance is None:
             if source is None:
                 raise ValueError("need a source or an appliance")
             appliance = GuestfsAppliance([source])
-            self._own = True
-        else:
-            self._own = False
+            appliance.users = 0
+            own = True
+        self._own = own
+        if own:
+            appliance.users += 1
         self.appliance = appliance
+        try:
+            self._setup(source, device, name)
+        except BaseException:
+            self.close()
+            raise
+
+    def _setup(self, source, device: str | None, name: str | None) -> None:
+        appliance = self.appliance
         self.g = appliance.g
         self.device = device or appliance.devices[0]
         self.name = name or getattr(source, "name", None) or (os.fspath(source) if source else self.device)
@@ -481,15 +499,39 @@ class GuestfsFileSystem(FileSystem):
 
     def close(self) -> None:
         if self._own:
-            self.appliance.close()
+            self._own = False
+            self.appliance.release()
+
+
+def _volume_source(volume) -> ByteSource:
+    source = volume.source
+    if isinstance(source, Window) and isinstance(source.parent, FileSource) and source.start == 0 \
+            and source.size == source.parent.size:
+        source = source.parent   # a bare filesystem file: attach it directly
+    return source
 
 
 def open_volume(volume, name: str | None = None) -> GuestfsFileSystem:
     """The snapshot layer's entry point: one volume (`rescue.volume.base.Volume`)
     in its own appliance. The volume's byte source goes in by path when it is a
     whole local file, else over the NBD export."""
-    source = volume.source
-    if isinstance(source, Window) and isinstance(source.parent, FileSource) and source.start == 0 \
-            and source.size == source.parent.size:
-        source = source.parent   # a bare filesystem file: attach it directly
-    return GuestfsFileSystem(source, name=name or volume.id)
+    return GuestfsFileSystem(_volume_source(volume), name=name or volume.id)
+
+
+def open_volumes(volumes: Sequence, names: Sequence[str] | None = None) -> list[GuestfsFileSystem]:
+    """Several volumes (root and a separate /var on XFS, say) with ONE appliance
+    launch; the appliance closes when the last of them is closed."""
+    if not volumes:
+        return []
+    appliance = GuestfsAppliance([_volume_source(v) for v in volumes])
+    out: list[GuestfsFileSystem] = []
+    try:
+        for i, volume in enumerate(volumes):
+            out.append(GuestfsFileSystem(appliance=appliance, device=appliance.devices[i],
+                                         name=names[i] if names else volume.id, own=True))
+    except BaseException:
+        for fs in out:
+            fs.close()
+        appliance.close()
+        raise
+    return out
