@@ -13,6 +13,8 @@ from .base import DiskImage, DiskInfo, DiskOptions, RawDisk
 
 # Module names under rescue.disk, tried in order; each reader registers here.
 FORMATS: list[str] = ["qcow2", "vdi", "vmdk", "vhdx", "vhd"]  # vhd last: its magic is at the end
+# Issue 3 follow-up: more containers, each detected by its magic only.
+FORMATS += ["parallels", "bochs", "cloop", "dmg", "vma"]
 
 
 def _readers():

@@ -9,6 +9,8 @@ from typing import Callable
 from ..errors import SourceError
 from .archive import open_archive
 from .base import ByteSource, FileSource
+from .bundle import bundle_descriptor, open_bundle
+from .split import open_split
 
 
 def _is_url(spec: str | os.PathLike) -> bool:
@@ -23,11 +25,12 @@ def _open_url(spec: str) -> ByteSource:
 # Where the bytes live, tried in order: (claims(spec), open(spec)).
 LOCATIONS: list[tuple[Callable, Callable]] = [
     (_is_url, _open_url),
+    (bundle_descriptor, open_bundle),   # a Parallels .hdd folder or its empty stub
     (lambda spec: True, FileSource),
 ]
 
 # What the bytes are, tried in order: each returns the source inside, or None.
-UNWRAPPERS: list[Callable] = [open_archive]
+UNWRAPPERS: list[Callable] = [open_archive, open_split]
 
 
 def open_source(spec: str | os.PathLike, *, member: str | None = None,
