@@ -36,13 +36,13 @@ def _main(debug: bool = typer.Option(False, "--debug", help="Show tracebacks for
 
 # -- shared pieces ------------------------------------------------------------
 
-SnapshotArg = typer.Argument(..., metavar="SNAPSHOT",
+SnapshotArg = typer.Argument(..., metavar="SNAPSHOT", show_default=False,
                              help="Disk image, snapshot archive or URL (detected by content).")
-VolumeOpt = typer.Option(None, "--volume", "-V", help="Volume to read (see `rescue inspect`): 2, vg0/root, whole.")
-MemberOpt = typer.Option(None, "--member", help="File inside an archive, when it holds several disks.")
-BackingOpt = typer.Option(None, "--backing", help="Parent image of a qcow2/VHD/VMDK overlay.")
-QSnapOpt = typer.Option(None, "--snapshot", help="qcow2 internal snapshot to read (name or id).")
-BackendOpt = typer.Option("auto", "--backend", help="Filesystem reader: auto, tsk, guestfs.")
+VolumeOpt = typer.Option(None, "--volume", "-V", metavar="ID", help="Volume to read (see `rescue inspect`): 2, vg0/root, whole.")
+MemberOpt = typer.Option(None, "--member", metavar="NAME", help="File inside an archive, when it holds several disks.")
+BackingOpt = typer.Option(None, "--backing", metavar="FILE", help="Parent image of a qcow2/VHD/VMDK overlay.")
+QSnapOpt = typer.Option(None, "--snapshot", metavar="NAME", help="qcow2 internal snapshot to read (name or id).")
+BackendOpt = typer.Option("auto", "--backend", metavar="NAME", help="Filesystem reader: auto, tsk, guestfs.")
 PartialOpt = typer.Option(False, "--partial", help="Read a truncated image anyway: rescue what it still holds.")
 
 
@@ -252,19 +252,19 @@ def cat(snapshot: str = SnapshotArg, path: str = typer.Argument(..., help="File 
 
 @app.command()
 def extract(snapshot: str = SnapshotArg,
-            paths: List[str] = typer.Option(["/"], "--path", "-p", help="Guest path to rescue (repeatable)."),
-            output: Optional[str] = typer.Option(None, "-o", "--output",
+            paths: List[str] = typer.Option(["/"], "--path", "-p", metavar="PATH", help="Guest path to rescue (repeatable)."),
+            output: Optional[str] = typer.Option(None, "-o", "--output", metavar="OUT",
                                                  help="OUT.tar, OUT.tar.gz, OUT.tar.zst, - (stdout), DIR/, "
                                                       "rsync://..., USER@HOST:PATH/, rclone:REMOTE:PATH/"),
-            exclude: List[str] = typer.Option([], "--exclude", "-x", help="Glob to leave out (repeatable)."),
-            strip_components: int = typer.Option(0, "--strip-components", help="Drop N leading path parts."),
+            exclude: List[str] = typer.Option([], "--exclude", "-x", metavar="GLOB", help="Glob to leave out (repeatable)."),
+            strip_components: int = typer.Option(0, "--strip-components", metavar="N", help="Drop N leading path parts."),
             dry_run: bool = typer.Option(False, "--dry-run", help="Write nothing."),
             list_: bool = typer.Option(False, "--list", help="List what is (or would be) written."),
             devices: bool = typer.Option(False, "--devices", help="Create device nodes in a directory (root)."),
             keep_setuid: bool = typer.Option(False, "--keep-setuid", help="Keep setuid bits in a directory as root."),
             no_xattrs: bool = typer.Option(False, "--no-xattrs", help="Do not copy extended attributes."),
             force: bool = typer.Option(False, "--force", help="Overwrite an existing output file."),
-            rsync_opt: List[str] = typer.Option([], "--rsync-opt", help="Extra rsync option (repeatable)."),
+            rsync_opt: List[str] = typer.Option([], "--rsync-opt", metavar="OPT", help="Extra rsync option (repeatable)."),
             scratch_limit: str = typer.Option("1G", "--scratch-limit",
                                               help="Local scratch space for rsync/rclone tree targets (e.g. 512M)."),
             volume: Optional[str] = VolumeOpt, member: Optional[str] = MemberOpt,
@@ -431,7 +431,7 @@ def download(source: str = typer.Argument(..., metavar="URL|kiwivm",
                                              help="Parallel ranges (servers that allow it)."),
              force: bool = typer.Option(False, "--force", help="Replace an existing output file."),
              veid: Optional[str] = typer.Option(None, "--veid", help="kiwivm: the VPS id (VEID)."),
-             snap_name: Optional[str] = typer.Option(None, "--snapshot",
+             snap_name: Optional[str] = typer.Option(None, "--snapshot", metavar="NAME",
                                                      help="kiwivm: snapshot fileName to download."),
              latest: bool = typer.Option(False, "--latest", help="kiwivm: the newest snapshot."),
              api_key: Optional[str] = typer.Option(None, "--api-key",
