@@ -408,3 +408,19 @@ def test_compressed_disk_inside_a_tar_is_unwrapped_too(archives, disk, tmp_path,
         assert compressed.STATS["index_builds"] == builds + 1
         open_source(path).close()  # the inner index is cached under the outer identity
         assert compressed.STATS["index_builds"] == builds + 1
+
+
+def test_overlapping_sparse_map_is_refused(archives, tmp_path):
+    import re
+    data = archives["pax-sparse-0.1"].read_bytes()
+    found = re.search(rb"GNU\.sparse\.map=([0-9,]+)\n", data)
+    numbers = found.group(1).split(b",")
+    assert len(numbers) >= 4
+    # Second run starts where the first does (same widths: zero-padded, so the
+    # pax record keeps its length).
+    numbers[2] = numbers[0].rjust(len(numbers[2]), b"0")
+    bad = data[:found.start(1)] + b",".join(numbers) + data[found.end(1):]
+    path = tmp_path / "overlap.tar"
+    path.write_bytes(bad)
+    with pytest.raises(SourceError, match="inconsistent sparse map"):
+        open_source(path)

@@ -126,6 +126,16 @@ class _ProgressFile(SourceFile):
         return data
 
 
+def _sparse_map_ok(m: Member) -> bool:
+    """Runs in order, not overlapping, inside the file: reads then never come up short."""
+    end = 0
+    for offset, length in m.sparse:
+        if offset < end or length < 0:
+            return False
+        end = offset + length
+    return end <= m.size
+
+
 def _read_tar_table(source: ByteSource, progress: Progress | None = None) -> list[Member]:
     members = []
     try:
@@ -148,6 +158,10 @@ def _read_tar_table(source: ByteSource, progress: Progress | None = None) -> lis
         raise SourceError(f"tar archive is damaged after {len(members)} members: {exc}",
                           file=source.name, hint="re-download the snapshot and compare its checksum") from None
     for m in members:
+        if m.type == "sparse" and not _sparse_map_ok(m):
+            raise SourceError(f"tar member {m.name!r} has an inconsistent sparse map "
+                              f"({len(m.sparse)} runs for a {m.size}-byte file)",
+                              file=source.name, hint="the archive is damaged")
         if m.is_file and m.offset + m.stored > source.size:
             raise SourceError(f"tar archive is truncated: member {m.name!r} needs bytes up to "
                               f"{m.offset + m.stored}, the archive ends at {source.size}",
