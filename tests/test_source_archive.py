@@ -424,3 +424,21 @@ def test_overlapping_sparse_map_is_refused(archives, tmp_path):
     path.write_bytes(bad)
     with pytest.raises(SourceError, match="inconsistent sparse map"):
         open_source(path)
+
+
+def test_inspect_summary_names_the_archive_and_member(archives, two_disks, disk):
+    import json
+    source = open_source(two_disks, member="data.img")
+    try:
+        info = source.archive_info()
+    finally:
+        source.close()
+    assert json.loads(json.dumps(info))["member"] == "data.img"
+    assert {m["name"] for m in info["members"]} == {"root.img", "data.img", "notes.txt"}
+    assert str(info) == "tar.gz, member data.img (of 3 files)"
+    bare = open_source(archives["zst"])
+    try:
+        assert str(bare.archive_info()) == "zstd-compressed disk"
+        assert bare.archive_info()["size"] == disk.stat().st_size
+    finally:
+        bare.close()

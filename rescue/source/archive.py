@@ -205,6 +205,30 @@ def _read_zip_table(source: ByteSource) -> list[Member]:
     return members
 
 
+class ArchiveSummary(dict):
+    """What `inspect` shows about the archive around the disk: plain data for
+    --json, one readable line for the terminal."""
+
+    def __str__(self) -> str:
+        kind = self["format"] + (f".{CODEC_SUFFIX.get(self['compression'], self['compression'])}"
+                                 if self.get("compression") and self["format"] != "compressed"
+                                 else "")
+        if self["format"] == "compressed":
+            kind = f"{self['compression']}-compressed disk"
+        text = kind
+        if self.get("member"):
+            files = [m for m in self.get("members", []) if m["type"] in ("file", "sparse")]
+            text += f", member {self['member']} (of {len(files)} files)"
+        if self.get("inside"):
+            text += f", inside {self['inside']}"
+        for note in self.get("notes", []):
+            text += f"; note: {note}"
+        return text
+
+
+CODEC_SUFFIX = {"gzip": "gz", "zstd": "zst", "xz": "xz", "bzip2": "bz2"}
+
+
 def _fmt_size(n: int) -> str:
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if n < 1024 or unit == "TiB":
@@ -362,6 +386,20 @@ class MemberSource:
 
     def runs(self, offset: int, length: int) -> Iterator[Run]:
         yield Run(offset, min(length, self.size - offset), "data")
+
+    def archive_info(self) -> ArchiveSummary:
+        members = self.archive.members
+        shown = [{"name": m.name, "size": m.size, "type": m.type} for m in members[:100]]
+        info = ArchiveSummary(format=self.archive.format, compression=self.archive.codec,
+                              member=self.member.name, members=shown)
+        if len(members) > 100:
+            info["members_total"] = len(members)
+        if self.notes:
+            info["notes"] = list(self.notes)
+        outer = getattr(self.archive.source, "archive_info", None)
+        if outer is not None:
+            info["inside"] = outer()
+        return info
 
     def open_relative(self, name: str) -> ByteSource:
         """A file named relative to this member: first inside the archive, then

@@ -118,6 +118,17 @@ class CompressedSource:
         from .base import open_relative
         return open_relative(self.source, name)
 
+    def archive_info(self):
+        """For `inspect`: a bare compressed disk (or one inside an archive member)."""
+        from .archive import ArchiveSummary
+        info = ArchiveSummary(format="compressed", compression=self.codec, size=self.size)
+        if self.notes:
+            info["notes"] = list(self.notes)
+        outer = getattr(self.source, "archive_info", None)
+        if outer is not None:
+            info["inside"] = outer()
+        return info
+
     def _error(self, problem: str, hint: str | None = None) -> SourceError:
         return SourceError(problem, file=self.source.name, hint=hint)
 
