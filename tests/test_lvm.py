@@ -527,3 +527,19 @@ def test_second_metadata_area_is_used_when_the_first_is_damaged(tmp_path):
     vgs, vols = lvm.assemble([BytesSource(bytes(data), "one-bad-mda.img")])
     assert [v.id for v in vols] == [f"{vg}/root"]
     assert any("no mda_header magic" in w for w in vgs[0]["warnings"])
+
+
+@pytest.mark.parametrize("text", [
+    "vg { a = " + "[" * 5000 + " }",
+    "vg " + "{ s " * 5000,
+    "vg { physical_volumes = 3 logical_volumes = [] extent_size = 8192 id = \"x\" seqno = 1 }",
+    "vg { id = \"x\" seqno = [1] extent_size = 99999999999999999999999 }",
+])
+def test_hostile_metadata_text_is_a_volume_error(fixture_disks, text):
+    data = bytearray(Path(fixture_disks["single"]).read_bytes())
+    start, hdr, loc = _mda(data)
+    raw = text.encode() + b"\0"
+    data[start + loc.offset:start + loc.offset + len(raw)] = raw
+    _write_mda(data, start, hdr, [dict(offset=loc.offset, size=len(raw), checksum=lvm_crc(raw), flags=0)])
+    with pytest.raises(VolumeError):
+        lvm.assemble([BytesSource(bytes(data), "hostile.img")])

@@ -135,8 +135,10 @@ def parse_metadata(text: str) -> dict[str, Any]:
             raise MetadataSyntaxError(f"LVM metadata: expected {punct!r}, got {got!r}")
         pos += 1
 
-    def value() -> Any:
+    def value(depth: int = 0) -> Any:
         nonlocal pos
+        if depth > 16:
+            raise MetadataSyntaxError("LVM metadata: lists nested deeper than 16")
         if pos >= len(toks):
             raise MetadataSyntaxError("LVM metadata: value missing at end of text")
         kind, val = toks[pos]
@@ -144,7 +146,7 @@ def parse_metadata(text: str) -> dict[str, Any]:
             pos += 1
             items: list[Any] = []
             while pos < len(toks) and toks[pos] != ("punct", "]"):
-                items.append(value())
+                items.append(value(depth + 1))
                 if pos < len(toks) and toks[pos] == ("punct", ","):
                     pos += 1
             expect("]")
@@ -449,6 +451,15 @@ class LvSource:
 def _as_int(val: Any, what: str, vg: str) -> int:
     if isinstance(val, bool) or not isinstance(val, int) or val < 0:
         raise VolumeError(f"VG {vg}: {what}={val!r} is not a non-negative integer")
+    if val > 1 << 48:   # sectors or extents: beyond any real disk
+        raise VolumeError(f"VG {vg}: {what}={val} is absurdly large")
+    return val
+
+
+def _section(body: dict[str, Any], key: str, vg: str) -> dict[str, Any]:
+    val = body.get(key, {})
+    if not isinstance(val, dict):
+        raise VolumeError(f"VG {vg}: {key} is {type(val).__name__}, not a section")
     return val
 
 
@@ -458,11 +469,11 @@ def _build_lv(vg_name: str, lv_name: str, lv: dict[str, Any], extent_bytes: int,
     pieces: list[_Piece] = []
     unsupported: str | None = None
     missing: list[str] = []
-    seg_keys = [k for k, v in lv.items() if isinstance(v, dict) and k.startswith("segment")]
-    seg_list = sorted((lv[k] for k in seg_keys), key=lambda s: s.get("start_extent", 0))
+    seg_list = sorted(((_as_int(v.get("start_extent", 0), f"{lv_name} start_extent", vg_name), k)
+                       for k, v in lv.items() if isinstance(v, dict) and k.startswith("segment")))
     next_extent = 0
-    for seg in seg_list:
-        start = _as_int(seg.get("start_extent", 0), f"{lv_name} start_extent", vg_name)
+    for start, key in seg_list:
+        seg = lv[key]
         count = _as_int(seg.get("extent_count", 0), f"{lv_name} extent_count", vg_name)
         if start != next_extent:
             raise VolumeError(f"VG {vg_name}: LV {lv_name} segment starts at extent {start}, "
@@ -596,6 +607,9 @@ def assemble(pvs: list[ByteSource]) -> tuple[list[dict[str, Any]], list[Volume]]
         body = pv.metadata[name]
         vg_uuid = str(body.get("id", name))
         seqno = body.get("seqno", 0)
+        if not isinstance(seqno, int):
+            pv.warnings.append(f"VG {name}: seqno={seqno!r} is not a number")
+            seqno = -1
         if vg_uuid not in vg_meta or seqno > vg_meta[vg_uuid][0]:
             vg_meta[vg_uuid] = (seqno, pv.metadata, name)
 
@@ -610,7 +624,7 @@ def assemble(pvs: list[ByteSource]) -> tuple[list[dict[str, Any]], list[Volume]]
         extent_bytes = extent_size * SECTOR
         pv_table: dict[str, dict[str, Any]] = {}
         pv_rows: list[dict[str, Any]] = []
-        for pvname, pvd in (body.get("physical_volumes") or {}).items():
+        for pvname, pvd in _section(body, "physical_volumes", vg_name).items():
             if not isinstance(pvd, dict):
                 continue
             uuid = str(pvd.get("id", ""))
@@ -624,7 +638,7 @@ def assemble(pvs: list[ByteSource]) -> tuple[list[dict[str, Any]], list[Volume]]
             pv_rows.append({k: v for k, v in row.items() if k != "source"}
                            | {"present": found is not None,
                               "file": found.source.name if found else None})
-        lv_sections = body.get("logical_volumes") or {}
+        lv_sections = _section(body, "logical_volumes", vg_name)
         lv_names = set(lv_sections)
         lv_rows: list[dict[str, Any]] = []
         sources: dict[str, LvSource] = {}
