@@ -176,7 +176,7 @@ class GuestfsAppliance:
         return overlay, dict(readonly=0, format="qcow2")
 
     def _new_handle(self, force_tcg: bool):
-        g = self.guestfs.GuestFS(python_return_dict=True, close_on_exit=False)
+        g = self.guestfs.GuestFS(python_return_dict=True)   # closed at exit: no stray qemu
         if "LIBGUESTFS_BACKEND" not in os.environ:
             g.set_backend("direct")   # no libvirt daemon needed
         if force_tcg:
