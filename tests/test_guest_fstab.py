@@ -254,3 +254,22 @@ def test_a_top_level_directory_without_a_matching_fstab_is_not_the_root():
     _with_fstab(top, "/backup/etc/fstab", b"UUID=zz / ext4 defaults 0 1\n")
     rows, tree = build_mount_table(top, [], lambda v: None)
     assert rows == [] and tree.read_file("/data/x") == b"x"
+
+
+def test_device_mapper_ids_name_lvs():
+    lv = _vol("rhel/root", details={"lv_uuid": "Aa2YjE-wc1r-h3Nz-sYrn-qEgn-TW9x-1CebjV"})
+    vols = [_vol("1"), lv]
+    assert match_volume("/dev/disk/by-id/dm-name-rhel-root", vols) is lv
+    vg_uuid = "8HfEjs9DNH0dy1U5u8EYBFVce48BcSWU"
+    assert match_volume(f"/dev/disk/by-id/dm-uuid-LVM-{vg_uuid}Aa2YjEwc1rh3NzsYrnqEgnTW9x1CebjV", vols) is lv
+
+
+def test_fstab_parser_never_raises_on_junk():
+    import random
+
+    rng = random.Random(5)
+    alphabet = "UUID=LABEL/dev/mapper-- \t\n#\\040xyz0123,=\"'"
+    for _ in range(2000):
+        text = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 120)))
+        for e in parse_fstab(text):
+            match_volume(e, [_vol("1", uuid="x", label="y"), _vol("a/b")])

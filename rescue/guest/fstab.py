@@ -30,7 +30,7 @@ _NVME = re.compile(r"^/dev/(?:nvme(\d+)n\d+|mmcblk(\d+))(?:p(\d+))?$")
 class Spec:
     """A parsed fstab source: how to find the volume."""
 
-    kind: str          # "uuid", "label", "partuuid", "partlabel", "lv", "device", "mapper", "path", "other"
+    kind: str          # "uuid", "label", "partuuid", "partlabel", "lv", "lv_uuid", "device", "mapper", "path", "other"
     value: str         # uuid/label text, "vg/lv", device path
     disk: int = 0      # "device": 0 for sda/vda/nvme0n1, 1 for sdb ...
     partition: int | None = None  # "device": the partition number, None = whole disk
@@ -91,6 +91,13 @@ def parse_spec(spec: str) -> Spec:
                          ("/dev/disk/by-partuuid/", "partuuid"), ("/dev/disk/by-partlabel/", "partlabel")):
         if text.startswith(prefix):
             return Spec(kind, _udev_unescape(text[len(prefix):]))
+    if text.startswith("/dev/disk/by-id/dm-name-"):
+        text = "/dev/mapper/" + _udev_unescape(text[len("/dev/disk/by-id/dm-name-"):])
+    if text.startswith("/dev/disk/by-id/dm-uuid-LVM-"):
+        # LVM's device-mapper uuid: VG uuid then LV uuid, 32 characters each, no dashes
+        ids = text[len("/dev/disk/by-id/dm-uuid-LVM-"):]
+        if len(ids) >= 64:
+            return Spec("lv_uuid", ids[32:64])
     if text.startswith("/dev/mapper/"):
         split = _split_mapper(text[len("/dev/mapper/"):])
         if split:
@@ -185,6 +192,9 @@ def match_volume(spec: str | Spec | FstabEntry, volumes: list[Volume]) -> Volume
         return next((v for v in volumes if v.part_label == value), None)
     if kind == "lv":
         return next((v for v in volumes if v.id == value), None)
+    if kind == "lv_uuid":
+        return next((v for v in volumes
+                     if str(v.details.get("lv_uuid", "")).replace("-", "") == value), None)
     if kind == "device":
         # One snapshot is one disk: only the first disk's names can be ours.
         if spec.disk != 0:
