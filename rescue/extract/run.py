@@ -227,6 +227,11 @@ def extract(fs: FileSystem, sink: Sink, options: ExtractOptions, *,
         raise TargetError(f"writing failed: {exc}") from None
     report.target = result.target
     report.warnings.extend(result.warnings)
+    # A remote target may accept a file into its batch and then fail to store it.
+    for name, size in getattr(result, "not_arrived", []):
+        report.skipped.append(Skipped(name, "did not arrive at the target"))
+        report.files -= 1
+        report.bytes -= size
     report.seconds = time.monotonic() - started
     return report
 
