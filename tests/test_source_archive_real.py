@@ -18,7 +18,7 @@ from rescue.source import open_source
 REAL = Path(__file__).resolve().parent.parent.parent / "shared" / "real-images"
 TOOLS = {".gz": "gzip", ".xz": "xz", ".bz2": "bzip2"}
 MAX_DECOMPRESSED = 32 << 20  # keep the whole run in seconds
-PER_GROUP = 3                # images per (project, compression): the unit run samples
+PER_GROUP = 2                # images per (project, compression): the unit run samples
 
 
 def _images() -> list[Path]:

@@ -218,7 +218,7 @@ class ArchiveSummary(dict):
         text = kind
         if self.get("member"):
             files = [m for m in self.get("members", []) if m["type"] in ("file", "sparse")]
-            text += f", member {self['member']} (of {len(files)} files)"
+            text += f", member {self['member']} (of {len(files)} file{'s' if len(files) != 1 else ''})"
         if self.get("inside"):
             text += f", inside {self['inside']}"
         for note in self.get("notes", []):
