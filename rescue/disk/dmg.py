@@ -8,8 +8,9 @@ BLKXChunkEntry).
 Layout (big-endian): a 512-byte 'koly' trailer at the end of the file points
 at an XML property list whose resource-fork/blkx entries each hold a 'mish'
 table: a run of chunks, each (type, first sector, sector count, offset and
-length in the data fork). Chunks cover the disk; sectors between them read as
-zeros. The virtual size is the end of the last chunk (what qemu reports).
+length in the data fork). Chunks cover the disk end to end: sectors no
+chunk describes are a damaged range (qemu fails those reads too). The virtual
+size is the end of the last chunk (what qemu reports).
 """
 
 from __future__ import annotations
@@ -193,8 +194,9 @@ class DmgDisk(MappedDisk):
         for start, count, kind, offset, length in chunks:
             if start < pos:
                 raise DiskFormatError(f"DMG chunks overlap at sector {start}", file=self.name)
-            if start > pos:
-                b.add(pos * SECTOR, (start - pos) * SECTOR, ZERO)
+            if start > pos:   # qemu fails these reads too: the tables do not describe them
+                b.add(pos * SECTOR, (start - pos) * SECTOR, DAMAGED,
+                      f"no DMG chunk describes sectors {pos}..{start - 1}")
             nbytes = count * SECTOR
             if kind in (ZERO_FILL, IGNORE):
                 b.add(start * SECTOR, nbytes, ZERO)

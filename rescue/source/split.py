@@ -67,13 +67,25 @@ class ConcatSource:
         return out[0] if len(out) == 1 else b"".join(out)
 
     def runs(self, offset: int, length: int) -> Iterator[Run]:
+        pend: list | None = None
+        for r in self._part_runs(offset, length):
+            if pend is not None and pend[2] == r[2] and pend[0] + pend[1] == r[0]:
+                pend[1] += r[1]   # one run across a segment boundary
+                continue
+            if pend is not None:
+                yield Run(*pend)
+            pend = list(r)
+        if pend is not None:
+            yield Run(*pend)
+
+    def _part_runs(self, offset: int, length: int) -> Iterator[tuple[int, int, str]]:
         for pos, n, inside, src in self._spans(offset, length):
             have = max(0, min(n, src.size - inside))
             if have:
                 for r in source_runs(src, inside, have):
-                    yield Run(r.offset - inside + pos, r.length, r.kind)
+                    yield r.offset - inside + pos, r.length, r.kind
             if have < n:
-                yield Run(pos + have, n - have, "zero")
+                yield pos + have, n - have, "zero"
 
     def open_relative(self, name: str) -> ByteSource:
         from .base import open_relative
