@@ -418,6 +418,23 @@ def test_dmg_bzip2_lzfse_lzma_chunks_and_unsupported_adc_range(work):
     assert [r.kind for r in d.runs(64 * 512, 64 * 512)] == ["zero"]
 
 
+def test_encrypted_dmg_is_refused_by_name(work):
+    path = work / "secret.dmg"
+    path.write_bytes(b"encrcdsa" + bytes(4096))
+    with pytest.raises(UnsupportedFeature, match="encrypted"):
+        open_disk(FileSource(path))
+
+
+def test_vma_device_choice_through_the_cli(vma_file):
+    path, disks = vma_file
+    res = rescue("inspect", str(path), "--snapshot", "drive-virtio1")
+    no_traceback(res)
+    assert res.returncode == 0 and "drive-virtio1" in res.stdout.decode()
+    res = rescue("inspect", str(path), "--snapshot", "drive-sata9")
+    err = no_traceback(res)
+    assert res.returncode == 2 and "drive-scsi0, drive-virtio1, vmstate" in err
+
+
 def test_dmg_gap_between_chunks_and_damaged_plist(work):
     disk = _dmg_disk()
     path = work / "gap.dmg"

@@ -24,7 +24,7 @@ from xml.parsers.expat import ExpatError
 
 from construct import Bytes, Const, ConstructError, Int32ub, Int64ub, Struct
 
-from ..errors import DamagedRange, DiskFormatError
+from ..errors import DamagedRange, DiskFormatError, UnsupportedFeature
 from ..source.base import ByteSource
 from .base import DiskInfo, DiskOptions
 from .mapping import COMPRESSED, DAMAGED, DATA, ZERO, ExtentBuilder, MappedDisk, read_exact_table
@@ -92,13 +92,25 @@ MAX_CHUNK_BYTES = 64 << 20        # inflated size of one chunk (qemu: 64 MiB too
 MAX_SECTORS = 1 << 44             # 8 PiB: beyond any real disk
 
 
+ENCRYPTED_V2 = b"encrcdsa"   # at the start of an encrypted DMG (v1: "cdsaencr" at the end)
+ENCRYPTED_V1 = b"cdsaencr"
+
+
+def _encrypted(source: ByteSource) -> bool:
+    return (source.read(0, 8) == ENCRYPTED_V2
+            or (source.size >= 8 and source.read(source.size - 8, 8) == ENCRYPTED_V1))
+
+
 def detect(source: ByteSource) -> bool:
     if source.size < 512:
         return False
-    return source.read(source.size - 512, 4) == b"koly"
+    return source.read(source.size - 512, 4) == b"koly" or _encrypted(source)
 
 
 def open(source: ByteSource, options: DiskOptions) -> "DmgDisk":  # noqa: A001 (reader interface)
+    if _encrypted(source):
+        raise UnsupportedFeature("encrypted Apple disk image (AES): not supported", file=source.name,
+                                 hint="on a Mac: hdiutil convert IMAGE.dmg -format UDZO -o plain.dmg")
     return DmgDisk(source)
 
 
