@@ -42,6 +42,11 @@ _VIRTUAL_META = (int(pytsk3.TSK_FS_META_TYPE_VIRT), int(pytsk3.TSK_FS_META_TYPE_
 # Entries TSK shows in a FAT/exFAT root that are directory records, not files.
 _FAT_LABEL_SUFFIX = " (Volume Label Entry)"
 _EXFAT_RECORDS = {"$ALLOC_BITMAP", "$UPCASE_TABLE", "$VOLUME_GUID", "$TEX_FAT", "$ACT"}
+_ATTR_TRANSFORMED = int(pytsk3.TSK_FS_ATTR_COMP) | int(pytsk3.TSK_FS_ATTR_ENC)
+# Filesystems whose data runs are plain byte ranges of the volume (block
+# address x block size), so file data can be read without TSK in the way.
+DIRECT_READ_TYPES = {"ext2", "ext3", "ext4", "vfat", "exfat", "ntfs"}
+DIRECT_CHUNK = 4 << 20
 _RUN_HOLE = int(pytsk3.TSK_FS_ATTR_RUN_FLAG_SPARSE) | int(pytsk3.TSK_FS_ATTR_RUN_FLAG_FILLER)
 _DATA_ATTRS = (pytsk3.TSK_FS_ATTR_TYPE_DEFAULT, pytsk3.TSK_FS_ATTR_TYPE_NTFS_DATA,
                pytsk3.TSK_FS_ATTR_TYPE_HFS_DATA)
@@ -226,8 +231,45 @@ class TskFileSystem(FileSystem):
         return handle
 
     def read_chunks(self, entry: Entry, chunk_size: int = 1 << 20) -> Iterator[bytes]:
-        handle = self._handle(entry)
         ranges = self.data_ranges(entry)   # also checks blocks against the fs end
+        extents = self._extents(entry)
+        if extents is None:
+            yield from self._read_chunks_tsk(entry, ranges, chunk_size)
+            return
+        # Fast path: the file's runs read straight from the volume, in large
+        # reads, without TSK's block-by-block copy.
+        chunk = max(chunk_size, DIRECT_CHUNK)
+        pos = 0
+        for file_offset, length, disk_offset in extents:
+            while pos < file_offset:   # a hole
+                n = min(chunk, file_offset - pos)
+                yield bytes(n)
+                pos += n
+            done = 0
+            while done < length:
+                n = min(chunk, length - done)
+                data = self._read_volume(entry, disk_offset + done, n, pos)
+                yield data
+                done += n
+                pos += n
+        while pos < entry.size:
+            n = min(chunk, entry.size - pos)
+            yield bytes(n)
+            pos += n
+
+    def _read_volume(self, entry: Entry, offset: int, length: int, file_pos: int) -> bytes:
+        try:
+            data = self.source.read(offset, length)
+        except OSError as exc:   # DamagedRange from a container, an I/O error
+            raise FileReadError(f"{entry.path}: unreadable at offset {file_pos}: {exc}") from None
+        if len(data) != length:
+            raise FileReadError(f"{entry.path}: data at offset {file_pos} lies past the end of the image "
+                                "(truncated?)")
+        return data
+
+    def _read_chunks_tsk(self, entry: Entry, ranges, chunk_size: int) -> Iterator[bytes]:
+        """TSK reads the file (resident data, compressed or encrypted NTFS, HFS+)."""
+        handle = self._handle(entry)
         if ranges is None:
             ranges = [(0, entry.size)]
         pos = 0
@@ -253,12 +295,33 @@ class TskFileSystem(FileSystem):
             pos += n
 
     def read_range(self, entry: Entry, offset: int, length: int) -> bytes:
-        handle = self._handle(entry)
         length = max(0, min(length, entry.size - offset))
+        if not length:
+            return b""
+        self.data_ranges(entry)
+        extents = self._extents(entry)
+        if extents is not None:
+            out = bytearray(length)   # holes stay zero
+            end = offset + length
+            for file_offset, run_length, disk_offset in extents:
+                lo, hi = max(offset, file_offset), min(end, file_offset + run_length)
+                if lo < hi:
+                    out[lo - offset:hi - offset] = self._read_volume(entry, disk_offset + lo - file_offset,
+                                                                     hi - lo, lo)
+            return bytes(out)
+        handle = self._handle(entry)
         try:
-            return handle.read_random(offset, length) if length else b""
+            return handle.read_random(offset, length)
         except OSError as exc:
             raise FileReadError(f"{entry.path}: unreadable at offset {offset}: {_tsk_reason(exc)}") from None
+
+    def _extents(self, entry: Entry) -> list[tuple[int, int, int]] | None:
+        """(file offset, length, byte offset in the volume) of each data run,
+        when reading the volume directly gives the file's bytes; else None."""
+        cached = self._last_ranges
+        if cached is not None and cached[0] == (entry.inode, entry.size):
+            return cached[2]
+        return None
 
     def data_ranges(self, entry: Entry) -> list[tuple[int, int]] | None:
         """Byte ranges of the file that hold data (holes left out).
@@ -274,6 +337,7 @@ class TskFileSystem(FileSystem):
         handle = self._handle(entry)
         bs = self.block_size
         ranges: list[tuple[int, int]] = []
+        extents: list[tuple[int, int, int]] | None = [] if self.info.type in DIRECT_READ_TYPES else None
         found = False
         try:
             for attr in handle:
@@ -282,6 +346,8 @@ class TskFileSystem(FileSystem):
                     continue
                 if not int(info.flags) & int(pytsk3.TSK_FS_ATTR_NONRES):
                     return None   # resident (inline) data: no blocks to map
+                if int(info.flags) & _ATTR_TRANSFORMED:
+                    extents = None   # compressed or encrypted: only TSK can decode it
                 found = True
                 for run in attr:
                     start = int(run.offset) * bs
@@ -298,11 +364,18 @@ class TskFileSystem(FileSystem):
                         ranges[-1] = (ranges[-1][0], ranges[-1][1] + length)
                     else:
                         ranges.append((start, length))
+                    if extents is not None:
+                        disk = int(run.addr) * bs
+                        last = extents[-1] if extents else None
+                        if last and last[0] + last[1] == start and last[2] + last[1] == disk:
+                            extents[-1] = (last[0], last[1] + length, last[2])
+                        else:
+                            extents.append((start, length, disk))
                 break
         except OSError as exc:
             raise FileReadError(f"{entry.path}: cannot map its blocks: {_tsk_reason(exc)}") from None
         result = ranges if found else None
-        self._last_ranges = ((entry.inode, entry.size), result)
+        self._last_ranges = ((entry.inode, entry.size), result, extents if found else None)
         return result
 
     def xattrs(self, entry: Entry) -> dict[str, bytes]:
