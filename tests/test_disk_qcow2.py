@@ -500,3 +500,14 @@ def test_absurd_snapshot_disk_size_is_refused(images, tmp_path):
     assert open_path(path).info.snapshots[0]["disk_size"] == 1 << 61  # listing still works
     with pytest.raises(DiskFormatError, match="size"):
         open_path(path, snapshot="before")
+
+
+def test_failed_convert_leaves_no_output_behind(images, tmp_path):
+    disk = open_path(images.path("v3.qcow2"))
+    with pytest.raises(TargetError, match="cannot create"):
+        convert(disk, tmp_path / "no-such-dir" / "disk.raw")
+    disk.source.close()  # the snapshot vanishes under us: reads fail with EBADF
+    out = tmp_path / "disk.raw"
+    with pytest.raises(OSError):
+        convert(disk, out)
+    assert not out.exists() and not (tmp_path / "disk.raw.part").exists()
