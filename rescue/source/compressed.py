@@ -54,7 +54,7 @@ CACHE_CHUNKS = 64              # -> at most 64 MiB of decompressed chunks held
 
 # Magic bytes at offset 0 -> codec name.
 MAGIC = [
-    (b"\x1f\x8b", "gzip"),
+    (b"\x1f\x8b\x08", "gzip"),  # CM 8 = deflate, the only method RFC 1952 defines
     (b"\x28\xb5\x2f\xfd", "zstd"),
     (b"\xfd7zXZ\x00", "xz"),
     (b"BZh", "bzip2"),
