@@ -442,3 +442,26 @@ def test_inspect_summary_names_the_archive_and_member(archives, two_disks, disk)
         assert bare.archive_info()["size"] == disk.stat().st_size
     finally:
         bare.close()
+
+
+def test_tar_gz_over_http_reads_like_the_bare_disk(archives, disk):
+    """A provider's .tar.gz behind a URL (Range requests; streamed once to index)."""
+    pytest.importorskip("urllib3")
+    import threading
+
+    from http_test_server import Server
+    server = Server()
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05},
+                              daemon=True)
+    thread.start()
+    try:
+        url = server.serve("/snap.tar.gz", archives["tar.gz"])
+        source = open_source(url)
+        try:
+            assert source.name.endswith("::vps.disk")
+            _assert_same(source, disk, samples=10)
+        finally:
+            source.close()
+    finally:
+        server.shutdown()
+        server.server_close()
