@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -79,8 +80,7 @@ class Snapshot:
         kind = volume.filesystem
         if kind in NOT_FILESYSTEMS:
             raise FilesystemError(f"volume {volume.id} is {kind}, not a filesystem", file=self.spec)
-        want_guestfs = backend == "guestfs" or (backend == "auto" and kind in GUESTFS_ONLY)
-        if want_guestfs:
+        if self._wants_guestfs(volume) or backend == "guestfs":
             return self._open_guestfs(volume)
         from ..fs.tsk import TskFileSystem
         try:
@@ -101,9 +101,26 @@ class Snapshot:
             raise FilesystemError(f"volume {volume.id} is {volume.filesystem or 'unknown'}, which needs the "
                                   "libguestfs backend, and libguestfs is not installed here",
                                   file=self.spec, hint=_guestfs_hint())
+        # One appliance start (18-55 s) serves every volume that needs it: open
+        # them together, so a root and a separate /var on XFS cost one start.
+        wanted = [volume] + [v for v in self.volumes.volumes
+                             if v is not volume and v.id not in self._filesystems and v.id not in self._errors
+                             and self._wants_guestfs(v)]
         if self.options.status:
-            self.options.status("starting the libguestfs appliance")
-        return guestfs_backend.open_volume(volume, name=f"{self.spec} volume {volume.id}")
+            self.options.status(f"starting the libguestfs appliance for {len(wanted)} volume(s)")
+        started = time.monotonic()
+        opened = guestfs_backend.open_volumes(wanted, [f"{self.spec} volume {v.id}" for v in wanted])
+        if self.options.status:
+            self.options.status(f"libguestfs appliance ready after {time.monotonic() - started:.0f} s")
+        for other, fs in zip(wanted[1:], opened[1:]):
+            self._filesystems[other.id] = fs
+        return opened[0]
+
+    def _wants_guestfs(self, volume: Volume) -> bool:
+        kind = volume.filesystem
+        if kind in NOT_FILESYSTEMS or volume.details.get("unsupported") or not kind:
+            return False
+        return self.options.backend == "guestfs" or (self.options.backend == "auto" and kind in GUESTFS_ONLY)
 
     def _candidates(self) -> list[_Candidate]:
         out = []
