@@ -395,3 +395,32 @@ def test_real_vmware_stream_cut_short_keeps_what_arrived(tmp_path):
         assert cut.read(r.offset, r.length) == whole.read(r.offset, r.length)
     with pytest.raises(DamagedRange):
         cut.read(lost, 512)
+
+
+_RAW_ANSWERS: dict[tuple[str, ...], bytes] = {}
+
+
+@pytest.mark.parametrize("fmt, opts", [("vmdk", "subformat=streamOptimized"), ("vpc", "subformat=dynamic"),
+                                       ("vhdx", "subformat=dynamic")])
+def test_rescue_reads_a_servers_files_through_each_container(tmp_path, fmt, opts):
+    """The user's story: the provider exported the dead server as VMDK, VHD or
+    VHDX; `rescue ls` and `cat` see the same files as in the raw disk."""
+    import subprocess
+    if not shutil.which("qemu-img"):
+        pytest.skip("qemu-img not installed")
+    raw = Path(__file__).resolve().parent.parent / "fixtures" / "sample-vps.disk"
+    if not raw.exists():
+        pytest.skip("fixtures/sample-vps.disk not present")
+    image = tmp_path / f"vps.{fmt}"
+    subprocess.run(["qemu-img", "convert", "-O", fmt, "-o", opts, str(raw), str(image)], check=True)
+
+    def run(disk: Path, *args: str) -> bytes:
+        cmd = [sys.executable, "-m", "rescue", args[0], str(disk), *args[1:]]
+        return subprocess.run(cmd, check=True, capture_output=True, timeout=120).stdout
+
+    before = sha256(image)
+    for args in (("ls", "/var/lib/docker/volumes"), ("cat", "/etc/hostname")):
+        if args not in _RAW_ANSWERS:
+            _RAW_ANSWERS[args] = run(raw, *args)
+        assert run(image, *args) == _RAW_ANSWERS[args] != b""
+    assert sha256(image) == before

@@ -467,9 +467,6 @@ class SparseExtent:
                              else "grain marker past the end of the file")
         return first
 
-    def allocated(self) -> int:
-        return sum(1 for e in self.gd if e) * self.gtes * self.grain
-
 
 # --- the image ------------------------------------------------------------------
 
@@ -525,7 +522,9 @@ class VmdkImage(MappedImage):
             format="vmdk", virtual_size=self.size, subformat=sub, warnings=warnings,
             cluster_size=sparse[0].grain if sparse else None,
             compression="deflate" if any(s.compressed for s in sparse) else None,
-            allocated_size=sum(s.allocated() for s in sparse) if sparse else None,
+            # what the files take (as qemu-img's "disk size"): exact grain counts
+            # would mean reading every grain table at open
+            allocated_size=sum(s.src.size for s in sparse) if sparse else None,
             details={"extents": len(self.extents), "cid": keys.get("CID")})
         parent_cid = keys.get("parentCID", "ffffffff").lower()
         hint = keys.get("parentFileNameHint")
