@@ -282,6 +282,9 @@ def extract(snapshot: str = SnapshotArg,
         if output is None and not dry_run:
             raise RescueError("say where the data should go with -o (a .tar/.tar.gz/.tar.zst file, a "
                               "directory ending in '/', '-' for stdout) or use --dry-run --list", layer="extract")
+        if output == "-" and sys.stdout.isatty():
+            raise RescueError("refusing to write a tar archive to the terminal", layer="extract",
+                              hint="redirect it (`-o - > out.tar`, `-o - | tar tvf -`) or name a file with -o")
         options = ExtractOptions(paths=paths, excludes=exclude, strip_components=strip_components,
                                  xattrs=not no_xattrs)
         with _open(snapshot, volume, member, backing, qsnap, backend, partial) as snap:

@@ -86,6 +86,11 @@ class Snapshot:
         try:
             return TskFileSystem(volume.source, name=f"{self.spec} volume {volume.id}")
         except FilesystemError as exc:
+            if backend == "auto" and kind and self._guestfs_ready():
+                if self.options.status:
+                    self.options.status(f"The Sleuth Kit cannot read volume {volume.id} ({exc.problem}); "
+                                        "trying libguestfs")
+                return self._open_guestfs(volume)
             what = kind or "no filesystem The Sleuth Kit knows"
             raise FilesystemError(f"volume {volume.id} holds {what} ({exc.problem})", file=self.spec,
                                   hint=_guestfs_hint() if kind else None) from None
@@ -115,6 +120,14 @@ class Snapshot:
         for other, fs in zip(wanted[1:], opened[1:]):
             self._filesystems[other.id] = fs
         return opened[0]
+
+    @staticmethod
+    def _guestfs_ready() -> bool:
+        try:
+            from ..fs import guestfs as guestfs_backend
+        except ImportError:
+            return False
+        return getattr(guestfs_backend, "guestfs_unavailable", lambda: "missing")() is None
 
     def _wants_guestfs(self, volume: Volume) -> bool:
         kind = volume.filesystem
