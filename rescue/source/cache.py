@@ -3,8 +3,9 @@
 The cache lives in the user's cache directory (`RESCUE_CACHE_DIR`, else
 platformdirs' user cache dir, e.g. ~/.cache/rescue) and is keyed by the
 archive's identity: for a local file its real path, size and mtime; for any
-other source whatever it offers as `identity` (an HTTP source: URL, size,
-ETag). A source without an identity is never cached.
+other source whatever it offers as `identity`, or for a URL its path (without
+the pre-signed query), size and ETag/Last-Modified. A source without an
+identity is never cached.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ def source_key(source: ByteSource) -> str | None:
         st = os.stat(path)
         ident = ["file", os.path.realpath(path), st.st_size, st.st_mtime_ns]
     else:
-        ident = getattr(source, "identity", None)
+        ident = getattr(source, "identity", None) or _url_identity(source)
         if ident is None:
             return None
         ident = ["id", repr(ident), source.size]
@@ -61,6 +62,18 @@ def _prune(root: Path, keep: int = KEEP_ARCHIVES) -> None:
             old.rmdir()
         except OSError:
             pass
+
+
+def _url_identity(source: ByteSource):
+    """A remote file is the same one when its URL path, size and ETag (or
+    Last-Modified) are: pre-signed query strings change with every link."""
+    url = getattr(source, "url", None)
+    validators = getattr(source, "validators", None)
+    etag = getattr(validators, "etag", None)
+    modified = getattr(validators, "last_modified", None)
+    if not url or not (etag or modified):
+        return None
+    return ("url", url.split("?", 1)[0], etag, modified)
 
 
 class IndexCache:
