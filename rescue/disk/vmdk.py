@@ -26,9 +26,9 @@ from typing import Iterator
 
 from construct import Bytes, Const, Int8ul, Int16ul, Int32ul, Int64ul, Struct
 
-from ..errors import DiskFormatError, RescueError, UnsupportedFeature
+from ..errors import DamagedRange, DiskFormatError, UnsupportedFeature
 from ..source.base import ByteSource
-from .base import DiskImage, DiskInfo, DiskOptions
+from .base import DiskImage, DiskInfo, DiskOptions, RawDisk
 from .blockmap import (DAMAGED, DATA, PARENT, ZERO, LRU, MappedImage, Piece, check_chain,
                        close_quietly, open_sibling)
 
@@ -578,7 +578,6 @@ class VmdkImage(MappedImage):
             if detect(src):
                 self.parent = VmdkImage(src, sub, self.chain)
             else:
-                from .base import RawDisk
                 self.parent = RawDisk(src)
         except BaseException:
             close_quietly(src)
@@ -608,6 +607,5 @@ class VmdkImage(MappedImage):
         try:
             grain = ext.read_grain(host, gi)
         except ValueError as e:
-            from ..errors import DamagedRange
             raise DamagedRange(f"{self.name}: grain {gi} at offset {host}: {e}") from None
         return grain[within:within + p.length]
