@@ -228,3 +228,17 @@ def test_randomly_damaged_vhd_images_fail_cleanly(small):
     """Random bytes in headers and tables, truncation: a clear error or a
     damaged range, never another exception or a hang."""
     assert fuzz(small, ["vhd_dynamic.vhd", "vhd_diff.vhd", "vhd_fixed.vhd"], seed=1, rounds=60) == []
+
+
+def test_replaced_parent_gives_a_warning(small, tmp_path):
+    assert not open_vhd(small / "vhd_diff.vhd").info.warnings
+    data = bytearray((small / "vhd_dynamic.vhd").read_bytes())
+    f = dict(vhd.Footer.parse(data[:512]))
+    f.pop("_io", None)
+    f.update(uuid=bytes(range(16)), checksum=0)
+    f["checksum"] = vhd.checksum(vhd.Footer.build(f), 64)
+    data[:512] = data[-512:] = vhd.Footer.build(f)
+    (tmp_path / "vhd_dynamic.vhd").write_bytes(data)
+    shutil.copy(small / "vhd_diff.vhd", tmp_path / "child.vhd")
+    img = open_vhd(tmp_path / "child.vhd")
+    assert any("UUID" in w for w in img.info.warnings)

@@ -424,3 +424,17 @@ def test_rescue_reads_a_servers_files_through_each_container(tmp_path, fmt, opts
             _RAW_ANSWERS[args] = run(raw, *args)
         assert run(image, *args) == _RAW_ANSWERS[args] != b""
     assert sha256(image) == before
+
+
+def test_parent_changed_since_the_delta_was_made_is_a_warning(small, tmp_path):
+    data = (small / "vmdk_delta.vmdk").read_bytes()
+    img = open_vmdk(small / "vmdk_delta.vmdk")
+    assert not img.info.warnings                                  # CIDs agree
+    start = data.index(b"parentCID=") + len(b"parentCID=")
+    old = data[start:start + 8]
+    new = b"%08x" % (int(old, 16) ^ 0x1)
+    shutil.copy(small / "vmdk_sparse.vmdk", tmp_path / "vmdk_sparse.vmdk")
+    (tmp_path / "d.vmdk").write_bytes(data[:start] + new + data[start + 8:])
+    warned = open_vmdk(tmp_path / "d.vmdk")
+    assert any("parentCID" in w for w in warned.info.warnings)
+    assert warned.read(0, warned.size) == (small / "vmdk_delta.expected.raw").read_bytes()
