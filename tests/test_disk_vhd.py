@@ -242,3 +242,13 @@ def test_replaced_parent_gives_a_warning(small, tmp_path):
     shutil.copy(small / "vhd_diff.vhd", tmp_path / "child.vhd")
     img = open_vhd(tmp_path / "child.vhd")
     assert any("UUID" in w for w in img.info.warnings)
+
+
+def test_old_511_byte_footer(small, tmp_path):
+    """Very old Virtual PC wrote the footer one byte short: still found, and the
+    data before it is the disk."""
+    data = (small / "vhd_fixed.vhd").read_bytes()
+    (tmp_path / "old.vhd").write_bytes(data[:-1])
+    assert vhd.detect(FileSource(tmp_path / "old.vhd"))
+    img = open_vhd(tmp_path / "old.vhd")
+    assert img.read(0, img.size) == (small / "vmdk_base.raw").read_bytes()

@@ -105,12 +105,12 @@ def _footer_at(source: ByteSource, offset: int, length: int = SECTOR):
 
 
 def find_footer(source: ByteSource):
-    """The footer: copy at 0 (dynamic, as qemu prefers), else the last 512 bytes,
-    else the last 511 (very old Virtual PC images wrote a 511-byte footer)."""
+    """(footer, its bytes, where): the copy at 0 (dynamic, as qemu prefers), else
+    the last 512 bytes, else the last 511 (old Virtual PC wrote 511-byte footers)."""
     for offset, length in ((0, SECTOR), (source.size - SECTOR, SECTOR), (source.size - 511, 511)):
         found = _footer_at(source, offset, length)
         if found is not None and (offset != 0 or found[0].disk_type != FIXED):
-            return found
+            return found + (offset,)
     return None
 
 
@@ -143,7 +143,7 @@ class VhdImage(MappedImage):
         found = find_footer(source)
         if found is None:
             raise DiskFormatError("no VHD footer ('conectix') at the start or end", file=self.name)
-        self.footer, raw = found
+        self.footer, raw, footer_at = found
         warnings: list[str] = []
         if checksum(raw, 64) != self.footer.checksum:
             # qemu refuses such images ("Incorrect header checksum"); the data is
@@ -161,7 +161,7 @@ class VhdImage(MappedImage):
                              details={"creator": self.footer.creator_app.decode("latin-1").strip("\0 "),
                                       "uuid": str(uuid.UUID(bytes=self.footer.uuid))})
         if self.type == FIXED:
-            self.data_end = source.size - SECTOR
+            self.data_end = footer_at        # a fixed disk's data ends where its footer starts
             self.info.allocated_size = self.data_end
             return
         self._open_dynamic(options, chain)
