@@ -705,6 +705,35 @@ def test_cli_on_every_real_image_never_tracebacks(samples, bundles, work):
     assert any(dmg_out.rglob("*")), "the DMG's HFS+ files were extracted"
 
 
+@need_real
+def test_mutated_headers_and_tables_give_clear_errors_only(samples, vma_file):
+    """Seeded fuzzing of every new reader's metadata: each open/read ends in a
+    RescueError or DamagedRange, never another exception, a hang or a huge read."""
+    images = {n: samples[n].read_bytes() for n in ("parallels-v1", "parallels-v2", "empty.bochs",
+                                                   "simple-pattern.cloop", "simple-dmg.dmg")}
+    images["vma"] = vma_file[0].read_bytes()[:200_000]
+    rng = random.Random(1234)
+    for name, base in images.items():
+        for _ in range(120):
+            b = bytearray(base)
+            for _ in range(rng.randrange(1, 6)):
+                tail = name.endswith(".dmg") and rng.random() < .5   # DMG metadata is at the end
+                p = rng.randrange(max(0, len(b) - 9000), len(b)) if tail else rng.randrange(min(len(b), 13000))
+                b[p] = rng.randrange(256)
+            if rng.random() < .2:
+                b = b[:rng.randrange(len(b))]
+            try:
+                d = open_disk(BytesSource(bytes(b), name=name))
+                for _ in range(4):
+                    try:
+                        d.read(rng.randrange(max(1, d.size)), rng.randrange(1, MIB))
+                    except DamagedRange:
+                        pass
+                sum(1 for _ in d.runs(0, min(d.size, 1 << 30)))
+            except (RescueError, DamagedRange):
+                pass
+
+
 def test_tarball_of_a_bundle_is_not_guessed(work, bundles):
     """A bundle packed in a tar is several files: the archive layer must not pick an
     .hds at random silently; whatever it does, no traceback."""

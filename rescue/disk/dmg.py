@@ -18,6 +18,7 @@ from __future__ import annotations
 import bz2
 import lzma
 import plistlib
+import struct
 import zlib
 from typing import Any
 from xml.parsers.expat import ExpatError
@@ -79,6 +80,9 @@ Chunk = Struct(
     "compressed_offset" / Int64ub,
     "compressed_length" / Int64ub,
 )
+
+CHUNK_FORMAT = ">IIQQQQ"           # = Chunk, for struct.iter_unpack
+assert struct.calcsize(CHUNK_FORMAT) == Chunk.sizeof()
 
 ZERO_FILL, RAW, IGNORE = 0x00000000, 0x00000001, 0x00000002
 ADC, ZLIB, BZIP2, LZFSE, LZMA = 0x80000004, 0x80000005, 0x80000006, 0x80000007, 0x80000008
@@ -164,27 +168,24 @@ class DmgDisk(MappedDisk):
                 raise DiskFormatError(f"DMG blkx entry {entry.get('Name')!r}: chunk_count={m.chunk_count} "
                                       f"but the table holds {len(data)} bytes", file=source.name)
             partitions.append(str(entry.get("Name", "")))
-            pos = Mish.sizeof()
-            for _ in range(m.chunk_count):   # metadata, decoded once at open
-                c = Chunk.parse(data[pos:pos + Chunk.sizeof()])
-                pos += Chunk.sizeof()
-                if c.type in (COMMENT, TERMINATOR) or c.sector_count == 0:
+            table = data[Mish.sizeof():Mish.sizeof() + m.chunk_count * Chunk.sizeof()]
+            # Chunk entries, decoded once at open (struct: the same layout as `Chunk`, faster).
+            for kind, _, first, count, offset, length in struct.iter_unpack(CHUNK_FORMAT, table):
+                if kind in (COMMENT, TERMINATOR) or count == 0:
                     continue
-                start = m.sector_number + c.sector_number
-                if start + c.sector_count > MAX_SECTORS:
-                    raise DiskFormatError(f"DMG chunk at sector {start}: sector_count={c.sector_count} "
+                start = m.sector_number + first
+                if start + count > MAX_SECTORS:
+                    raise DiskFormatError(f"DMG chunk at sector {start}: sector_count={count} "
                                           "is absurd", file=source.name)
-                if c.type not in (ZERO_FILL, IGNORE, RAW) and c.sector_count * SECTOR > MAX_CHUNK_BYTES:
-                    raise DiskFormatError(f"DMG chunk at sector {start}: {c.sector_count} sectors in one "
+                if kind not in (ZERO_FILL, IGNORE, RAW) and count * SECTOR > MAX_CHUNK_BYTES:
+                    raise DiskFormatError(f"DMG chunk at sector {start}: {count} sectors in one "
                                           "compressed chunk (more than 64 MiB)", file=source.name)
-                if c.compressed_length > 2 * MAX_CHUNK_BYTES:
+                if length > 2 * MAX_CHUNK_BYTES:
                     raise DiskFormatError(f"DMG chunk at sector {start}: compressed_length="
-                                          f"{c.compressed_length} is absurd", file=source.name)
-                if c.type in CODEC_NAMES:
-                    codecs.add(CODEC_NAMES[c.type])
-                chunks.append((start, c.sector_count, c.type,
-                               k.data_fork_offset + m.data_offset + c.compressed_offset,
-                               c.compressed_length))
+                                          f"{length} is absurd", file=source.name)
+                if kind in CODEC_NAMES:
+                    codecs.add(CODEC_NAMES[kind])
+                chunks.append((start, count, kind, k.data_fork_offset + m.data_offset + offset, length))
         if not chunks:
             raise DiskFormatError("DMG: the blkx tables hold no chunks", file=source.name)
         chunks.sort()

@@ -127,7 +127,9 @@ class VmaDisk(MappedDisk):
         if self.nclusters > MAX_CLUSTERS:
             raise DiskFormatError(f"VMA device {self.device_name}: {self.size} bytes is more than this "
                                   "reader indexes", file=source.name)
-        warnings: list[str] = []
+        # A .vma.zst made by one zstd call is one frame: say so, with the fix.
+        warnings: list[str] = [f"{note} (for a VMA: `zstd -d` it once, then read the .vma)"
+                               for note in getattr(source, "notes", [])]
         self.truncated = False
         self.index = self._scan(h.header_size, warnings)
         self.span = TABLE_CLUSTERS * CLUSTER
