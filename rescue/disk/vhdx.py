@@ -175,6 +175,11 @@ class VhdxImage(MappedImage):
                      "leave_blocks_allocated": self.leave_allocated})
         if self.leave_allocated and not self.has_parent:
             self.info.subformat = "fixed"
+        if self.bat_entries <= 1 << 16:     # a small BAT (<= 512 KiB) is worth counting
+            present = sum(1 for i in range(self.payload_blocks)
+                          if (self._bat(i + i // self.chunk_ratio) or 0) & STATE_MASK
+                          in (FULLY_PRESENT, PARTIALLY_PRESENT))
+            self.info.allocated_size = present * self.block_size
         if self.has_parent:
             self._open_parent(options, chain)
 
