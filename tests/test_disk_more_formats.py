@@ -745,6 +745,15 @@ def test_tarball_of_a_bundle_is_not_guessed(work, bundles):
     assert res.returncode in (0, 1, 2)
 
 
+@need_real
+def test_snapshot_and_backing_options_on_formats_without_them(samples):
+    for name in ("parallels-v1", "empty.bochs", "simple-pattern.cloop", "simple-dmg.dmg"):
+        with pytest.raises(DiskFormatError, match="--snapshot x"):
+            open_disk(FileSource(samples[name]), DiskOptions(snapshot="x"))
+        disk = open_disk(FileSource(samples[name]), DiskOptions(backing="parent.img"))
+        assert any("--backing parent.img ignored" in w for w in disk.info.warnings), name
+
+
 def test_python_only_use_without_cli(samples):
     """Everything is callable from Python: open, read, close."""
     src = FileSource(samples["simple-pattern.cloop"])

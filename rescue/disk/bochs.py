@@ -22,6 +22,7 @@ from construct import Bytes, ConstructError, Int32ul, Struct
 from ..errors import DiskFormatError, UnsupportedFeature
 from ..source.base import ByteSource
 from .base import DiskInfo, DiskOptions
+from .choices import no_choices
 from .blockmap import bitmap_runs
 from .mapping import DATA, ZERO, ExtentBuilder, MappedDisk, read_exact_table
 
@@ -58,7 +59,7 @@ def detect(source: ByteSource) -> bool:
 
 
 def open(source: ByteSource, options: DiskOptions) -> "BochsDisk":  # noqa: A001 (reader interface)
-    return BochsDisk(source)
+    return no_choices(BochsDisk(source), options, "Bochs")
 
 
 def _bad(source: ByteSource, field: str, value: Any, why: str) -> DiskFormatError:

@@ -22,6 +22,7 @@ from construct import Bytes, ConstructError, Int32ub, Struct
 from ..errors import DamagedRange, DiskFormatError, UnsupportedFeature
 from ..source.base import ByteSource
 from .base import DiskInfo, DiskOptions
+from .choices import no_choices
 from .mapping import COMPRESSED, ExtentBuilder, MappedDisk, ZERO, read_exact_table
 
 PREAMBLE = b"#!/bin/sh\n"
@@ -44,7 +45,7 @@ def detect(source: ByteSource) -> bool:
 
 
 def open(source: ByteSource, options: DiskOptions) -> "CloopDisk":  # noqa: A001 (reader interface)
-    return CloopDisk(source)
+    return no_choices(CloopDisk(source), options, "cloop")
 
 
 def _bad(source: ByteSource, field: str, value: Any, why: str) -> DiskFormatError:

@@ -28,6 +28,7 @@ from construct import Bytes, Const, ConstructError, Int32ub, Int64ub, Struct
 from ..errors import DamagedRange, DiskFormatError, UnsupportedFeature
 from ..source.base import ByteSource
 from .base import DiskInfo, DiskOptions
+from .choices import no_choices
 from .mapping import COMPRESSED, DAMAGED, DATA, ZERO, ExtentBuilder, MappedDisk, read_exact_table
 
 UDIFChecksum = Struct(
@@ -115,7 +116,7 @@ def open(source: ByteSource, options: DiskOptions) -> "DmgDisk":  # noqa: A001 (
     if _encrypted(source):
         raise UnsupportedFeature("encrypted Apple disk image (AES): not supported", file=source.name,
                                  hint="on a Mac: hdiutil convert IMAGE.dmg -format UDZO -o plain.dmg")
-    return DmgDisk(source)
+    return no_choices(DmgDisk(source), options, "DMG")
 
 
 def _lzfse():

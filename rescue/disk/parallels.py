@@ -32,6 +32,7 @@ from ..source.base import ByteSource
 from ..source.split import ConcatSource
 from .base import DiskImage, DiskInfo, DiskOptions, RawDisk
 from .blockmap import close_quietly, open_sibling
+from .choices import no_choices
 from .mapping import BACKING, DATA, ExtentBuilder, MappedDisk, open_in_chain, read_exact_table
 
 MAGIC_V1 = b"WithoutFreeSpace"   # BAT entries in sectors
@@ -88,10 +89,14 @@ def _is_descriptor(head: bytes) -> bool:
 def open(source: ByteSource, options: DiskOptions) -> DiskImage:  # noqa: A001 (reader interface)
     if options.snapshot is not None:
         raise DiskFormatError(f"--snapshot {options.snapshot}: choosing a Parallels snapshot is not "
-                              "supported; the newest state is read", file=source.name)
+                              "supported; the newest state is read", file=source.name,
+                              hint="drop --snapshot")
     if _is_descriptor(source.read(0, 512)):
-        return open_in_chain(source, options, lambda: ParallelsBundle(source, options))
-    return open_in_chain(source, options, lambda: ParallelsDisk(source))
+        disk: DiskImage = open_in_chain(source, options, lambda: ParallelsBundle(source, options))
+    else:
+        disk = open_in_chain(source, options, lambda: ParallelsDisk(source))
+    return no_choices(disk, options, "Parallels")
+
 
 
 def _bad(source: ByteSource, field: str, value: Any, why: str) -> DiskFormatError:
