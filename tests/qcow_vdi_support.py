@@ -177,6 +177,17 @@ def assert_runs_sound(disk, ref_path: Path) -> None:
     assert pos == disk.size
 
 
+def drop_big_files(folder: Path, limit: int = 32 << 20) -> None:
+    """Delete files that take more than `limit` bytes on disk (qemu-img's
+    references of 512 MiB real images): pytest keeps the last runs' tmp dirs."""
+    for p in folder.rglob("*"):
+        try:
+            if p.is_file() and not p.is_symlink() and p.stat().st_blocks * 512 > limit:
+                p.unlink()
+        except OSError:
+            pass
+
+
 @contextlib.contextmanager
 def time_limit(seconds: int):
     """Fail instead of hanging (POSIX main thread; no-op elsewhere)."""

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from qcow_vdi_support import (LARGE, OWN_EXPECTED, QEMU_IMG, SAME_AS_BASE, Images, RealImages,
-                              assert_reads_equal, assert_runs_sound, make_images, real_images,
-                              time_limit)
+from qcow_vdi_support import (LARGE, OWN_EXPECTED, QEMU_IMG, SAME_AS_BASE, assert_reads_equal,
+                              assert_runs_sound, drop_big_files, Images, make_images, real_images,
+                              RealImages, time_limit)
 from rescue.disk import DiskOptions, open_disk
 from rescue.disk import qcow2
 from rescue.disk.convert import convert
@@ -26,6 +26,12 @@ CLUSTER = 65536
 @pytest.fixture(scope="session")
 def images(tmp_path_factory) -> Images:
     return make_images(tmp_path_factory)
+
+
+@pytest.fixture(autouse=True)
+def _no_big_leftovers(tmp_path):
+    yield
+    drop_big_files(tmp_path)
 
 
 @pytest.fixture(scope="session")

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from qcow_vdi_support import (QEMU_IMG, Images, RealImages, assert_reads_equal, assert_runs_sound,
-                              make_images, real_images, time_limit)
+from qcow_vdi_support import (QEMU_IMG, assert_reads_equal, assert_runs_sound, drop_big_files,
+                              Images, make_images, real_images, RealImages, time_limit)
 from rescue.disk import DiskOptions, open_disk, vdi
 from rescue.disk.base import RawDisk
 from rescue.disk.convert import convert
@@ -26,6 +26,12 @@ FREE, ZERO = vdi.BLOCK_FREE, vdi.BLOCK_ZERO
 @pytest.fixture(scope="session")
 def images(tmp_path_factory) -> Images:
     return make_images(tmp_path_factory)
+
+
+@pytest.fixture(autouse=True)
+def _no_big_leftovers(tmp_path):
+    yield
+    drop_big_files(tmp_path)
 
 
 @pytest.fixture(scope="session")
