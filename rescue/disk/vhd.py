@@ -81,6 +81,7 @@ TYPE_NAMES = {FIXED: "fixed", DYNAMIC: "dynamic", DIFFERENCING: "differencing"}
 UNALLOCATED = 0xFFFFFFFF
 MAX_GEOMETRY = 65535 * 16 * 255
 SECTOR = 512
+MAX_BAT = 64 << 20                    # 16M blocks: 32 TiB in 2 MiB blocks, far past the 2 TiB VHD limit
 # Creator apps whose size is current_size rather than CHS geometry (qemu's table).
 SIZE_FROM_FOOTER = (b"win ", b"qem2", b"d2v ", b"CTXS", b"tap\0")
 
@@ -191,6 +192,10 @@ class VhdImage(MappedImage):
         if h.max_table_entries < need:
             raise DiskFormatError(f"Max Table Entries {h.max_table_entries} cover fewer than the "
                                   f"{need} blocks of the {self.size}-byte disk", file=self.name)
+        if need * 4 > MAX_BAT:
+            raise DiskFormatError(f"a {self.size}-byte disk in {bs}-byte blocks needs a "
+                                  f"{need * 4}-byte BAT (more than {MAX_BAT}): image damaged",
+                                  file=self.name)
         bat = self.source.read(h.table_offset, need * 4)
         # A truncated BAT: missing entries are damaged ranges, not a failure.
         self.bat = array.array("I")
