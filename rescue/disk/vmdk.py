@@ -525,7 +525,8 @@ class VmdkImage(MappedImage):
             # what the files take (as qemu-img's "disk size"): exact grain counts
             # would mean reading every grain table at open
             allocated_size=sum(s.src.size for s in sparse) if sparse else None,
-            details={"extents": len(self.extents), "cid": keys.get("CID")})
+            details={"extents": len(self.extents), "cid": keys.get("CID"),
+                     "extent_files": [getattr(e, "src", None) and e.src.name for _, e in self.extents]})
         parent_cid = keys.get("parentCID", "ffffffff").lower()
         hint = keys.get("parentFileNameHint")
         if parent_cid != "ffffffff" or hint:
