@@ -627,6 +627,24 @@ def test_split_sets_made_by_split_concatenate(work, ext4_raw, suffixes):
     assert res.returncode == 0 and "hostname" in res.stdout.decode()
 
 
+def test_split_gzip_archive_is_joined_then_decompressed(work, ext4_raw):
+    """`split -b` of a .raw.gz (how big downloads get cut for FAT32 media): the
+    segments are joined first, then the archive layer reads the gzip stream."""
+    need("gzip")
+    folder = work / "split-gz"
+    folder.mkdir()
+    gz = folder / "disk.raw.gz"
+    subprocess.run(["gzip", "-k", "-c", str(ext4_raw)], stdout=open(gz, "wb"), check=True)
+    blob = gz.read_bytes()
+    gz.unlink()
+    size = -(-len(blob) // 3)
+    for i in range(3):
+        (folder / f"disk.raw.gz.{i + 1:03d}").write_bytes(blob[i * size:(i + 1) * size])
+    src = open_source(folder / "disk.raw.gz.001")
+    assert src.size == ext4_raw.stat().st_size
+    assert src.read(0, src.size) == ext4_raw.read_bytes()
+
+
 # ---------------------------------------------------------------- detection and CLI
 
 def test_new_readers_are_registered_after_the_others_and_never_claim_raw(ext4_raw):

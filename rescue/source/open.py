@@ -30,7 +30,7 @@ LOCATIONS: list[tuple[Callable, Callable]] = [
 ]
 
 # What the bytes are, tried in order: each returns the source inside, or None.
-UNWRAPPERS: list[Callable] = [open_archive, open_split]
+UNWRAPPERS: list[Callable] = [open_split, open_archive]   # a split set may hold a .tar.gz
 
 
 def open_source(spec: str | os.PathLike, *, member: str | None = None,
