@@ -276,7 +276,7 @@ class ParallelsBundle(DiskImage):
         self.disk = ConcatSource(parts, name=source.name)
         self.info = DiskInfo(
             format="parallels", subformat="bundle (" + "/".join(sorted(types)) + ")",
-            virtual_size=self.size, backing_chain=[],
+            virtual_size=self.size, allocated_size=sum(s.size for s in self._open), backing_chain=[],
             details={"storages": files, "snapshots": len(chain), "descriptor": source.name},
         )
 
@@ -309,7 +309,7 @@ class ParallelsBundle(DiskImage):
                 raise DiskFormatError(f"DiskDescriptor.xml: storage file name {fname!r} refused",
                                       file=self.name)
             src = open_sibling(self.source, fname, "Parallels storage",
-                               hint="the .hds files must stay inside the .hdd folder")
+                               hint="the .hds files must stay inside the .hdd folder, uncompressed")
             self._open.append(src)
             files.append(fname)
             types.add(kind or "?")
