@@ -43,16 +43,16 @@ def open_source(spec: str | os.PathLike, *, member: str | None = None,
     """
     opener = next(open_ for claims, open_ in LOCATIONS if claims(spec))
     source = opener(spec)
-    # Peel archive layers (a .qcow2.gz inside a .tar): `member` names a file
-    # in the outermost archive; inner ones must hold a single disk.
-    for depth in range(MAX_NESTING):
-        inner = _unwrap(source, member if depth == 0 else None, progress)
+    # Peel layers (a split set, a .qcow2.gz inside a .tar): `member` goes to
+    # the first archive met; archives inside it must hold a single disk.
+    for _ in range(MAX_NESTING):
+        inner = _unwrap(source, member, progress)
         if inner is None:
             break
         source = inner
-    else:
-        depth = MAX_NESTING
-    if member is not None and depth == 0:
+        if getattr(inner, "member", None) is not None:  # an archive member: --member used
+            member = None
+    if member is not None:
         source.close()
         raise SourceError(f"--member {member!r} given, but this is not an archive",
                           file=source.name, hint="drop --member")
