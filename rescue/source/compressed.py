@@ -129,6 +129,12 @@ class CompressedSource:
             info["inside"] = outer()
         return info
 
+    def _note_single_block(self, what: str) -> None:
+        note = (f"{what}: random access decompresses forward from its start, so reading "
+                f"the disk may re-read it several times (slow, but no scratch space)")
+        self.notes.append(note)
+        log.warning("%s: %s", self.name, note)
+
     def _error(self, problem: str, hint: str | None = None) -> SourceError:
         return SourceError(problem, file=self.source.name, hint=hint)
 
@@ -354,12 +360,6 @@ class XzSource(CompressedSource):
             self._note_single_block("xz stream has a single block")
         self._cache = _ChunkCache(self._fetch)
 
-    def _note_single_block(self, what: str) -> None:
-        note = (f"{what}: random access decompresses forward from its start, so reading "
-                f"the disk may re-read it several times (slow, but no scratch space)")
-        self.notes.append(note)
-        log.warning("%s: %s", self.name, note)
-
     def _fetch(self, offset: int) -> bytes:
         import lzma
         try:
@@ -414,8 +414,6 @@ class FramedStreamSource(CompressedSource):
         if len(self._frames) == 1 and self.size > 4 * CACHE_CHUNK * CACHE_CHUNKS:
             self._note_single_block(f"{self.codec} stream is one frame")
         self._cache = _ChunkCache(self._fetch)
-
-    _note_single_block = XzSource._note_single_block
 
     def _walk(self, progress: Progress | None) -> list[tuple[int, int, int, int]]:
         raise NotImplementedError
