@@ -33,10 +33,13 @@ MAX_BATCH_READ = 16 << 20   # compressed bytes fetched by one read
 _POOL: list[ThreadPoolExecutor] = []
 
 
+def _workers() -> int:
+    return max(2, min(8, os.cpu_count() or 2))
+
+
 def _pool() -> ThreadPoolExecutor:
     if not _POOL:
-        _POOL.append(ThreadPoolExecutor(max_workers=max(2, min(8, os.cpu_count() or 2)),
-                                        thread_name_prefix="rescue-inflate"))
+        _POOL.append(ThreadPoolExecutor(max_workers=_workers(), thread_name_prefix="rescue-inflate"))
     return _POOL[0]
 
 
@@ -231,8 +234,13 @@ class MappedDisk(DiskImage):
             for d in descriptors[i:j]:
                 raw[d] = blob[d[0] - start:d[0] - start + d[1]]
             i = j
-        results = _pool().map(lambda d: self._inflate(d, raw[d]), descriptors)
-        out = dict(zip(descriptors, results))
+        # Tasks of a few clusters: fewer futures, yet no long straggler.
+        step = max(1, min(8, len(descriptors) // (2 * _workers())))
+        batches = [descriptors[i:i + step] for i in range(0, len(descriptors), step)]
+        out: dict[Any, bytes] = {}
+        for batch, results in zip(batches, _pool().map(
+                lambda batch: [self._inflate(d, raw[d]) for d in batch], batches)):
+            out.update(zip(batch, results))
         for d in descriptors[-self._clusters.capacity:]:
             self._clusters.put(d, out[d])
         return out

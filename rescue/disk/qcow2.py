@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import sys
+import threading
 import zlib
 from array import array
 from dataclasses import replace
@@ -547,13 +548,17 @@ class Qcow2Disk(MappedDisk):
         self.source.close()
 
 
+_ZSTD = threading.local()
+
+
 def _zstd_cluster(data: bytes, cs: int) -> bytes:
     """Decompress zstd frames until a whole cluster is produced (qemu may
     split a cluster into several frames; the sector tail is garbage)."""
-    import zstandard
-
+    dctx = getattr(_ZSTD, "dctx", None)
+    if dctx is None:  # one context per thread: creating one per cluster is slow
+        import zstandard
+        dctx = _ZSTD.dctx = zstandard.ZstdDecompressor()
     out, rest = bytearray(), data
-    dctx = zstandard.ZstdDecompressor()
     while len(out) < cs and rest:
         obj = dctx.decompressobj()
         out += obj.decompress(rest)
