@@ -583,6 +583,21 @@ def test_vma_zst_opens_through_rescue_inspect_and_extracts_like_raw(vma_file, wo
     assert res.returncode == 0 and sha_tree(dst) == raw_extract
 
 
+def test_vma_writer_lays_out_blobs_like_a_real_vzdump_archive():
+    """Cross-check of the test writer with a real archive's facts (dissect.hypervisor's
+    test.vma, a slice of a Proxmox backup, as its test asserts them): with a 417-byte
+    qemu-server.conf, the blobs sit at 1 (its name), 20 (its data) and 439 (the
+    device name), the header is 12800 bytes and cluster 0's data starts at 13312."""
+    conf = b"c" * 417
+    blob = vma_bytes([("drive-scsi0", b"\x01" * 65536)], {"qemu-server.conf": conf})
+    h = vma.Header.parse(blob)
+    assert h.header_size == 12800 and h.blob_buffer_offset == 12288
+    assert (h.config_names[0], h.config_data[0], h.dev_info[1].devname_ptr) == (1, 20, 439)
+    d = vma.VmaDisk(BytesSource(blob))
+    assert d.index[0] >> 16 == 13312 // 512 and d.index[0] & 0xFFFF == 0xFFFF
+    assert d.info.details["configs"] == ["qemu-server.conf"] and d.read(0, 65536) == b"\x01" * 65536
+
+
 def test_vma_truncated_or_damaged(vma_file, work):
     path, disks = vma_file
     blob = path.read_bytes()
