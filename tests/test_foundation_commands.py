@@ -70,9 +70,7 @@ def test_inspect_json_describes_the_sample_vps_disk():
     assert info["os"]["pretty_name"] == T.OS_PRETTY_NAME
 
 
-@pytest.mark.parametrize("name", [pytest.param(n, marks=[pytest.mark.xfail(
-    strict=True, reason="core bug: inspect gives no label for exFAT (blkid: EXFATDATA)")] if n == "exfat.img" else [])
-    for n in sorted(MANIFEST)])
+@pytest.mark.parametrize("name", sorted(MANIFEST))
 def test_inspect_json_agrees_with_sfdisk_and_blkid(name, tmp_path):
     need("sfdisk", "blkid")
     image = FS_DIR / name
