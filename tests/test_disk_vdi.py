@@ -66,7 +66,8 @@ def make_vdi(path: Path, bmap: list[int], *, disk_size: int | None = None, **cha
     for i, e in enumerate(bmap):
         image[512 + 4 * i:516 + 4 * i] = e.to_bytes(4, "little")
     for e in stored:
-        image[data_offset + e * block_size:data_offset + (e + 1) * block_size] = bytes([0x40 + e]) * block_size
+        at = data_offset + e * block_size
+        image[at:at + block_size] = bytes([0x40 + e]) * block_size
     path.write_bytes(bytes(image))
     expect = b"".join(bytes([0x40 + e]) * block_size if e < ZERO else bytes(block_size) for e in bmap)
     return expect[:fields["disk_size"]]

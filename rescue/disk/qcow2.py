@@ -125,6 +125,7 @@ MAX_VIRTUAL_SIZE = 1 << 62
 COMPRESSION_NAMES = {0: "zlib", 1: "zstd"}
 CRYPT_NAMES = {1: "AES", 2: "LUKS"}
 
+
 def detect(source: ByteSource) -> bool:
     return source.read(0, 4) == MAGIC
 
