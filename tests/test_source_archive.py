@@ -469,3 +469,34 @@ def test_tar_gz_over_http_reads_like_the_bare_disk(archives, disk):
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_gzip_index_widens_its_spacing_when_the_disk_is_bigger_than_guessed(archives, disk,
+                                                                              monkeypatch):
+    """Memory stays bounded: more seek points than allowed -> rebuilt wider."""
+    monkeypatch.setattr(compressed.GzipSource, "MAX_POINTS", 1)
+    builds = compressed.STATS["index_builds"]
+    source = open_source(archives["gz"])
+    try:
+        assert source._spacing >= disk.stat().st_size  # one point for the whole disk
+        assert compressed.STATS["index_builds"] > builds + 1
+        _assert_same(source, disk, samples=10)
+    finally:
+        source.close()
+
+
+def test_gzip_spacing_comes_from_the_tar_header_not_the_compressed_size(tmp_path):
+    """An empty 16 GiB disk packs into a few KiB: the tar header tells its size."""
+    (tmp_path / "empty.disk").touch()
+    os.truncate(tmp_path / "empty.disk", 16 << 30)
+    path = tmp_path / "empty.tar.gz"
+    _run("tar", "-cSzf", str(path), "-C", str(tmp_path), "empty.disk")
+    assert path.stat().st_size < 64 * 1024
+    source = open_source(path)
+    try:
+        gz = source.archive.inner
+        assert source.size == 16 << 30
+        assert gz._spacing == (16 << 30) // compressed.GzipSource.TARGET_POINTS
+        assert source.read(5 << 30, 4096) == bytes(4096)
+    finally:
+        source.close()

@@ -349,7 +349,7 @@ class Archive:
                                   file=self.source.name, hint="unpack it with unzip or 7z")
             index = self.members.index(m)
             stream = open_compressed(raw, codec, cache=self.cache, name=name,
-                                     cache_name=f"zip-{index}")
+                                     cache_name=f"zip-{index}", size_hint=m.size)
             return MemberSource(self, m, stream, name, primary=primary, owns_data=True)
         data = self.source if self.format == "zip" else self.inner
         if m.type == "sparse":

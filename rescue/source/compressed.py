@@ -156,25 +156,53 @@ class GzipSource(CompressedSource):
 
     codec = "gzip"
 
+    # Seek points every `spacing` decompressed bytes, each holding a 32 KiB
+    # window: aim at TARGET_POINTS whatever the disk size, so the index (RAM
+    # and cache) stays in the tens of MiB; never more than MAX_POINTS.
+    TARGET_POINTS = 2048
+    MAX_POINTS = 4096
+    MIN_SPACING, MAX_SPACING = 4 << 20, 1 << 30
+
     def __init__(self, source: ByteSource, *, cache: IndexCache | None = None,
                  progress: Progress | None = None, name: str | None = None,
-                 cache_name: str = "stream") -> None:
+                 cache_name: str = "stream", size_hint: int | None = None) -> None:
         super().__init__(source, name)
         self._cache_store = cache
         self._cache_name = cache_name
-        # Seek points every `spacing` decompressed bytes, each holding a 32 KiB
-        # window: a few hundred to a few thousand points whatever the disk size,
-        # so the index (RAM and cache) stays in the tens of MiB.
-        self._spacing = min(max(source.size // 512, 4 << 20), 64 << 20)
+        self._spacing = self._spacing_for(size_hint or self._estimate_size())
         self._f = self._open()
         try:
             if not self._load_index():
-                self._build(progress)
+                while not self._build(progress):  # too many points: wider spacing, again
+                    self._close_stream()
+                    self._f = self._open()
                 self._store_index()
         except BaseException:
             self._close_stream()
             raise
         self._cache = _ChunkCache(self._fetch)
+
+    def _spacing_for(self, size: int) -> int:
+        return min(max(size // self.TARGET_POINTS, self.MIN_SPACING), self.MAX_SPACING)
+
+    def _estimate_size(self) -> int:
+        """The disk size before decoding it all: the first tar member's size
+        when the stream holds a tar (a mostly empty disk compresses 100:1, so
+        the compressed size says little), else the trailer's length mod 4 GiB."""
+        import tarfile
+        import zlib
+        guess = self.source.size * 4
+        try:
+            head = zlib.decompressobj(31).decompress(self.source.read(0, 1 << 16), 1 << 16)
+            if head[257:262] == b"ustar":
+                tf = tarfile.open(fileobj=io.BytesIO(head + bytes(1 << 16)), mode="r:")
+                info = tf.next()
+                if info is not None:
+                    return max(info.size, guess)
+        except (zlib.error, tarfile.TarError, EOFError, ValueError):
+            pass
+        isize = int.from_bytes(self.source.read(self.source.size - 4, 4), "little")
+        return max(isize, guess)
 
     def _open(self):
         import indexed_gzip
@@ -215,7 +243,8 @@ class GzipSource(CompressedSource):
         except Exception as exc:  # the cache is an optimisation only
             log.info("could not cache index for %s: %s", self.name, exc)
 
-    def _build(self, progress: Progress | None) -> None:
+    def _build(self, progress: Progress | None) -> bool:
+        """Read the stream through once; False when the spacing must grow."""
         import zlib
         STATS["index_builds"] += 1
         total = self.source.size
@@ -226,6 +255,10 @@ class GzipSource(CompressedSource):
                 if not data:
                     break
                 done += len(data)
+                if done // self._spacing > self.MAX_POINTS and self._spacing < self.MAX_SPACING:
+                    # Far bigger than estimated: start over with room for 4x the size.
+                    self._spacing = max(2 * self._spacing, self._spacing_for(4 * done))
+                    return False
                 crc = zlib.crc32(data, crc)
                 if progress:
                     progress(min(self._raw.tell(), total), total)
@@ -238,6 +271,7 @@ class GzipSource(CompressedSource):
         self.size = done
         if progress:
             progress(total, total)
+        return True
 
     def _check_trailer(self, size: int, crc: int) -> None:
         """RFC 1952 2.3.1: a member ends with CRC-32 and ISIZE (length mod 2^32).
@@ -639,10 +673,11 @@ class Bzip2Source(FramedStreamSource):
 
 def open_compressed(source: ByteSource, codec: str, *, cache: IndexCache | None = None,
                     progress: Progress | None = None, name: str | None = None,
-                    cache_name: str = "stream") -> CompressedSource:
+                    cache_name: str = "stream", size_hint: int | None = None) -> CompressedSource:
     """A random-access decompressed view of `source` compressed with `codec`."""
     if codec == "gzip":
-        return GzipSource(source, cache=cache, progress=progress, name=name, cache_name=cache_name)
+        return GzipSource(source, cache=cache, progress=progress, name=name, cache_name=cache_name,
+                          size_hint=size_hint)
     if codec == "bzip2":
         return Bzip2Source(source, cache=cache, progress=progress, name=name, cache_name=cache_name)
     if codec == "zstd":
