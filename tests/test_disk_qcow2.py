@@ -517,3 +517,17 @@ def test_failed_convert_leaves_no_output_behind(images, tmp_path):
     with pytest.raises(OSError):
         convert(disk, out)
     assert not out.exists() and not (tmp_path / "disk.raw.part").exists()
+
+
+def test_reading_and_converting_never_modifies_the_images(images, tmp_path):
+    import hashlib
+
+    names = ["chain-top2.qcow2", "chain-top.qcow2", "chain-base.qcow2", "zstd.qcow2", "dynamic.vdi"]
+    before = {n: hashlib.sha256(images.path(n).read_bytes()).hexdigest() for n in names}
+    stamps = {n: images.path(n).stat().st_mtime_ns for n in names}
+    for n in ("chain-top2.qcow2", "zstd.qcow2", "dynamic.vdi"):
+        disk = open_path(images.path(n))
+        convert(disk, tmp_path / f"{n}.raw")
+        disk.close()
+    assert {n: hashlib.sha256(images.path(n).read_bytes()).hexdigest() for n in names} == before
+    assert {n: images.path(n).stat().st_mtime_ns for n in names} == stamps
