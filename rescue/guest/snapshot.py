@@ -54,7 +54,8 @@ class Snapshot:
         self._root: Volume | None = None
         self._tree: FileSystem | None = None
         self.mounts: list[dict[str, Any]] = []
-        self.warnings: list[str] = list(self.volumes.warnings) + list(getattr(self.disk.info, "warnings", []))
+        self.warnings: list[str] = (list(getattr(self.source, "notes", []) or []) + list(self.volumes.warnings)
+                                    + list(getattr(self.disk.info, "warnings", [])))
 
     # -- filesystems ---------------------------------------------------------
 
