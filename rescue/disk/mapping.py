@@ -128,7 +128,7 @@ class MappedDisk(DiskImage):
     cluster_cache_size = 32            # decompressed clusters kept
 
     def _init_caches(self, entries_per_table: int) -> None:
-        self._tables = LRU(self.table_cache_entries // max(1, entries_per_table))
+        self._tables = LRU(max(4, self.table_cache_entries // max(1, entries_per_table)))
         self._clusters = LRU(self.cluster_cache_size)
 
     def _decode_table(self, index: int) -> tuple[list[int], list[Extent]]:
