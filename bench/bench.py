@@ -296,6 +296,7 @@ def main() -> int:
     ap.add_argument("--workloads", default="W1,W2,W3")
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--json", action="store_true", help="print the results as JSON on stdout")
+    ap.add_argument("--build-only", action="store_true", help="build (cache) the workloads, measure nothing")
     args = ap.parse_args()
     log = (lambda s: print(s, file=sys.stderr)) if args.json else print
     for tool in ("mkfs.ext4", "sgdisk", "qemu-img"):
@@ -306,6 +307,8 @@ def main() -> int:
     rows = []
     for name in args.workloads.split(","):
         w = build(name.strip(), log)
+        if args.build_only:
+            continue
         log(f"{w.name}: {w.title}")
         rows += run_workload(w, args.runs, log)
     if args.json:
