@@ -666,6 +666,21 @@ def test_split_sets_made_by_split_concatenate(work, ext4_raw, suffixes):
     assert res.returncode == 0 and "hostname" in res.stdout.decode()
 
 
+def test_split_set_with_more_segments_than_open_files(work):
+    """2000 segments (more than the 1024 files a process may often hold open): the
+    set still reads, segments being opened only while read."""
+    folder = work / "split-many"
+    folder.mkdir()
+    rng = random.Random(8)
+    data = rng.randbytes(2000 * 512)
+    for i in range(2000):
+        (folder / f"d.{i:04d}").write_bytes(data[i * 512:(i + 1) * 512])
+    src = open_source(folder / "d.0000")
+    assert src.size == len(data) and src.read(0, len(data)) == data
+    assert src.read(1023 * 512 - 3, 7) == data[1023 * 512 - 3:1023 * 512 + 4]
+    src.close()
+
+
 def test_split_gzip_archive_is_joined_then_decompressed(work, ext4_raw):
     """`split -b` of a .raw.gz (how big downloads get cut for FAT32 media): the
     segments are joined first, then the archive layer reads the gzip stream."""

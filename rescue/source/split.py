@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import os
 import re
+import threading
 from bisect import bisect_right
+from collections import OrderedDict
 from typing import Iterator, Sequence
 
-from ..errors import RescueError
+from ..errors import RescueError, SourceError
 from .base import ByteSource, FileSource, Run, runs as source_runs
 
 MAX_SEGMENTS = 10000
@@ -96,6 +98,45 @@ class ConcatSource:
             src.close()
 
 
+class _Segment:
+    """One segment file of a split set, opened only while it is being read:
+    a set may have more segments than the process may hold open files."""
+
+    MAX_OPEN = 32
+    _open: "OrderedDict[_Segment, FileSource]" = OrderedDict()
+    _lock = threading.Lock()
+
+    def __init__(self, path: str) -> None:
+        self.path = self.name = path
+        try:
+            st = os.stat(path)
+        except OSError as exc:
+            raise SourceError(f"split segment cannot be read ({exc.strerror})", file=path) from None
+        self.size = st.st_size
+        self.identity = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+    def _file(self) -> FileSource:
+        f = _Segment._open.get(self)
+        if f is None:
+            f = FileSource(self.path)
+            _Segment._open[self] = f
+            while len(_Segment._open) > self.MAX_OPEN:
+                _Segment._open.popitem(last=False)[1].close()
+        else:
+            _Segment._open.move_to_end(self)
+        return f
+
+    def read(self, offset: int, length: int) -> bytes:
+        with _Segment._lock:   # no thread may close a file another is reading
+            return self._file().read(offset, length)
+
+    def close(self) -> None:
+        with _Segment._lock:
+            f = _Segment._open.pop(self, None)
+            if f is not None:
+                f.close()
+
+
 def _next_name(path: str) -> str | None:
     base = os.path.basename(path)
     m = _NUMERIC.match(base)
@@ -162,10 +203,8 @@ def open_split(source: ByteSource, *, member: str | None = None, progress=None) 
     parts: list[tuple[int, ByteSource]] = [(source.size, source)]
     try:
         for name in names[1:]:
-            seg = FileSource(name)
+            seg = _Segment(name)
             parts.append((seg.size, seg))
     except RescueError:
-        for _, seg in parts[1:]:
-            seg.close()
         return None   # a segment vanished or is unreadable: read the first one alone
     return ConcatSource(parts, name=path)
