@@ -678,7 +678,10 @@ def test_split_set_with_more_segments_than_open_files(work):
     src = open_source(folder / "d.0000")
     assert src.size == len(data) and src.read(0, len(data)) == data
     assert src.read(1023 * 512 - 3, 7) == data[1023 * 512 - 3:1023 * 512 + 4]
+    from rescue.source.split import _Segment
+    assert 0 < len(_Segment._open) <= _Segment.MAX_OPEN
     src.close()
+    assert not any(seg.path.startswith(str(folder)) for seg in _Segment._open)
 
 
 def test_split_gzip_archive_is_joined_then_decompressed(work, ext4_raw):
