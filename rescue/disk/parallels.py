@@ -71,6 +71,7 @@ TABLE_ENTRIES = 4096
 MAX_CLUSTER = 1 << 30
 MAX_BAT = 1 << 28
 MAX_DESCRIPTOR = 1 << 20
+MAX_STORAGES = 4096              # each is an open file
 NO_PARENT = "{00000000-0000-0000-0000-000000000000}"
 
 
@@ -252,6 +253,9 @@ class ParallelsBundle(DiskImage):
         storages = root.findall("StorageData/Storage")
         if not storages:
             raise DiskFormatError("DiskDescriptor.xml lists no <Storage>", file=source.name)
+        if len(storages) > MAX_STORAGES:
+            raise DiskFormatError(f"DiskDescriptor.xml lists {len(storages)} storages (more than "
+                                  f"{MAX_STORAGES})", file=source.name)
         self._open: list[ByteSource] = []
         parts: list[tuple[int, ByteSource]] = []
         pos = 0
