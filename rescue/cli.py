@@ -148,7 +148,15 @@ def _render_inspect(data: dict) -> None:
     for parent in data.get("backing_chain") or []:
         out.print(f"  backing file: {parent}", markup=False)
     for snap in data.get("snapshots") or []:
-        out.print(f"  snapshot: {snap}", markup=False)
+        if isinstance(snap, dict):
+            line = f"  snapshot {snap.get('id', '?')}: {snap.get('name') or '(no name)'}"
+            if snap.get("date"):
+                line += f", taken {snap['date']}"
+            if snap.get("disk_size"):
+                line += f", disk {_human(snap['disk_size'])}"
+            out.print(line + " (read it with --snapshot NAME)", markup=False)
+        else:
+            out.print(f"  snapshot: {snap}", markup=False)
     if data.get("archive"):
         out.print(f"  archive: {data['archive']}", markup=False)
     out.print(f"Partition table: {data.get('partition_table') or 'none'}", markup=False)
