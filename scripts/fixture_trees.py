@@ -265,6 +265,15 @@ EXT_EXTRA: list[Node] = [
 ]
 EXT_TREE = SIMPLE_TREE + EXT_EXTRA
 
+# NTFS also stores files compressed (LZNT1) when their directory asks for it:
+# scripts/make-fixtures sets FILE_ATTRIBUTE_COMPRESSED on these directories first.
+NTFS_COMPRESSED_DIRS = {"/compressed"}
+NTFS_TREE = SIMPLE_TREE + [
+    Node("/compressed", "dir", mtime=250),
+    Node("/compressed/big-compressed.dat", mtime=251, data=pattern(200000, "ntfscomp")),
+    Node("/compressed/small.txt", mtime=252, data=b"compressed dir, small file\n"),
+]
+
 
 def with_marker(tree: list[Node], text: str) -> list[Node]:
     """A tree plus /volume.txt naming the volume, so tests can tell volumes apart."""

@@ -34,7 +34,7 @@ import fixture_trees as T  # noqa: E402
 
 MANIFEST = json.loads((FS_DIR / "MANIFEST.json").read_text())
 TREES = {"EXT_TREE": T.EXT_TREE, "SIMPLE_TREE": T.SIMPLE_TREE, "SAMPLE_TREE": T.SAMPLE_TREE,
-         "EFI_TREE": T.EFI_TREE}
+         "EFI_TREE": T.EFI_TREE, "NTFS_TREE": T.NTFS_TREE}
 
 IS_ROOT = os.geteuid() == 0
 
