@@ -47,6 +47,7 @@ _ATTR_TRANSFORMED = int(pytsk3.TSK_FS_ATTR_COMP) | int(pytsk3.TSK_FS_ATTR_ENC)
 # address x block size), so file data can be read without TSK in the way.
 DIRECT_READ_TYPES = {"ext2", "ext3", "ext4", "vfat", "exfat", "ntfs"}
 DIRECT_CHUNK = 4 << 20
+MAX_DIR_CACHE = 1_000_000   # directory paths remembered (metadata-sized)
 _RUN_HOLE = int(pytsk3.TSK_FS_ATTR_RUN_FLAG_SPARSE) | int(pytsk3.TSK_FS_ATTR_RUN_FLAG_FILLER)
 _DATA_ATTRS = (pytsk3.TSK_FS_ATTR_TYPE_DEFAULT, pytsk3.TSK_FS_ATTR_TYPE_NTFS_DATA,
                pytsk3.TSK_FS_ATTR_TYPE_HFS_DATA)
@@ -95,6 +96,7 @@ class TskFileSystem(FileSystem):
         self._img = _TskImage(source)
         self._last_handle = None
         self._last_ranges = None
+        self._dir_inodes: dict[str, int] = {}   # directory path -> inode, filled by listdir
         try:
             self._fs = pytsk3.FS_Info(self._img)
         except OSError as exc:
@@ -139,7 +141,10 @@ class TskFileSystem(FileSystem):
     def listdir(self, path: str) -> list[Entry]:
         path = normalize(path)
         try:
-            directory = self._fs.open_dir(path)
+            # By inode when we have seen the directory: TSK resolves a path from
+            # the root every time (4 ms a directory on NTFS).
+            inode = self._dir_inodes.get(path)
+            directory = self._fs.open_dir(inode=inode) if inode is not None else self._fs.open_dir(path)
         except OSError as exc:
             if self.stat(path).kind != DIR:
                 raise GuestPathError(f"not a directory: {path}", file=self.name) from None
@@ -162,6 +167,9 @@ class TskFileSystem(FileSystem):
                 entry = self._entry(posixpath.join(path, name), handle.info.meta, name_info)
                 if entry is not None:
                     out.append(entry)
+                    if entry.kind == DIR and len(self._dir_inodes) < MAX_DIR_CACHE:
+                        # twin names (a corrupt directory) must not point the path elsewhere
+                        self._dir_inodes.setdefault(entry.path, entry.inode)
         except OSError as exc:
             raise FileReadError(f"cannot list {path}: {_tsk_reason(exc)}") from None
         return out
