@@ -119,7 +119,8 @@ def extracted(case: Case, kind: str, images: dict, tmp_path_factory) -> View:
         if kind == "dir" and IS_ROOT:
             args += ["--devices", "--keep-setuid"]
         res = rescue(*args)
-        assert res.returncode == 0, explain(res)
+        # as a normal user a directory target cannot hold devices or security.* xattrs: reported, exit 1
+        assert res.returncode == 0 or (kind == "dir" and not IS_ROOT and res.returncode == 1), explain(res)
         assert b"Traceback" not in res.stderr
         _done[key] = (target, tar_view(target) if kind == "tar" else dir_view(target))
     return _done[key][1]
@@ -148,6 +149,9 @@ def test_directory_matches_the_tree_the_fixture_was_built_from(case, images, tmp
         from dataclasses import replace
         caps = replace(caps, owners=False)
     want = tree_view(case.described())
+    if not IS_ROOT:   # only root may set trusted.*/security.* xattrs
+        for rec in want.recs.values():
+            rec.xattrs = {k: v for k, v in rec.xattrs.items() if k.startswith("user.")}
     diffs = compare_case(case, got, want, caps, what=f"{case.id} dir vs described", **_dir_expectations(case))
     assert not diffs, "\n".join(diffs)
 
