@@ -43,13 +43,15 @@ MemberOpt = typer.Option(None, "--member", metavar="NAME", help="File inside an 
 BackingOpt = typer.Option(None, "--backing", metavar="FILE", help="Parent image of a qcow2/VHD/VMDK overlay.")
 QSnapOpt = typer.Option(None, "--snapshot", metavar="NAME", help="qcow2 internal snapshot to read (name or id); for a Proxmox VMA, the disk (e.g. drive-scsi1).")
 BackendOpt = typer.Option("auto", "--backend", metavar="NAME", help="Filesystem reader: auto, tsk, guestfs.")
+DiskOpt = typer.Option([], "--disk", metavar="FILE",
+                       help="Another disk of the same server (an LVM volume group spread over disks); repeatable.")
 PartialOpt = typer.Option(False, "--partial", help="Read a truncated image anyway: rescue what it still holds.")
 
 
-def _options(volume, member, backing, snapshot, backend, partial=False):
+def _options(volume, member, backing, snapshot, backend, partial=False, disks=()):
     from .guest import SnapshotOptions
     return SnapshotOptions(volume=volume, member=member, backing=backing, snapshot=snapshot, backend=backend,
-                           partial=partial, status=lambda text: err.print(f"[dim]{text}...[/dim]"),
+                           partial=partial, extra_disks=list(disks), status=lambda text: err.print(f"[dim]{text}...[/dim]"),
                            progress=_IndexProgress())
 
 
@@ -97,9 +99,9 @@ def _errors() -> Iterator[None]:
         raise typer.Exit(EXIT_ERROR)
 
 
-def _open(snapshot: str, volume, member, backing, qsnap, backend, partial=False):
+def _open(snapshot: str, volume, member, backing, qsnap, backend, partial=False, disks=()):
     from .guest import open_snapshot
-    return open_snapshot(snapshot, _options(volume, member, backing, qsnap, backend, partial))
+    return open_snapshot(snapshot, _options(volume, member, backing, qsnap, backend, partial, disks))
 
 
 def _human(n: Optional[int]) -> str:
@@ -122,11 +124,11 @@ def _print_json(data) -> None:
 @app.command()
 def inspect(snapshot: str = SnapshotArg, volume: Optional[str] = VolumeOpt, member: Optional[str] = MemberOpt,
             backing: Optional[str] = BackingOpt, qsnap: Optional[str] = QSnapOpt,
-            backend: str = BackendOpt,
+            backend: str = BackendOpt, disk: List[str] = DiskOpt,
             as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")) -> None:
     """Show what is inside a snapshot: disk format, partitions, volumes, filesystems, and the guest OS."""
     with _errors():
-        with _open(snapshot, volume, member, backing, qsnap, backend) as snap:
+        with _open(snapshot, volume, member, backing, qsnap, backend, disks=disk) as snap:
             data = snap.inspect()
         if as_json:
             _print_json(data)
@@ -175,8 +177,12 @@ def _render_inspect(data: dict) -> None:
                       _human(details.get("free")))
     out.print(table)
     for vg in data.get("volume_groups") or []:
-        out.print(f"Volume group {vg.get('name')}: LVs {', '.join(str(lv) for lv in vg.get('lvs', []))}",
-                  markup=False)
+        try:
+            from .volume.lvm import vg_summary
+            line = vg_summary(vg)
+        except Exception:   # a summary must never hide the rest of the report
+            line = f"{vg.get('name')}: {len(vg.get('lvs', []))} logical volumes"
+        out.print(line[0].upper() + line[1:], markup=False)
     if data.get("mounts"):
         out.print("Mount table (from /etc/fstab):")
         for row in data["mounts"]:
@@ -203,12 +209,12 @@ def ls(snapshot: str = SnapshotArg, path: str = typer.Argument("/", help="Direct
        long: bool = typer.Option(False, "-l", "--long", help="Modes, owners, sizes, times."),
        volume: Optional[str] = VolumeOpt, member: Optional[str] = MemberOpt,
        backing: Optional[str] = BackingOpt, qsnap: Optional[str] = QSnapOpt, backend: str = BackendOpt,
-       partial: bool = PartialOpt,
+       partial: bool = PartialOpt, disk: List[str] = DiskOpt,
        as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")) -> None:
     """List a directory inside the snapshot (like ls; symlinks are shown, not followed)."""
     from .extract.select import resolve_selection
     with _errors():
-        with _open(snapshot, volume, member, backing, qsnap, backend, partial) as snap:
+        with _open(snapshot, volume, member, backing, qsnap, backend, partial, disk) as snap:
             fs = snap.filesystem()
             users, groups = snap.user_names(), snap.group_names()
             _, entry = resolve_selection(fs, path)
@@ -236,12 +242,12 @@ def ls(snapshot: str = SnapshotArg, path: str = typer.Argument("/", help="Direct
 def cat(snapshot: str = SnapshotArg, path: str = typer.Argument(..., help="File in the guest."),
         volume: Optional[str] = VolumeOpt, member: Optional[str] = MemberOpt,
         backing: Optional[str] = BackingOpt, qsnap: Optional[str] = QSnapOpt, backend: str = BackendOpt,
-        partial: bool = PartialOpt) -> None:
+        partial: bool = PartialOpt, disk: List[str] = DiskOpt) -> None:
     """Print a file from the snapshot to stdout (symlinks followed inside the guest)."""
     from .errors import FilesystemError, GuestPathError
     from .extract.run import check_file
     with _errors():
-        with _open(snapshot, volume, member, backing, qsnap, backend, partial) as snap:
+        with _open(snapshot, volume, member, backing, qsnap, backend, partial, disk) as snap:
             fs = snap.filesystem()
             entry = fs.resolve(path)
             if entry.kind != FILE:
@@ -277,7 +283,7 @@ def extract(snapshot: str = SnapshotArg,
                                               help="Local scratch space for rsync/rclone tree targets (e.g. 512M)."),
             volume: Optional[str] = VolumeOpt, member: Optional[str] = MemberOpt,
             backing: Optional[str] = BackingOpt, qsnap: Optional[str] = QSnapOpt, backend: str = BackendOpt,
-            partial: bool = PartialOpt,
+            partial: bool = PartialOpt, disk: List[str] = DiskOpt,
             as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON.")) -> None:
     """Copy directories out of the snapshot into a tarball, a folder, or a remote target.
 
@@ -295,7 +301,7 @@ def extract(snapshot: str = SnapshotArg,
                               hint="redirect it (`-o - > out.tar`, `-o - | tar tvf -`) or name a file with -o")
         options = ExtractOptions(paths=paths, excludes=exclude, strip_components=strip_components,
                                  xattrs=not no_xattrs)
-        with _open(snapshot, volume, member, backing, qsnap, backend, partial) as snap:
+        with _open(snapshot, volume, member, backing, qsnap, backend, partial, disk) as snap:
             fs = snap.filesystem()
             users, groups = snap.user_names(), snap.group_names()
             work = plan(fs, options)

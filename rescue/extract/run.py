@@ -124,11 +124,18 @@ def _walk(fs: FileSystem, top: Entry, shown: str, options: ExtractOptions,
         # Two entries of one name (a corrupt or crafted directory): paths cannot
         # tell them apart, so keep one (not a directory: its contents would be
         # unreachable by path anyway) and report the others.
+        # The name is what follows the directory's path: a dirent named
+        # "a/b" (a crafted image) must stay "a/b" to be seen as unsafe.
+        prefix = directory.path.rstrip("/") + "/"
+
+        def name_of(child: Entry) -> str:
+            return child.path[len(prefix):] if child.path.startswith(prefix) else posixpath.basename(child.path)
+
         by_name: dict[str, list[Entry]] = {}
         for child in listing:
-            by_name.setdefault(posixpath.basename(child.path), []).append(child)
+            by_name.setdefault(name_of(child), []).append(child)
         for child in listing:
-            name = posixpath.basename(child.path)
+            name = name_of(child)
             child_shown = posixpath.join(dir_shown, name)
             why = unsafe_name(name)
             if why:

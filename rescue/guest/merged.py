@@ -75,8 +75,13 @@ class MergedFileSystem(FileSystem):
                     continue
         # Entries of the underlying fs are kept as they are, twins included:
         # the extract layer reports names that occur twice.
-        out = [self._outer(e, posixpath.join(path, e.name), dev)
-               for e in fs.listdir(inner) if e.name not in covered]
+        inner_prefix = inner.rstrip("/") + "/"
+        out = []
+        for e in fs.listdir(inner):
+            # keep the raw name (even "a/b" from a crafted image): extract judges it
+            name = e.path[len(inner_prefix):] if e.path.startswith(inner_prefix) else e.name
+            if name not in covered:
+                out.append(self._outer(e, path.rstrip("/") + "/" + name, dev))
         return out + list(covered.values())
 
     def read_chunks(self, entry: Entry, chunk_size: int = 1 << 20) -> Iterator[bytes]:

@@ -29,6 +29,7 @@ class SnapshotOptions:
     backing: str | None = None       # --backing: parent image override
     snapshot: str | None = None      # --snapshot: qcow2 internal snapshot
     partial: bool = False            # --partial: read a truncated image anyway
+    extra_disks: list[str] = field(default_factory=list)   # --disk: more disks of the same server
     status: Callable[[str], None] | None = None   # progress notes ("starting libguestfs ...")
     progress: Callable[[int, int], None] | None = None   # (done, total) while an archive is indexed
 
@@ -48,7 +49,15 @@ class Snapshot:
         self.source = open_source(self.spec, member=self.options.member, progress=self.options.progress)
         self.disk = open_disk(self.source, DiskOptions(backing=self.options.backing,
                                                        snapshot=self.options.snapshot))
-        self.volumes: VolumeMap = discover(self.disk)
+        self.extra: list = []   # (source, disk) of each --disk
+        try:
+            for spec in self.options.extra_disks:
+                extra_source = open_source(spec, progress=self.options.progress)
+                self.extra.append((extra_source, open_disk(extra_source, DiskOptions())))
+        except BaseException:
+            self.close()
+            raise
+        self.volumes: VolumeMap = discover([self.disk] + [d for _, d in self.extra] if self.extra else self.disk)
         self._filesystems: dict[str, FileSystem] = {}
         self._errors: dict[str, str] = {}
         self._root: Volume | None = None
@@ -138,9 +147,11 @@ class Snapshot:
 
     def _candidates(self) -> list[_Candidate]:
         out = []
-        for volume in self.volumes.volumes:
-            if volume.filesystem in NOT_FILESYSTEMS or volume.details.get("unsupported"):
-                continue
+        usable = [v for v in self.volumes.volumes
+                  if v.filesystem not in NOT_FILESYSTEMS and not v.details.get("unsupported")]
+        # Volumes whose content was recognised first; the rest only if nothing was.
+        known = [v for v in usable if v.filesystem]
+        for volume in known or usable:
             cand = _Candidate(volume)
             try:
                 cand.fs = self.open_filesystem(volume)
@@ -148,7 +159,9 @@ class Snapshot:
                 cand.error = exc.problem
                 out.append(cand)
                 continue
-            for marker in ("/etc/os-release", "/etc/fstab", "/usr/lib/os-release"):
+            # the last two: btrfs roots opened at the top level (Ubuntu '@', Fedora 'root' subvolumes)
+            for marker in ("/etc/os-release", "/etc/fstab", "/usr/lib/os-release",
+                           "/@/etc/os-release", "/root/etc/os-release"):
                 try:
                     cand.fs.resolve(marker)
                     cand.has_root = True
@@ -192,7 +205,11 @@ class Snapshot:
     def _nothing_readable(self, cands: list[_Candidate]) -> RescueError:
         if not self.volumes.volumes:
             return VolumeError("no partitions or filesystems found", file=self.spec)
-        problems = "; ".join(f"volume {c.volume.id}: {c.error}" for c in cands if c.error)
+        if not any(c.volume.filesystem for c in cands):
+            ids = ", ".join(v.id for v in self.volumes.volumes)
+            return VolumeError(f"no filesystem found: the content of every volume ({ids}) is unrecognised",
+                               file=self.spec, hint="is this the right disk? `rescue inspect` shows what was found")
+        problems = "; ".join(c.error for c in cands if c.error)
         if not problems:
             kinds = ", ".join(f"{v.id} ({v.filesystem or 'unknown content'})" for v in self.volumes.volumes)
             return VolumeError(f"no readable filesystem found (volumes: {kinds})", file=self.spec,
@@ -311,7 +328,11 @@ class Snapshot:
                 fs.close()
             except Exception:
                 pass
-        self.disk.close()
+        for extra_source, extra_disk in getattr(self, "extra", []):
+            extra_disk.close()
+            extra_source.close()
+        if getattr(self, "disk", None) is not None:
+            self.disk.close()
         self.source.close()
 
     def __enter__(self) -> "Snapshot":
