@@ -369,8 +369,14 @@ def _progress(total: int, quiet: bool):
     bar: Optional[Progress] = None
     task = None
 
+    last = 0.0
+
     def update(done: int, files: int) -> None:
-        nonlocal bar, task
+        nonlocal bar, task, last
+        now = time.monotonic()
+        if now - last < 0.1 and done < total:   # ten redraws a second are plenty
+            return
+        last = now
         if bar is None:
             if quiet and not err.is_terminal or time.monotonic() - started < 1.0:
                 return

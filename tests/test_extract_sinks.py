@@ -154,3 +154,30 @@ def test_tar_sink_refuses_to_leave_a_partial_file_under_the_final_name(tmp_path)
     sink.add(Item(name="d", entry=_entry("/d", DIR, mode=0o755)))
     sink.abort()
     assert not (tmp_path / "out.tar").exists() and not (tmp_path / "out.tar.part").exists()
+
+
+@pytest.mark.parametrize("kind,extra", [
+    (tarfile.REGTYPE, {"size": 12345, "uname": "www-data", "gname": "www-data", "uid": 33, "gid": 33}),
+    (tarfile.DIRTYPE, {"mode": 0o1777}),
+    (tarfile.SYMTYPE, {"linkname": "../x/y"}),
+    (tarfile.LNKTYPE, {"linkname": "a/first"}),
+    (tarfile.CHRTYPE, {"devmajor": 4, "devminor": 5}),
+    (tarfile.BLKTYPE, {"devmajor": 259, "devminor": 65535}),
+    (tarfile.FIFOTYPE, {"mode": 0o4755}),
+])
+def test_fast_tar_header_is_byte_identical_to_tarfile(kind, extra):
+    from rescue.extract.tar_sink import fast_header
+    ti = tarfile.TarInfo("var/lib/docker/volumes/db/_data/file-" + str(kind))
+    ti.type, ti.mode, ti.mtime = kind, extra.pop("mode", 0o644), 1_700_000_000
+    for key, value in extra.items():
+        setattr(ti, key, value)
+    assert fast_header(ti) == ti.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
+
+
+def test_fast_tar_header_leaves_long_or_non_ascii_names_to_tarfile():
+    from rescue.extract.tar_sink import fast_header
+    assert fast_header(tarfile.TarInfo("x" * 101)) is None
+    assert fast_header(tarfile.TarInfo("précis.txt")) is None
+    ti = tarfile.TarInfo("ok")
+    ti.pax_headers = {"mtime": "1.5"}
+    assert fast_header(ti) is None

@@ -53,13 +53,10 @@ def _cases() -> list[Case]:
 
 CASES = _cases()
 
-# Reported in /tmp/bugs-for-lead.md: LZNT1-compressed NTFS files are read as raw clusters.
-NTFS_COMPRESSED = pytest.mark.xfail(strict=True, reason="core bug: NTFS-compressed file "
-                                    "/compressed/big-compressed.dat reads differently from ntfs-3g")
 
 
 def params(cases: list[Case]) -> list:
-    return [pytest.param(c, id=c.id, marks=[NTFS_COMPRESSED] if c.tree == "NTFS_TREE" else []) for c in cases]
+    return [pytest.param(c, id=c.id) for c in cases]
 
 
 # The sample's fstab mounts the EFI partition on /boot/efi: rescue stitches it into

@@ -177,8 +177,6 @@ def _drop_reparse_points(got, ref) -> None:
                     del view.recs[p]
 
 
-@pytest.mark.xfail(strict=True, reason="core bug reported: dissect.ntfs/ntfs.bin /Large.txt (NTFS-compressed) "
-                   "reads differently from icat and ntfs-3g")
 def test_normal_ext_fat_ntfs_images_open_extract_and_match_the_kernel(unpacked):
     assert NORMAL, "INDEX.tsv lists no normal ext/FAT/NTFS images"
 

@@ -134,9 +134,10 @@ def _walk(fs: FileSystem, top: Entry, shown: str, options: ExtractOptions,
         by_name: dict[str, list[Entry]] = {}
         for child in listing:
             by_name.setdefault(name_of(child), []).append(child)
+        shown_prefix = dir_shown.rstrip("/") + "/"
         for child in listing:
             name = name_of(child)
-            child_shown = posixpath.join(dir_shown, name)
+            child_shown = shown_prefix + name
             why = unsafe_name(name)
             if why:
                 skipped.append(Skipped(child_shown, f"unsafe {why}"))

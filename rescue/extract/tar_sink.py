@@ -122,7 +122,7 @@ class TarSink(Sink):
         return ti
 
     def _header(self, ti: tarfile.TarInfo) -> None:
-        self._out.write(ti.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape"))
+        self._out.write(fast_header(ti) or ti.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape"))
 
     # -- items ---------------------------------------------------------------
 
@@ -249,3 +249,36 @@ def _worth_sparse(ranges: list[tuple[int, int]], size: int) -> bool:
             return True
         pos = offset + length
     return size - pos >= SPARSE_MIN_HOLE
+
+
+def fast_header(ti: tarfile.TarInfo) -> bytes | None:
+    """The ustar header tarfile would write for a plain member (ASCII names
+    that fit, no PAX records), built directly: tarfile's generic path costs
+    ~30 us a member, which is most of the time for 200 000 tiny files.
+    Returns None when the member needs tarfile's full treatment. A test checks
+    the bytes are identical to `ti.tobuf(PAX_FORMAT)`."""
+    if ti.pax_headers:
+        return None
+    name = ti.name + "/" if ti.type == tarfile.DIRTYPE and not ti.name.endswith("/") else ti.name
+    try:
+        raw_name, link = name.encode("ascii"), ti.linkname.encode("ascii")
+        user, group = ti.uname.encode("ascii"), ti.gname.encode("ascii")
+    except UnicodeEncodeError:
+        return None
+    if len(raw_name) > 100 or len(link) > 100 or len(user) > 32 or len(group) > 32:
+        return None
+    if not (0 <= ti.uid < 8 ** 7 and 0 <= ti.gid < 8 ** 7 and 0 <= ti.size < 8 ** 11
+            and isinstance(ti.mtime, int) and 0 <= ti.mtime < 8 ** 11):
+        return None
+    if ti.type in (tarfile.CHRTYPE, tarfile.BLKTYPE):
+        if not (0 <= ti.devmajor < 8 ** 7 and 0 <= ti.devminor < 8 ** 7):
+            return None
+        devices = b"%07o\0%07o\0" % (ti.devmajor, ti.devminor)
+    else:
+        devices = bytes(16)
+    buf = b"".join((
+        raw_name.ljust(100, b"\0"), b"%07o\0" % (ti.mode & 0o7777), b"%07o\0" % ti.uid, b"%07o\0" % ti.gid,
+        b"%011o\0" % ti.size, b"%011o\0" % ti.mtime, b"        ", ti.type, link.ljust(100, b"\0"),
+        tarfile.POSIX_MAGIC, user.ljust(32, b"\0"), group.ljust(32, b"\0"), devices,
+    )).ljust(BLOCKSIZE, b"\0")
+    return buf[:148] + b"%06o\0" % sum(buf) + buf[155:]

@@ -31,6 +31,8 @@ from .base import FileReadError
 log = logging.getLogger(__name__)
 
 SUPERBLOCK_OFFSET = 1024
+INODE_CHUNK = 64 * 1024       # inode table read in pieces of this size
+INODE_CHUNKS_CACHED = 32      # 2 MiB of inode table kept
 EXT_MAGIC = 0xEF53
 EA_MAGIC = 0xEA020000
 
@@ -263,6 +265,7 @@ class ExtInodeReader:
         self.name = source.name
         self._last = None   # (ino, parsed) of the last inode asked for
         self._descs: dict[int, tuple[int, int, int]] = {}   # group -> (inode table, bitmap, flags)
+        self._chunks: dict[int, bytes] = {}   # inode table pieces, oldest first
         self.read_inode_data = read_inode_data
         raw = self._read(SUPERBLOCK_OFFSET, 1024, "superblock")
         if len(raw) < 1024:
@@ -301,6 +304,24 @@ class ExtInodeReader:
         self._warned_ea_inode = False
 
     # -- low level ---------------------------------------------------------------
+
+    def _inode_bytes(self, offset: int, ino: int) -> bytes:
+        """Inodes are read in 64 KiB pieces of the inode table (a walk asks for
+        neighbours in a row): one read per 256 inodes instead of one each."""
+        base = offset - offset % INODE_CHUNK
+        chunk = self._chunks.get(base)
+        if chunk is None:
+            try:
+                chunk = self._read(base, INODE_CHUNK, f"inode table near inode {ino}")
+            except FileReadError:   # a damaged piece: fall back to the inode alone
+                return self._read(offset, self.inode_size, f"inode {ino}")
+            if len(self._chunks) >= INODE_CHUNKS_CACHED:
+                self._chunks.pop(next(iter(self._chunks)))
+            self._chunks[base] = chunk
+        start = offset - base
+        if start + self.inode_size > len(chunk):   # straddles a piece or the end of the image
+            return self._read(offset, self.inode_size, f"inode {ino}")
+        return chunk[start:start + self.inode_size]
 
     def _read(self, offset: int, length: int, what: str) -> bytes:
         try:
@@ -382,7 +403,7 @@ class ExtInodeReader:
     def raw_inode(self, ino: int) -> bytes:
         """The inode's on-disk bytes (s_inode_size of them)."""
         offset = self.inode_offset(ino)
-        data = self._read(offset, self.inode_size, f"inode {ino}")
+        data = self._inode_bytes(offset, ino)
         if len(data) < self.inode_size:
             raise FileReadError(f"{self.name}: inode {ino} at byte {offset} is past the end "
                                 "of the image")
@@ -423,19 +444,18 @@ class ExtInodeReader:
 
     def times(self, ino: int) -> InodeTimes:
         _, inode, extra_isize, extra = self._parse(ino)
-
-        def fits(offset: int) -> bool:   # EXT4_FITS_IN_INODE for a 4-byte field at `offset`
-            return extra is not None and offset + 4 <= 128 + extra_isize
-
-        def field(name: str, offset: int) -> int | None:
-            return getattr(extra, name) if fits(offset) else None
-
-        crtime = (_decode_time(extra.i_crtime, field("i_crtime_extra", 0x94))
-                  if fits(0x90) else None)
+        # EXT4_FITS_IN_INODE: a 4-byte field at offset o exists when o + 4 <= 128 + i_extra_isize.
+        end = 128 + extra_isize if extra is not None else 0
+        ctime_x = extra.i_ctime_extra if end >= 0x84 + 4 else None
+        mtime_x = extra.i_mtime_extra if end >= 0x88 + 4 else None
+        atime_x = extra.i_atime_extra if end >= 0x8C + 4 else None
+        crtime = None
+        if end >= 0x90 + 4:
+            crtime = _decode_time(extra.i_crtime, extra.i_crtime_extra if end >= 0x94 + 4 else None)
         return InodeTimes(
-            atime_ns=_decode_time(inode.i_atime, field("i_atime_extra", 0x8C)),
-            mtime_ns=_decode_time(inode.i_mtime, field("i_mtime_extra", 0x88)),
-            ctime_ns=_decode_time(inode.i_ctime, field("i_ctime_extra", 0x84)),
+            atime_ns=_decode_time(inode.i_atime, atime_x),
+            mtime_ns=_decode_time(inode.i_mtime, mtime_x),
+            ctime_ns=_decode_time(inode.i_ctime, ctime_x),
             crtime_ns=crtime,
         )
 

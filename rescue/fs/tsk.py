@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import posixpath
 import re
+from types import MappingProxyType
 from typing import Iterator
 
 import pytsk3
@@ -47,6 +48,7 @@ _ATTR_TRANSFORMED = int(pytsk3.TSK_FS_ATTR_COMP) | int(pytsk3.TSK_FS_ATTR_ENC)
 # address x block size), so file data can be read without TSK in the way.
 DIRECT_READ_TYPES = {"ext2", "ext3", "ext4", "vfat", "exfat", "ntfs"}
 DIRECT_CHUNK = 4 << 20
+_NO_XATTRS: dict[str, bytes] = MappingProxyType({})  # type: ignore[assignment]  # shared, read-only
 MAX_DIR_CACHE = 1_000_000   # directory paths remembered (metadata-sized)
 _RUN_HOLE = int(pytsk3.TSK_FS_ATTR_RUN_FLAG_SPARSE) | int(pytsk3.TSK_FS_ATTR_RUN_FLAG_FILLER)
 _DATA_ATTRS = (pytsk3.TSK_FS_ATTR_TYPE_DEFAULT, pytsk3.TSK_FS_ATTR_TYPE_NTFS_DATA,
@@ -150,6 +152,7 @@ class TskFileSystem(FileSystem):
                 raise GuestPathError(f"not a directory: {path}", file=self.name) from None
             raise FileReadError(f"cannot list {path}: {_tsk_reason(exc)}") from None
         out = []
+        prefix = path.rstrip("/") + "/"
         try:
             for handle in directory:
                 name_info = handle.info.name
@@ -164,7 +167,7 @@ class TskFileSystem(FileSystem):
                 name = raw.decode("utf-8", "surrogateescape")
                 if path == "/" and self._is_metadata_name(name):
                     continue
-                entry = self._entry(posixpath.join(path, name), handle.info.meta, name_info)
+                entry = self._entry(prefix + name, handle.info.meta, name_info)
                 if entry is not None:
                     out.append(entry)
                     if entry.kind == DIR and len(self._dir_inodes) < MAX_DIR_CACHE:
@@ -209,6 +212,11 @@ class TskFileSystem(FileSystem):
                     entry.rdev = self._ext.rdev(inode)
             except Exception:
                 pass   # keep TSK's view of a damaged inode
+            try:   # the inode is parsed now anyway: its xattrs cost nothing more
+                found = self._ext.xattrs(inode)
+                entry.xattrs = found if found else _NO_XATTRS
+            except Exception:
+                pass   # left unloaded: xattrs() asks again and reports the damage
         if self.info.type in ("vfat", "exfat"):
             entry.mode = 0o755 if kind == DIR else 0o644   # FAT has no Unix modes; TSK invents 0777
         return entry
@@ -344,6 +352,7 @@ class TskFileSystem(FileSystem):
             return cached[1]
         handle = self._handle(entry)
         bs = self.block_size
+        transformed = False
         ranges: list[tuple[int, int]] = []
         extents: list[tuple[int, int, int]] | None = [] if self.info.type in DIRECT_READ_TYPES else None
         found = False
@@ -354,8 +363,11 @@ class TskFileSystem(FileSystem):
                     continue
                 if not int(info.flags) & int(pytsk3.TSK_FS_ATTR_NONRES):
                     return None   # resident (inline) data: no blocks to map
-                if int(info.flags) & _ATTR_TRANSFORMED:
-                    extents = None   # compressed or encrypted: only TSK can decode it
+                transformed = bool(int(info.flags) & _ATTR_TRANSFORMED)
+                if transformed:
+                    # Compressed or encrypted: only TSK can decode it, and the
+                    # "sparse" runs inside NTFS compression units are not holes.
+                    extents = None
                 found = True
                 for run in attr:
                     start = int(run.offset) * bs
@@ -382,11 +394,13 @@ class TskFileSystem(FileSystem):
                 break
         except OSError as exc:
             raise FileReadError(f"{entry.path}: cannot map its blocks: {_tsk_reason(exc)}") from None
-        result = ranges if found else None
+        result = ranges if found and not transformed else None
         self._last_ranges = ((entry.inode, entry.size), result, extents if found else None)
         return result
 
     def xattrs(self, entry: Entry) -> dict[str, bytes]:
+        if entry.xattrs is not None:
+            return entry.xattrs
         if self._ext is None:
             return {}
         try:
