@@ -77,13 +77,15 @@ class _IndexProgress:
 
 
 @contextmanager
-def _errors() -> Iterator[None]:
+def _errors(snapshot: Optional[str] = None) -> Iterator[None]:
     """One clear line and exit 2 for anything that goes wrong (traceback with --debug)."""
     try:
         yield
     except typer.Exit:
         raise
     except RescueError as exc:
+        if exc.file is None and snapshot:
+            exc.file = snapshot   # every line names the file it is about
         if _state["debug"]:
             err.print_exception()
         err.print(f"rescue: {exc.one_line()}", markup=False)
@@ -127,13 +129,26 @@ def inspect(snapshot: str = SnapshotArg, volume: Optional[str] = VolumeOpt, memb
             backend: str = BackendOpt, disk: List[str] = DiskOpt,
             as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")) -> None:
     """Show what is inside a snapshot: disk format, partitions, volumes, filesystems, and the guest OS."""
-    with _errors():
+    with _errors(snapshot):
         with _open(snapshot, volume, member, backing, qsnap, backend, disks=disk) as snap:
             data = snap.inspect()
+        _refuse_non_disk(data)
         if as_json:
             _print_json(data)
             return
         _render_inspect(data)
+
+
+def _refuse_non_disk(data: dict) -> None:
+    """A file with no container, no partition table and no filesystem is not a
+    disk image (a text file, a wrong download): say so instead of a table."""
+    if data.get("format") == "raw" and not data.get("partition_table") and not data.get("archive") \
+            and not data.get("boot_sector") and not any(v.get("filesystem") for v in data.get("volumes", [])):
+        from .errors import VolumeError
+        raise VolumeError("not a disk image: no container format, partition table or filesystem found",
+                          file=data.get("snapshot"),
+                          hint="is the download complete? formats read: raw, qcow2, VMDK, VHD/VHDX, VDI, "
+                               "Parallels, DMG, VMA, and archives of them")
 
 
 def _render_inspect(data: dict) -> None:
@@ -213,7 +228,7 @@ def ls(snapshot: str = SnapshotArg, path: str = typer.Argument("/", help="Direct
        as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")) -> None:
     """List a directory inside the snapshot (like ls; symlinks are shown, not followed)."""
     from .extract.select import resolve_selection
-    with _errors():
+    with _errors(snapshot):
         with _open(snapshot, volume, member, backing, qsnap, backend, partial, disk) as snap:
             fs = snap.filesystem()
             users, groups = snap.user_names(), snap.group_names()
@@ -246,7 +261,7 @@ def cat(snapshot: str = SnapshotArg, path: str = typer.Argument(..., help="File 
     """Print a file from the snapshot to stdout (symlinks followed inside the guest)."""
     from .errors import FilesystemError, GuestPathError
     from .extract.run import check_file
-    with _errors():
+    with _errors(snapshot):
         with _open(snapshot, volume, member, backing, qsnap, backend, partial, disk) as snap:
             fs = snap.filesystem()
             entry = fs.resolve(path)
@@ -292,7 +307,7 @@ def extract(snapshot: str = SnapshotArg,
     from .extract.run import ExtractOptions, extract as run_extract, plan
     from .extract.targets import TargetOptions, open_sink
     from .extract.remote_target import parse_size
-    with _errors():
+    with _errors(snapshot):
         if output is None and not dry_run:
             raise RescueError("say where the data should go with -o (a .tar/.tar.gz/.tar.zst file, a "
                               "directory ending in '/', '-' for stdout) or use --dry-run --list", layer="extract")
