@@ -13,8 +13,6 @@ set, otherwise as zeros, like qemu.
 
 from __future__ import annotations
 
-import sys
-from array import array
 from typing import Any
 
 from construct import Bytes, ConstructError, Int32ul, Struct
@@ -24,7 +22,7 @@ from ..source.base import ByteSource
 from .base import DiskInfo, DiskOptions
 from .choices import no_choices
 from .blockmap import bitmap_runs
-from .mapping import DATA, ZERO, ExtentBuilder, MappedDisk, read_exact_table
+from .mapping import DATA, ZERO, ExtentBuilder, MappedDisk, read_u32le_table
 
 MAGIC = b"Bochs Virtual HD Image"
 VERSION_1 = 0x00010000
@@ -121,10 +119,7 @@ class BochsDisk(MappedDisk):
         h, ext = self.header, self.extent
         first = index * TABLE_ENTRIES
         count = max(0, min(TABLE_ENTRIES, h.catalog - first))
-        raw = read_exact_table(self.source, h.header + first * 4, count * 4, "Bochs catalog")
-        entries = array("I", raw)
-        if sys.byteorder == "big":
-            entries.byteswap()
+        entries = read_u32le_table(self.source, h.header + first * 4, count, "Bochs catalog")
         nbits = ext // SECTOR
         b = ExtentBuilder()
         for i, e in enumerate(entries):
@@ -144,9 +139,3 @@ class BochsDisk(MappedDisk):
             b.add(count * ext, (TABLE_ENTRIES - count) * ext, ZERO)
         return b.done()
 
-    def _read_host(self, offset: int, length: int) -> bytes:
-        return self.source.read(offset, length)
-
-    def close(self) -> None:
-        super().close()
-        self.source.close()

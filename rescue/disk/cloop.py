@@ -120,9 +120,3 @@ class CloopDisk(MappedDisk):
                                f"bytes, not {self.block_size}")
         return out
 
-    def _read_host(self, offset: int, length: int) -> bytes:
-        return self.source.read(offset, length)
-
-    def close(self) -> None:
-        super().close()
-        self.source.close()

@@ -259,9 +259,3 @@ class DmgDisk(MappedDisk):
             raise DamagedRange(f"{what} decompresses to {len(out)} bytes, not {nbytes}")
         return out[:nbytes]
 
-    def _read_host(self, offset: int, length: int) -> bytes:
-        return self.source.read(offset, length)
-
-    def close(self) -> None:
-        super().close()
-        self.source.close()

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import contextvars
 import os
+import sys
+from array import array
 from bisect import bisect_right
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
@@ -117,7 +119,8 @@ class MappedDisk(DiskImage):
 
     Subclasses set name, size, info, span, backing and implement
     `_decode_table(index) -> (starts, extents)` (extents covering [0, span)),
-    `_read_host(offset, length)` and, for compressed clusters (descriptor =
+    (optionally) `_read_host(offset, length)`, which reads `data_source`, and,
+    for compressed clusters (descriptor =
     (offset, size) in `source`), `_inflate(descriptor, raw) -> cluster`.
     """
 
@@ -135,7 +138,7 @@ class MappedDisk(DiskImage):
         raise NotImplementedError
 
     def _read_host(self, offset: int, length: int) -> bytes:
-        raise NotImplementedError
+        return self.data_source.read(offset, length)
 
     # -- resolving requests -------------------------------------------------
 
@@ -302,11 +305,19 @@ class MappedDisk(DiskImage):
         return out
 
     def close(self) -> None:
-        self._tables.clear()
-        self._clusters.clear()
+        """Drop the caches, close the parent, then the files this image read."""
+        for cache in (getattr(self, "_tables", None), getattr(self, "_clusters", None)):
+            if cache is not None:   # None when __init__ failed before _init_caches
+                cache.clear()
         if self.backing is not None:
             self.backing.close()
             self.backing = None
+        source = getattr(self, "source", None)
+        data_source = getattr(self, "data_source", source)
+        if data_source is not None and data_source is not source:
+            data_source.close()
+        if source is not None:
+            source.close()
 
 
 # Images being opened in the current backing chain, (identity, name), top
@@ -339,3 +350,11 @@ def read_exact_table(source: ByteSource, offset: int, length: int, what: str) ->
         raise DamagedRange(f"{source.name}: {what} at offset {offset} (+{length} bytes) "
                            f"is past the end of the file ({source.size} bytes)")
     return data
+
+
+def read_u32le_table(source: ByteSource, offset: int, count: int, what: str) -> array:
+    """A table of `count` little-endian 32-bit entries (BAT, block map, catalog)."""
+    entries = array("I", read_exact_table(source, offset, count * 4, what))
+    if sys.byteorder == "big":
+        entries.byteswap()
+    return entries

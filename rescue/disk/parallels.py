@@ -20,8 +20,6 @@ snapshot (type Plain = raw, Compressed = expandable image as above).
 from __future__ import annotations
 
 import re
-import sys
-from array import array
 from typing import Any
 from xml.etree import ElementTree
 
@@ -33,7 +31,7 @@ from ..source.split import ConcatSource
 from .base import DiskImage, DiskInfo, DiskOptions, RawDisk
 from .blockmap import close_quietly, open_sibling
 from .choices import no_choices
-from .mapping import BACKING, DATA, ExtentBuilder, MappedDisk, open_in_chain, read_exact_table
+from .mapping import BACKING, DATA, ExtentBuilder, MappedDisk, open_in_chain, read_u32le_table
 
 MAGIC_V1 = b"WithoutFreeSpace"   # BAT entries in sectors
 MAGIC_V2 = b"WithouFreSpacExt"   # BAT entries in clusters
@@ -183,10 +181,7 @@ class ParallelsDisk(MappedDisk):
         h, cluster = self.header, self.cluster
         first = index * TABLE_ENTRIES
         count = max(0, min(TABLE_ENTRIES, h.bat_entries - first))
-        raw = read_exact_table(self.source, Header.sizeof() + first * 4, count * 4, "Parallels BAT")
-        entries = array("I", raw)
-        if sys.byteorder == "big":
-            entries.byteswap()
+        entries = read_u32le_table(self.source, Header.sizeof() + first * 4, count, "Parallels BAT")
         b = ExtentBuilder()
         add, unit = b.add, self.unit
         for i, e in enumerate(entries):
@@ -198,12 +193,6 @@ class ParallelsDisk(MappedDisk):
             add(count * cluster, (TABLE_ENTRIES - count) * cluster, BACKING)
         return b.done()
 
-    def _read_host(self, offset: int, length: int) -> bytes:
-        return self.source.read(offset, length)
-
-    def close(self) -> None:
-        super().close()
-        self.source.close()
 
 
 # -- Parallels Desktop bundles ------------------------------------------------

@@ -515,9 +515,6 @@ class Qcow2Disk(MappedDisk):
 
     # -- data --------------------------------------------------------------
 
-    def _read_host(self, offset: int, length: int) -> bytes:
-        return self.data_source.read(offset, length)
-
     def _inflate(self, descriptor: tuple[int, int], data: bytes) -> bytes:
         offset, size = descriptor
         cs = self.cluster_size
@@ -538,15 +535,6 @@ class Qcow2Disk(MappedDisk):
             raise DamagedRange(f"{where} decompresses to {len(out)} bytes, not {cs}")
         return out
 
-    def close(self) -> None:
-        if hasattr(self, "_tables"):
-            super().close()
-        if self.backing is not None:
-            self.backing.close()
-            self.backing = None
-        if self.data_source is not self.source:
-            self.data_source.close()
-        self.source.close()
 
 
 _ZSTD = threading.local()

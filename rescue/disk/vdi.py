@@ -16,9 +16,7 @@ one folder up (VirtualBox keeps snapshots in <VM>/Snapshots/), or take
 from __future__ import annotations
 
 import os
-import sys
 import uuid
-from array import array
 from dataclasses import replace
 from typing import Any
 
@@ -27,7 +25,7 @@ from construct import Bytes, Const, ConstructError, Int32ul, Int64ul, Struct
 from ..errors import DiskFormatError, RescueError, UnsupportedFeature
 from ..source.base import ByteSource, FileSource
 from .base import DiskInfo, DiskOptions
-from .mapping import BACKING, DATA, ZERO, ExtentBuilder, MappedDisk, open_in_chain, read_exact_table
+from .mapping import BACKING, DATA, ZERO, ExtentBuilder, MappedDisk, open_in_chain, read_u32le_table
 
 SIGNATURE = 0xBEDA107F
 VERSION_1_1 = 0x00010001
@@ -157,10 +155,7 @@ class VdiDisk(MappedDisk):
         h, bs = self.header, self.block_size
         first = index * TABLE_BLOCKS
         count = max(0, min(TABLE_BLOCKS, h.blocks_in_image - first))
-        raw = read_exact_table(self.source, h.offset_bmap + first * 4, count * 4, "VDI block map")
-        entries = array("I", raw)
-        if sys.byteorder == "big":
-            entries.byteswap()
+        entries = read_u32le_table(self.source, h.offset_bmap + first * 4, count, "VDI block map")
         b = ExtentBuilder()
         add, stride, base = b.add, bs + h.block_extra, h.offset_data + h.block_extra
         for i, e in enumerate(entries):
@@ -174,12 +169,6 @@ class VdiDisk(MappedDisk):
             add(count * bs, (TABLE_BLOCKS - count) * bs, ZERO)
         return b.done()
 
-    def _read_host(self, offset: int, length: int) -> bytes:
-        return self.source.read(offset, length)
-
-    def close(self) -> None:
-        super().close()
-        self.source.close()
 
 
 MAX_PARENT_CANDIDATES = 1000

@@ -238,12 +238,6 @@ class VmaDisk(MappedDisk):
             b.add(done, self.span - done, ZERO)
         return b.done()
 
-    def _read_host(self, offset: int, length: int) -> bytes:
-        return self.source.read(offset, length)
-
-    def close(self) -> None:
-        super().close()
-        self.source.close()
 
 
 def _blob_str(blob: bytes, ptr: int, source: ByteSource) -> str:
