@@ -32,7 +32,7 @@ import subprocess
 import tempfile
 
 from ..errors import TargetError
-from ..fs.base import BLOCK, CHAR, DIR, FIFO, FILE, SOCKET, SYMLINK, FileReadError
+from ..fs.base import BLOCK, CHAR, DIR, FIFO, FILE, SOCKET, FileReadError
 from .base import Item, Sink, SinkResult
 from .remote_run import RemoteSinkResult, require_tool, run_tool, scrub
 from .remote_target import RCLONE_TAR, RCLONE_TREE, RemoteTarget, parse_remote_target

@@ -22,7 +22,7 @@ from collections import namedtuple
 from dataclasses import dataclass
 from typing import Callable
 
-from construct import Bytes, Int8ul, Int16ul, Int32ul, Padding, Struct
+from construct import Int8ul, Int16ul, Int32ul, Padding, Struct
 
 from ..errors import DamagedRange, FilesystemError
 from ..source.base import ByteSource

@@ -8,7 +8,6 @@ times) comes from `ext_inode.ExtInodeReader` when that reader is present.
 
 from __future__ import annotations
 
-import posixpath
 import re
 from types import MappingProxyType
 from typing import Iterator

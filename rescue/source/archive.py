@@ -23,7 +23,7 @@ import zipfile
 from dataclasses import asdict, dataclass, field
 from typing import Iterator
 
-from construct import Bytes, Const, Int16ul, Int32ul, Struct
+from construct import Const, Int16ul, Int32ul, Struct
 
 from ..errors import SourceError
 from .base import ByteSource, Run, Window

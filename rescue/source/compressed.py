@@ -28,7 +28,6 @@ from __future__ import annotations
 import bisect
 import io
 import logging
-import os
 import threading
 from collections import OrderedDict
 from typing import Callable

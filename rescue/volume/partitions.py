@@ -11,7 +11,7 @@ from __future__ import annotations
 import uuid as uuid_mod
 
 import pytsk3
-from construct import Array, Bytes, Const, Int32ul, Int64ul, Struct
+from construct import Bytes, Const, Int32ul, Int64ul, Struct
 
 from ..source.base import ByteSource, Window
 from .base import Volume
