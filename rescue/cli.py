@@ -20,6 +20,7 @@ from rich.table import Table
 
 from .errors import EXIT_ERROR, EXIT_OK, EXIT_PARTIAL, RescueError
 from .fs.base import DIR, FILE, SYMLINK
+from .units import human_size
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,
                   help="Get your data out of a dead server's snapshot, without mounting anything.")
@@ -107,14 +108,7 @@ def _open(snapshot: str, volume, member, backing, qsnap, backend, partial=False,
 
 
 def _human(n: Optional[int]) -> str:
-    if n is None:
-        return ""
-    value = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
-        if value < 1024 or unit == "PiB":
-            return f"{int(value)} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    return str(n)
+    return "" if n is None else human_size(n)
 
 
 def _print_json(data) -> None:

@@ -11,6 +11,7 @@ from ..disk import DiskOptions, open_disk
 from ..errors import FilesystemError, RescueError, VolumeError
 from ..fs.base import FileSystem
 from ..source import open_source
+from ..units import human_size
 from ..volume import Volume, VolumeMap, discover
 from .identity import id_names, os_release
 
@@ -190,7 +191,7 @@ class Snapshot:
             self._root = roots[0].volume
         elif len(roots) > 1 or len(readable) > 1:
             choices = roots if roots else readable
-            listing = ", ".join(f"{c.volume.id} ({c.volume.filesystem or '?'}, {_human(c.volume.size)})"
+            listing = ", ".join(f"{c.volume.id} ({c.volume.filesystem or '?'}, {human_size(c.volume.size)})"
                                 for c in choices)
             why = "several volumes look like a Linux root" if roots else "no volume holds /etc/os-release"
             raise VolumeError(f"{why}: {listing}; pick one with --volume ID", file=self.spec,
@@ -353,9 +354,3 @@ def _guestfs_hint() -> str:
     return "use the Linux VM from the Vagrantfile (see README: macOS and Windows)"
 
 
-def _human(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)

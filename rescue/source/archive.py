@@ -26,6 +26,7 @@ from typing import Iterator
 from construct import Const, Int16ul, Int32ul, Struct
 
 from ..errors import SourceError
+from ..units import human_size
 from .base import ByteSource, Run, Window
 from .cache import IndexCache, source_key
 from .compressed import (CompressedSource, Progress, deflate_as_gzip, detect_codec,
@@ -229,16 +230,10 @@ class ArchiveSummary(dict):
 CODEC_SUFFIX = {"gzip": "gz", "zstd": "zst", "xz": "xz", "bzip2": "bz2"}
 
 
-def _fmt_size(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)
 
 
 def _describe(members: list[Member]) -> str:
-    shown = ", ".join(f"{m.name} ({_fmt_size(m.size)})" for m in members[:10])
+    shown = ", ".join(f"{m.name} ({human_size(m.size)})" for m in members[:10])
     return shown + (f", ... ({len(members) - 10} more)" if len(members) > 10 else "")
 
 

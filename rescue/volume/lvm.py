@@ -29,6 +29,7 @@ from construct import Bytes, Const, Int32ul, Int64ul, Struct
 
 from ..errors import DamagedRange, UnsupportedFeature, VolumeError
 from ..source.base import ByteSource, Run, runs as source_runs
+from ..units import human_size
 from .base import Volume
 
 SECTOR = 512
@@ -546,12 +547,6 @@ def _describe(record: dict[str, Any]) -> str:
     return "LVM2 LV (" + ", ".join(sorted(kinds)) + ")"
 
 
-def _human(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
-            return f"{n} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)
 
 
 def vg_summary(vg: dict[str, Any]) -> str:
@@ -568,13 +563,13 @@ def vg_summary(vg: dict[str, Any]) -> str:
         if not lv["visible"]:
             continue
         kinds = sorted({s["type"] for s in lv["segments"]}) or ["?"]
-        text = f"{lv['name']} {_human(lv['size'])} {'/'.join(kinds)}"
+        text = f"{lv['name']} {human_size(lv['size'])} {'/'.join(kinds)}"
         if len(lv["segments"]) > 1:
             text += f" ({len(lv['segments'])} segments)"
         if lv["unsupported"]:
             text += " [not supported yet]"
         lvs.append(text)
-    return (f"volume group {vg['name']}: {pv_text}, extent {_human(vg['extent_size'])}, seqno {vg['seqno']}; "
+    return (f"volume group {vg['name']}: {pv_text}, extent {human_size(vg['extent_size'])}, seqno {vg['seqno']}; "
             f"LVs: {', '.join(lvs) or 'none'}")
 
 
