@@ -11,7 +11,6 @@ from __future__ import annotations
 import errno
 import os
 import stat
-import sys
 
 from ..errors import TargetError
 from ..fs.base import BLOCK, CHAR, DIR, FIFO, FILE, SYMLINK, FileReadError
@@ -249,6 +248,3 @@ def _seek_write(fd: int, data, pos: int) -> int:
     os.lseek(fd, pos, os.SEEK_SET)
     return os.write(fd, data)
 
-
-if sys.platform == "win32":   # no O_NOFOLLOW, no lchown: the checks above still hold
-    IS_ROOT = False

@@ -32,8 +32,6 @@ def compression_for(path: str) -> str | None:
         return "gz"
     if lower.endswith((".tar.zst", ".tzst", ".tar.zstd")):
         return "zst"
-    if lower.endswith(".tar"):
-        return None
     return None
 
 

@@ -142,8 +142,8 @@ class FileSystem:
 
     def walk(self, path: str) -> Iterator[Entry]:
         """The entry at `path` then everything below it, depth first, sorted by
-        name. Directories whose listing fails raise FileReadError from the walk's
-        consumer's point of view via `on_error`."""
+        name. A directory whose listing fails raises FileReadError (the extract
+        engine has its own walk that reports and skips such directories)."""
         top = self.stat(path)
         yield top
         if top.kind == DIR:

@@ -235,8 +235,8 @@ class Snapshot:
         wanted = volume.size
         if fs is not None and fs.info.size:
             wanted = max(wanted, fs.info.size) if volume.id.endswith("whole") else min(wanted, fs.info.size)
-        if volume.details.get("lv") or "/" in volume.id:
-            return None   # LVs map onto PVs; their reader reports missing extents itself
+        if "/" in volume.id:
+            return None   # an LV ("vg/lv") maps onto PVs; its reader reports missing extents itself
         have = max(0, disk_size - volume.start)
         if wanted > have:
             return (f"the image is truncated: volume {volume.id} needs {wanted} bytes but the image holds only "
