@@ -54,8 +54,8 @@ _DATA_ATTRS = (pytsk3.TSK_FS_ATTR_TYPE_DEFAULT, pytsk3.TSK_FS_ATTR_TYPE_NTFS_DAT
                pytsk3.TSK_FS_ATTR_TYPE_HFS_DATA)
 
 
-class _TskImage(pytsk3.Img_Info):
-    """Hands TSK the bytes of any byte source."""
+class TskImage(pytsk3.Img_Info):
+    """Hands TSK the bytes of any byte source (partition tables and filesystems)."""
 
     def __init__(self, source: ByteSource) -> None:
         self._source = source
@@ -94,7 +94,7 @@ class TskFileSystem(FileSystem):
     def __init__(self, source: ByteSource, name: str | None = None) -> None:
         self.source = source
         self.name = name or source.name
-        self._img = _TskImage(source)
+        self._img = TskImage(source)
         self._last_handle = None
         self._last_ranges = None
         self._dir_inodes: dict[str, int] = {}   # directory path -> inode, filled by listdir

@@ -13,6 +13,7 @@ import uuid as uuid_mod
 import pytsk3
 from construct import Bytes, Const, Int32ul, Int64ul, Struct
 
+from ..fs.tsk import TskImage
 from ..source.base import ByteSource, Window
 from .base import Volume
 
@@ -87,25 +88,10 @@ def _gpt_entries(disk: ByteSource, sector: int) -> dict[int, dict]:
     return out
 
 
-class _Img(pytsk3.Img_Info):
-    def __init__(self, source: ByteSource) -> None:
-        self._source = source
-        super().__init__(url="", type=pytsk3.TSK_IMG_TYPE_EXTERNAL)
-
-    def read(self, offset: int, length: int) -> bytes:
-        try:
-            return self._source.read(offset, length)
-        except OSError:
-            return b""
-
-    def get_size(self) -> int:
-        return self._source.size
-
-
 def find_partitions(disk: ByteSource) -> tuple[str | None, list[Volume]]:
     """(table type, partitions) or (None, []) when the disk has no partition table."""
     try:
-        table = pytsk3.Volume_Info(_Img(disk))
+        table = pytsk3.Volume_Info(TskImage(disk))
     except OSError:
         return None, []
     vstype = int(table.info.vstype)
