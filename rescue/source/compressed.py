@@ -134,6 +134,13 @@ class CompressedSource:
         self.notes.append(note)
         log.warning("%s: %s", self.name, note)
 
+    def read(self, offset: int, length: int) -> bytes:
+        """Served from the subclass's chunk cache (`_cache`, filled by `_fetch`)."""
+        if offset >= self.size or length <= 0:
+            return b""
+        with self._lock:
+            return self._cache.read(offset, length, self.size)
+
     def _error(self, problem: str, hint: str | None = None) -> SourceError:
         return SourceError(problem, file=self.source.name, hint=hint)
 
@@ -323,12 +330,6 @@ class GzipSource(CompressedSource):
         except Exception as exc:
             raise DamagedRange(f"{self.name}: gzip data at {offset}: {exc}") from None
 
-    def read(self, offset: int, length: int) -> bytes:
-        if offset >= self.size or length <= 0:
-            return b""
-        with self._lock:
-            return self._cache.read(offset, length, self.size)
-
     def _close_stream(self) -> None:
         f = getattr(self, "_f", None)
         if f is not None:
@@ -400,12 +401,6 @@ class XzSource(CompressedSource):
             return self._f.read(CACHE_CHUNK)
         except (lzma.LZMAError, EOFError, ValueError) as exc:
             raise DamagedRange(f"{self.name}: xz data at {offset}: {exc}") from None
-
-    def read(self, offset: int, length: int) -> bytes:
-        if offset >= self.size or length <= 0:
-            return b""
-        with self._lock:
-            return self._cache.read(offset, length, self.size)
 
     def _close_stream(self) -> None:
         try:
@@ -503,12 +498,6 @@ class FramedStreamSource(CompressedSource):
             offset += len(data)
             want -= len(data)
         return b"".join(parts)
-
-    def read(self, offset: int, length: int) -> bytes:
-        if offset >= self.size or length <= 0:
-            return b""
-        with self._lock:
-            return self._cache.read(offset, length, self.size)
 
     def _close_stream(self) -> None:
         self._cursors.clear()
