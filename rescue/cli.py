@@ -126,23 +126,10 @@ def inspect(snapshot: str = SnapshotArg, volume: Optional[str] = VolumeOpt, memb
     with _errors(snapshot):
         with _open(snapshot, volume, member, backing, qsnap, backend, disks=disk) as snap:
             data = snap.inspect()
-        _refuse_non_disk(data)
         if as_json:
             _print_json(data)
             return
         _render_inspect(data)
-
-
-def _refuse_non_disk(data: dict) -> None:
-    """A file with no container, no partition table and no filesystem is not a
-    disk image (a text file, a wrong download): say so instead of a table."""
-    if data.get("format") == "raw" and not data.get("partition_table") and not data.get("archive") \
-            and not data.get("boot_sector") and not any(v.get("filesystem") for v in data.get("volumes", [])):
-        from .errors import VolumeError
-        raise VolumeError("not a disk image: no container format, partition table or filesystem found",
-                          file=data.get("snapshot"),
-                          hint="is the download complete? formats read: raw, qcow2, VMDK, VHD/VHDX, VDI, "
-                               "Parallels, DMG, VMA, and archives of them")
 
 
 def _render_inspect(data: dict) -> None:
@@ -201,6 +188,12 @@ def _render_inspect(data: dict) -> None:
         out.print(f"Guest OS: {data['os'].get('pretty_name') or data['os'].get('id')}", markup=False)
     elif data.get("root_error"):
         out.print(f"Guest root: {data['root_error']}", markup=False)
+    if data.get("valuables"):
+        out.print("Worth rescuing (pass as --path):")
+        for found in data["valuables"]:
+            size = _human(found["bytes"]) + ("" if found["sizes_complete"] else "+")
+            files = f"{found['files']}{'' if found['sizes_complete'] else '+'} file" + ("" if found["files"] == 1 else "s")
+            out.print(f"  {found['path']:<44} {found['what']}, {files}, {size}", markup=False)
     for warning in data.get("warnings") or []:
         err.print(f"warning: {warning}", markup=False)
 

@@ -14,6 +14,8 @@ from ..source import open_source
 from ..units import human_size
 from ..volume import Volume, VolumeMap, discover
 from .identity import id_names, os_release
+from .not_a_disk import refuse_non_disk
+from .valuables import find_valuables
 
 # Filesystems that hold no files to rescue.
 NOT_FILESYSTEMS = {"swap", "LVM2_member", "crypto_LUKS", "jbd", "BitLocker"}
@@ -283,7 +285,8 @@ class Snapshot:
         return id_names(self.filesystem(), "/etc/group")
 
     def inspect(self) -> dict[str, Any]:
-        """Everything `rescue inspect` shows, as plain data."""
+        """Everything `rescue inspect` shows, as plain data. Raises VolumeError when
+        the file is not a disk image at all (no container, table or filesystem)."""
         info = self.disk.info
         out: dict[str, Any] = {"snapshot": self.spec}
         members = getattr(self.source, "archive_info", None)
@@ -317,11 +320,13 @@ class Snapshot:
                                                      "id_like") if k in os_info}
             if self.mounts:
                 out["mounts"] = self.mounts
+            out["valuables"] = [f.to_json() for f in find_valuables(self.filesystem())]
         except RescueError as exc:
             out["root_volume"] = None
             out["root_error"] = exc.one_line()
         if self.warnings:
             out["warnings"] = self.warnings
+        refuse_non_disk(out)
         return out
 
     def close(self) -> None:
