@@ -18,7 +18,7 @@ from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, Time
                            TransferSpeedColumn)
 from rich.table import Table
 
-from .errors import EXIT_ERROR, EXIT_OK, EXIT_PARTIAL, RescueError
+from .errors import EXIT_ERROR, EXIT_OK, EXIT_PARTIAL, DamagedRange, RescueError
 from .fs.base import DIR, FILE, SYMLINK
 from .units import human_size
 
@@ -90,6 +90,16 @@ def _errors(snapshot: Optional[str] = None) -> Iterator[None]:
         if _state["debug"]:
             err.print_exception()
         err.print(f"rescue: {exc.one_line()}", markup=False)
+        raise typer.Exit(EXIT_ERROR)
+    except DamagedRange as exc:   # a damaged block the command could not do without
+        if _state["debug"]:
+            err.print_exception()
+        problem = str(exc)
+        if snapshot and problem.startswith(snapshot + ": "):
+            problem = problem[len(snapshot) + 2:]
+        where = f"{snapshot}: " if snapshot else ""
+        err.print(f"rescue: {where}disk: damaged data: {problem} (hint: the image is damaged there; `rescue convert` "
+                  "writes the rest of the disk with the damaged ranges as zeros)", markup=False)
         raise typer.Exit(EXIT_ERROR)
     except KeyboardInterrupt:
         err.print("rescue: interrupted", markup=False)

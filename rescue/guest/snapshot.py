@@ -294,8 +294,11 @@ class Snapshot:
             out["archive"] = members() if callable(members) else members
         out.update(info.to_json())
         out["partition_table"] = self.volumes.partition_table
-        if self.disk.size >= 512 and self.disk.read(510, 2) == b"\x55\xaa":
-            out["boot_sector"] = True   # an MBR signature, even with no partitions in it
+        try:
+            if self.disk.size >= 512 and self.disk.read(510, 2) == b"\x55\xaa":
+                out["boot_sector"] = True   # an MBR signature, even with no partitions in it
+        except OSError as exc:   # DamagedRange: a damaged first block is a finding, not the end
+            self.warnings.append(f"the first sector is damaged: {exc}")
         volumes = []
         for volume in self.volumes.volumes:
             row = volume.to_json()

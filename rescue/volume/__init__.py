@@ -35,8 +35,12 @@ def discover(disks: list[ByteSource] | ByteSource) -> VolumeMap:
         prefix = f"d{index}." if len(disks) > 1 else ""
         # A bare filesystem is checked first: a FAT or NTFS boot sector also
         # looks like an MBR to TSK.
-        bare = probe(disk)
-        kind, parts = (None, []) if bare.type else find_partitions(disk)
+        try:
+            bare_type = probe(disk).type
+        except OSError as exc:   # DamagedRange in the first blocks: still look for a table
+            warnings.append(f"the start of disk {prefix or '0'} is damaged: {exc}")
+            bare_type = None
+        kind, parts = (None, []) if bare_type else find_partitions(disk)
         tables.append(kind)
         if not parts:
             whole = Volume(id=f"{prefix}whole", start=0, size=disk.size,
