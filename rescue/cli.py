@@ -19,7 +19,7 @@ from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, Time
 from rich.table import Table
 
 from .errors import EXIT_ERROR, EXIT_OK, EXIT_PARTIAL, DamagedRange, RescueError
-from .fs.base import DIR, FILE, SYMLINK
+from .fs.base import DIR, FILE, SYMLINK, FileReadError
 from .units import human_size
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,
@@ -91,15 +91,21 @@ def _errors(snapshot: Optional[str] = None) -> Iterator[None]:
             err.print_exception()
         err.print(f"rescue: {exc.one_line()}", markup=False)
         raise typer.Exit(EXIT_ERROR)
-    except DamagedRange as exc:   # a damaged block the command could not do without
+    except (DamagedRange, FileReadError) as exc:   # damaged data the command could not do without
         if _state["debug"]:
             err.print_exception()
         problem = str(exc)
         if snapshot and problem.startswith(snapshot + ": "):
             problem = problem[len(snapshot) + 2:]
-        where = f"{snapshot}: " if snapshot else ""
-        err.print(f"rescue: {where}disk: damaged data: {problem} (hint: the image is damaged there; `rescue convert` "
-                  "writes the rest of the disk with the damaged ranges as zeros)", markup=False)
+        if isinstance(exc, DamagedRange):
+            damaged = RescueError(f"damaged data: {problem}", file=snapshot, layer="disk",
+                                  hint="the image is damaged there; `rescue convert` writes the rest of the disk "
+                                       "with the damaged ranges as zeros")
+        else:
+            damaged = RescueError(problem, file=snapshot, layer="fs",
+                                  hint="the filesystem is damaged there; `rescue extract` skips what it cannot "
+                                       "read and rescues the rest")
+        err.print(f"rescue: {damaged.one_line()}", markup=False)
         raise typer.Exit(EXIT_ERROR)
     except KeyboardInterrupt:
         err.print("rescue: interrupted", markup=False)

@@ -7,6 +7,7 @@ elsewhere) with deterministic damage applied in the test."""
 from __future__ import annotations
 
 import bz2
+import gzip
 import os
 import subprocess
 import sys
@@ -80,3 +81,14 @@ def test_a_blank_disk_with_a_boot_signature_is_still_a_disk(tmp_path):
     disk.write_bytes(bytes(510) + b"\x55\xaa" + bytes(1 << 20))
     with Snapshot(str(disk), SnapshotOptions(backend="tsk")) as snap:
         assert snap.inspect()["boot_sector"] is True
+
+
+@needs_real
+def test_listing_an_unreadable_root_directory_is_one_clear_error(tmp_path):
+    """e2fsprogs f_baddir: TSK cannot open / (FileReadError, not a RescueError)."""
+    image = tmp_path / "f_baddir.img"
+    image.write_bytes(gzip.open(REAL_IMAGES / "e2fsprogs" / "f_baddir.gz").read())
+    line = one_error_line(rescue("ls", str(image), "/", "--backend", "tsk"))
+    assert str(image) in line and "cannot list /" in line
+    proc = rescue("extract", str(image), "--path", "/", "-o", str(tmp_path / "x.tar"), "--backend", "tsk")
+    assert proc.returncode == 1 and "skipped: /" in proc.stderr and "internal error" not in proc.stderr
