@@ -55,7 +55,10 @@ def rescue(*args: str, snapshot: Path | None = None, timeout: float = 60, cwd: P
     if snapshot is None:
         snapshot = next((Path(a) for a in args if not a.startswith("-") and Path(a).is_file()), None)
     before = sha256_file(snapshot) if (check_readonly and snapshot) else None
-    env = dict(os.environ, COLUMNS="200", NO_COLOR="1", PYTHONPATH=str(REPO))
+    # keep the caller's PYTHONPATH after the repo: a user outside the venv's
+    # reach runs a system python with the venv's site-packages there
+    pythonpath = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
+    env = dict(os.environ, COLUMNS="200", NO_COLOR="1", PYTHONPATH=pythonpath)
     res = subprocess.run([sys.executable, "-m", "rescue", *args], capture_output=True, timeout=timeout,
                          env=env, cwd=cwd)
     if before is not None:

@@ -363,6 +363,7 @@ def test_directory_target_skips_device_nodes_and_setuid_by_default(tmp_path):
     view = dir_view(out)
     assert not [p for p, r in view.recs.items() if r.kind in ("char", "block")], view.recs
     assert b"device" in res.stderr.lower(), "skipped device nodes must be reported"
-    if IS_ROOT:       # root would hand out a working setuid-root program
-        assert view.recs["usr/local/bin/suidtool"].mode & 0o6000 == 0
+    # root would hand out a setuid-root program, a user one running as that user
+    assert view.recs["usr/local/bin/suidtool"].mode & 0o6000 == 0
+    assert b"setuid" in res.stderr.lower(), "dropped setuid bits must be reported"
     assert view.recs["usr/local/bin/suidtool"].sha == T.all_nodes(T.SAMPLE_TREE)["/usr/local/bin/suidtool"].sha256

@@ -32,11 +32,13 @@ class DirectorySink(Sink):
             raise TargetError("the output exists and is not a directory", file=target)
         self.devices = devices
         # As root, a setuid binary from an untrusted image would be a real
-        # setuid-root program on this machine: drop the bits unless asked.
-        self.keep_setuid = (not IS_ROOT) if keep_setuid is None else keep_setuid
+        # setuid-root program here; as a normal user it would run as that user
+        # for anyone who can reach the target (GNU tar and bsdtar drop the bits
+        # too). Dropped unless asked.
+        self.keep_setuid = bool(keep_setuid)
         self.owners = IS_ROOT if owners is None else owners
         self._dirs_ok: set[str] = {self.root}
-        self._dir_times: list[tuple[str, int, int | None]] = []
+        self._dir_times: list[tuple[str, int, int, int | None]] = []
         self.files = 0
         self.bytes = 0
         self.warnings: list[str] = []
@@ -77,10 +79,21 @@ class DirectorySink(Sink):
         try:
             os.mkdir(path, 0o755)
         except FileExistsError:
-            pass
+            self._make_writable(path)
         except OSError as exc:
             raise self._target_error(exc, path) from None
         self._dirs_ok.add(path)
+
+    @staticmethod
+    def _make_writable(path: str) -> None:
+        """An earlier run left a directory read-only (its mode from the image,
+        e.g. 0555): open it for us again; close() sets the image's mode last."""
+        try:
+            st = os.lstat(path)
+            if stat.S_ISDIR(st.st_mode) and st.st_mode & 0o700 != 0o700:
+                os.chmod(path, stat.S_IMODE(st.st_mode) | 0o700)
+        except OSError:
+            pass   # not ours: writing below it reports the real error
 
     def _clear(self, path: str, kind: str) -> None:
         """Make room for an entry: an earlier run's file is replaced, a
@@ -199,12 +212,14 @@ class DirectorySink(Sink):
                 os.lchown(path, e.uid, e.gid)
             except OSError as exc:
                 self._warn_once("chown", f"owners not kept: {exc.strerror}")
+        times = (e.atime_ns if e.atime_ns is not None else e.mtime_ns, e.mtime_ns)
         mode = e.mode & 0o7777
         if not self.keep_setuid and mode & 0o6000:
-            self._warn_once("setuid", "setuid/setgid bits dropped (running as root: an image's setuid "
-                                      "program would become one here; use --keep-setuid to keep them)")
+            whose = "root" if IS_ROOT else "you"
+            self._warn_once("setuid", f"setuid/setgid bits dropped (an image's setuid program would run as "
+                                      f"{whose} here; use --keep-setuid to keep them)")
             mode &= ~0o6000
-        if not is_link:
+        if not is_link and e.kind != DIR:   # a directory's mode waits for close()
             try:
                 os.chmod(path, mode)
             except OSError as exc:
@@ -218,9 +233,10 @@ class DirectorySink(Sink):
                     self._warn_once("xattr-" + namespace,
                                     f"{namespace}.* extended attributes not kept here ({exc.strerror}); "
                                     "a tar target keeps them")
-        times = (e.atime_ns if e.atime_ns is not None else e.mtime_ns, e.mtime_ns)
         if e.kind == DIR:
-            self._dir_times.append((path, times[0], times[1]))
+            # Mode and times at close(): an image's read-only directory (0555)
+            # must still take its files when we are not root.
+            self._dir_times.append((path, mode, times[0], times[1]))
             return
         try:
             if is_link:
@@ -232,8 +248,14 @@ class DirectorySink(Sink):
             self._warn_once("utime", f"times not kept: {exc.strerror}")
 
     def close(self) -> SinkResult:
-        # Directory times last: writing inside a directory changes its mtime.
-        for path, atime, mtime in reversed(self._dir_times):
+        # Directory modes and times last: writing inside a directory changes
+        # its mtime, and a read-only one takes no more files. Deepest first, so
+        # a parent without search permission (0000) is closed after its children.
+        for path, mode, atime, mtime in reversed(self._dir_times):
+            try:
+                os.chmod(path, mode)
+            except OSError as exc:
+                self._warn_once("chmod", f"modes not kept: {exc.strerror}")
             try:
                 os.utime(path, ns=(atime, mtime))
             except OSError:
