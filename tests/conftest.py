@@ -7,6 +7,9 @@ import tempfile
 
 import pytest
 
+# test_target_rsync/rclone load it as a plugin (shared fixtures) after importing it
+pytest.register_assert_rewrite("remote_servers")
+
 
 @pytest.fixture(scope="session", autouse=True)
 def _private_cache_dir():

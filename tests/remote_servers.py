@@ -1,6 +1,7 @@
 """Helpers for the rsync/rclone target tests: a real source tree, Items made
-from it (as the extract engine would hand them over), tree comparison, and
-real servers on 127.0.0.1 (rsync daemon, sshd, rclone serve)."""
+from it (as the extract engine would hand them over), tree comparison, real
+servers on 127.0.0.1 (rsync daemon, sshd, rclone serve), and the fixtures both
+test modules share (import them by name: pytest finds imported fixtures)."""
 
 from __future__ import annotations
 
@@ -9,11 +10,15 @@ import shutil
 import socket
 import stat
 import subprocess
+import contextlib
 import time
 from pathlib import Path
+from typing import Iterator
+
+import pytest
 
 from rescue.extract.base import Content, Item
-from rescue.fs.base import BLOCK, CHAR, DIR, FIFO, FILE, SOCKET, SYMLINK, Entry
+from rescue.fs.base import BLOCK, CHAR, DIR, FIFO, FILE, SOCKET, SYMLINK, Entry, FileReadError
 
 IS_ROOT = os.geteuid() == 0
 
@@ -113,7 +118,6 @@ def entry_of(path: Path, guest_path: str) -> Entry:
 
 def _content(path: Path, size: int, fail_after: int | None = None) -> Content:
     def chunks():
-        from rescue.fs.base import FileReadError
         done = 0
         with open(path, "rb") as f:
             while True:
@@ -191,7 +195,38 @@ def snapshot(root: Path, *, owners=True, xattrs=True, specials=True, dir_mtimes=
     return out
 
 
-class RsyncDaemon:
+class _Server:
+    """A server process on 127.0.0.1, started by start(), stopped by stop() or
+    at the end of a `with` block. Subclasses set `port` and `argv()`."""
+
+    port: int
+    proc: subprocess.Popen | None = None
+    start_timeout: float = 10
+
+    def argv(self) -> list[str]:
+        raise NotImplementedError
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(self.argv(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            wait_port(self.port, self.proc, timeout=self.start_timeout)
+        except RuntimeError:
+            self.stop()
+            raise
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            stop(self.proc)
+            self.proc = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+class RsyncDaemon(_Server):
     """`rsync --daemon --no-detach` on 127.0.0.1 with generated modules."""
 
     def __init__(self, base: Path, *, tiny: Path | None = None) -> None:
@@ -216,19 +251,11 @@ class RsyncDaemon:
             conf += f"[tiny]\npath = {tiny}\nread only = no\n{ids}"
         self.conf = base / "rsyncd.conf"
         self.conf.write_text(conf)
-        self.proc: subprocess.Popen | None = None
         self.start()
 
-    def start(self) -> None:
-        self.proc = subprocess.Popen(["rsync", "--daemon", "--no-detach", f"--config={self.conf}",
-                                      f"--port={self.port}", "--address=127.0.0.1"],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        wait_port(self.port, self.proc)
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            stop(self.proc)
-            self.proc = None
+    def argv(self) -> list[str]:
+        return ["rsync", "--daemon", "--no-detach", f"--config={self.conf}", f"--port={self.port}",
+                "--address=127.0.0.1"]
 
     def url(self, module: str, path: str = "") -> str:
         return f"rsync://127.0.0.1:{self.port}/{module}/{path}"
@@ -238,9 +265,11 @@ def have(tool: str) -> bool:
     return shutil.which(tool) is not None
 
 
-class RcloneSftp:
+class RcloneSftp(_Server):
     """`rclone serve sftp` of a directory on 127.0.0.1, and the RCLONE_CONFIG_*
     variables that make it the remote `name` for the client."""
+
+    start_timeout = 20
 
     def __init__(self, base: Path, name: str = "rescuetest") -> None:
         self.base = base
@@ -250,7 +279,6 @@ class RcloneSftp:
         self.user, self.password = "rescuer", "rc-Pa55-w0rd-xyz"
         self.name = name
         (base / "rclone.conf").write_text("")
-        self.proc: subprocess.Popen | None = None
         self.start()
         obscured = subprocess.run(["rclone", "obscure", self.password], capture_output=True, text=True,
                                   check=True).stdout.strip()
@@ -259,18 +287,117 @@ class RcloneSftp:
                     f"RCLONE_CONFIG_{up}_HOST": "127.0.0.1", f"RCLONE_CONFIG_{up}_PORT": str(self.port),
                     f"RCLONE_CONFIG_{up}_USER": self.user, f"RCLONE_CONFIG_{up}_PASS": obscured}
 
-    def start(self) -> None:
-        self.proc = subprocess.Popen(
-            ["rclone", "serve", "sftp", str(self.root), "--addr", f"127.0.0.1:{self.port}",
-             "--user", self.user, "--pass", self.password, "--config", str(self.base / "rclone.conf"),
-             "--cache-dir", str(self.base / "cache"), "--dir-cache-time", "0s"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        wait_port(self.port, self.proc, timeout=20)
+    def argv(self) -> list[str]:
+        return ["rclone", "serve", "sftp", str(self.root), "--addr", f"127.0.0.1:{self.port}",
+                "--user", self.user, "--pass", self.password, "--config", str(self.base / "rclone.conf"),
+                "--cache-dir", str(self.base / "cache"), "--dir-cache-time", "0s"]
 
-    def stop(self) -> None:
-        if self.proc is not None:
-            stop(self.proc)
-            self.proc = None
+    def use(self, monkeypatch: pytest.MonkeyPatch) -> "RcloneSftp":
+        """Make this server the remote `name` for the rest of the test."""
+        for k, v in self.env.items():
+            monkeypatch.setenv(k, v)
+        return self
+
+
+class Sshd(_Server):
+    """sshd on 127.0.0.1 with its own host key and one client key (key logins
+    only); `ssh` is the rsync option that logs in with that key."""
+
+    def __init__(self, base: Path) -> None:
+        self.base = base
+        for name in ("host", "client"):
+            subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(base / name)], check=True)
+        (base / "authorized_keys").write_text((base / "client.pub").read_text())
+        self.port = free_port()
+        self.config = base / "sshd_config"
+        self.config.write_text(
+            f"Port {self.port}\nListenAddress 127.0.0.1\nHostKey {base / 'host'}\nPidFile {base / 'sshd.pid'}\n"
+            f"AuthorizedKeysFile {base / 'authorized_keys'}\nStrictModes no\nPasswordAuthentication no\n"
+            "KbdInteractiveAuthentication no\nUsePAM no\nPermitRootLogin prohibit-password\n")
+        os.makedirs("/run/sshd", exist_ok=True)
+        self.ssh = (f"-e ssh -p {self.port} -i {base / 'client'} -o StrictHostKeyChecking=no "
+                    "-o UserKnownHostsFile=/dev/null -o LogLevel=ERROR -o BatchMode=yes")
+        self.start()
+
+    def argv(self) -> list[str]:
+        return ["/usr/sbin/sshd", "-D", "-e", "-f", str(self.config)]
+
+
+# -- fixtures the rsync and rclone tests share -----------------------------------
+
+@contextlib.contextmanager
+def tmpfs(mnt: Path, size: str) -> Iterator[Path]:
+    """A tmpfs of `size` on `mnt` (a remote that fills up); skips unless root may mount."""
+    mnt.mkdir(parents=True, exist_ok=True)
+    if not IS_ROOT or subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mnt)],
+                                     capture_output=True).returncode != 0:
+        pytest.skip("needs root to mount a tiny tmpfs")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+@pytest.fixture(scope="module")
+def src(tmp_path_factory) -> Path:
+    return make_tree(tmp_path_factory.mktemp("src") / "vols")
+
+
+@pytest.fixture(scope="module")
+def daemon(tmp_path_factory) -> Iterator[RsyncDaemon]:
+    with RsyncDaemon(tmp_path_factory.mktemp("rsyncd")) as d:
+        yield d
+
+
+@pytest.fixture(scope="module")
+def rclone_server(tmp_path_factory) -> Iterator[RcloneSftp]:
+    with RcloneSftp(tmp_path_factory.mktemp("rclone")) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def sshd(tmp_path_factory) -> Iterator[Sshd]:
+    if not IS_ROOT or not os.path.exists("/usr/sbin/sshd") or not have("ssh-keygen"):
+        pytest.skip("needs root and openssh-server to run a test sshd")
+    try:
+        server = Sshd(tmp_path_factory.mktemp("sshd"))
+    except RuntimeError as e:
+        pytest.skip(f"sshd cannot start: {e}")
+    with server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> Path:
+    """`rescue extract` of the sample's Docker volumes into a local directory."""
+    if not cli_available():
+        pytest.skip("needs fixtures/sample-vps.disk and .venv/bin/rescue")
+    return reference_extract(tmp_path_factory.mktemp("ref") / "dir")
+
+
+def send_items(sink, items):
+    """Feed a sink as the engine does: abort on any error, else close; the result."""
+    try:
+        for item in items:
+            sink.add(item)
+    except BaseException:
+        sink.abort()
+        raise
+    return sink.close()
+
+
+def add_collecting_damaged(sink, items) -> list[str]:
+    """Add every item; the names whose FileReadError the sink raised (then close)."""
+    raised = []
+    try:
+        for item in items:
+            try:
+                sink.add(item)
+            except FileReadError:
+                raised.append(item.name)
+    finally:
+        sink.close()
+    return raised
 
 
 REPO = Path(__file__).resolve().parent.parent

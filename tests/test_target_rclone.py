@@ -10,39 +10,19 @@ from pathlib import Path
 import pytest
 
 from rescue.errors import TargetError
-from rescue.fs.base import FileReadError
-from remote_servers import IS_ROOT, RcloneSftp, have, items_from_tree, make_tree, snapshot
+from remote_servers import (IS_ROOT, RcloneSftp, add_collecting_damaged, free_port, have, items_from_tree,
+                            send_items, snapshot, tmpfs)
 
 pytestmark = pytest.mark.skipif(not have("rclone"), reason="rclone is not installed")
-
-
-@pytest.fixture(scope="module")
-def src(tmp_path_factory) -> Path:
-    return make_tree(tmp_path_factory.mktemp("src") / "vols")
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    s = RcloneSftp(tmp_path_factory.mktemp("rclone"))
-    yield s
-    s.stop()
+pytest_plugins = ["remote_servers"]   # the shared fixtures: src, reference, servers
 
 
 @pytest.fixture
-def remote_env(server, monkeypatch):
-    for k, v in server.env.items():
-        monkeypatch.setenv(k, v)
-    return server
+def remote_env(rclone_server, monkeypatch):
+    return rclone_server.use(monkeypatch)
 
 
-def send(sink, items):
-    try:
-        for item in items:
-            sink.add(item)
-    except BaseException:
-        sink.abort()
-        raise
-    return sink.close()
+send = send_items
 
 
 def tree_sink(target, **kw):
@@ -109,25 +89,16 @@ def test_rerun_sends_only_what_is_missing_or_changed(src, remote_env):
 
 
 def test_damaged_file_is_left_out(src, remote_env):
-    sink = tree_sink(f"rclone:{remote_env.name}:damaged/")
-    raised = []
-    try:
-        for item in items_from_tree(src, fail={"db/_data/big.bin"}):
-            try:
-                sink.add(item)
-            except FileReadError:
-                raised.append(item.name)
-    finally:
-        sink.close()
+    raised = add_collecting_damaged(tree_sink(f"rclone:{remote_env.name}:damaged/"),
+                                    items_from_tree(src, fail={"db/_data/big.bin"}))
     assert raised == ["db/_data/big.bin", "web/big-link.bin"]     # its hard link has nothing to copy
     assert not (remote_env.root / "damaged" / "db" / "_data" / "big.bin").exists()
     assert not (remote_env.root / "damaged" / "web" / "big-link.bin").exists()
     assert (remote_env.root / "damaged" / "db" / "_data" / "pg.conf").exists()
 
 
-def test_wrong_password_is_one_clear_error_without_secrets(src, server, monkeypatch):
-    for k, v in server.env.items():
-        monkeypatch.setenv(k, v)
+def test_wrong_password_is_one_clear_error_without_secrets(src, remote_env, monkeypatch):
+    server = remote_env
     bad = subprocess.run(["rclone", "obscure", "not-the-Pa55word"], capture_output=True, text=True).stdout.strip()
     monkeypatch.setenv(f"RCLONE_CONFIG_{server.name.upper()}_PASS", bad)
     with pytest.raises(TargetError) as exc:
@@ -137,10 +108,8 @@ def test_wrong_password_is_one_clear_error_without_secrets(src, server, monkeypa
     assert bad not in msg and "not-the-Pa55word" not in msg and server.password not in msg
 
 
-def test_unreachable_remote_and_unknown_remote(src, server, monkeypatch, tmp_path):
-    from remote_servers import free_port
-    for k, v in server.env.items():
-        monkeypatch.setenv(k, v)
+def test_unreachable_remote_and_unknown_remote(src, remote_env, monkeypatch, tmp_path):
+    server = remote_env
     monkeypatch.setenv(f"RCLONE_CONFIG_{server.name.upper()}_PORT", str(free_port()))
     with pytest.raises(TargetError, match="cannot reach"):
         send(tree_sink(f"rclone:{server.name}:x/"), items_from_tree(src)[:4])
@@ -188,24 +157,19 @@ def test_existing_tarball_is_refused_and_failed_upload_leaves_nothing(src, remot
 
 # -- end to end: `rescue extract ... -o rclone:` -------------------------------------
 
-from remote_servers import cli_available, reference_extract, rescue_extract, without_implied_mtimes  # noqa: E402
+from remote_servers import rescue_extract, without_implied_mtimes  # noqa: E402
 
 
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-    if not cli_available():
-        pytest.skip("needs fixtures/sample-vps.disk and .venv/bin/rescue")
-    return reference_extract(tmp_path_factory.mktemp("ref") / "dir")
-
-
-def test_cli_extract_to_rclone_tree_matches_directory_extract(server, reference):
+def test_cli_extract_to_rclone_tree_matches_directory_extract(rclone_server, reference):
+    server = rclone_server
     r = rescue_extract(f"rclone:{server.name}:cli-vols/", "--scratch-limit", "1M", env=server.env)
     assert r.returncode == 0, r.stderr
     assert got_tree(server.root / "cli-vols") == expected_tree(reference)
     assert server.password not in r.stderr
 
 
-def test_cli_streams_tarball_to_rclone_remote(server, reference, tmp_path):
+def test_cli_streams_tarball_to_rclone_remote(rclone_server, reference, tmp_path):
+    server = rclone_server
     r = rescue_extract(f"rclone:{server.name}:cli/vols.tar.zst", env=server.env)
     assert r.returncode == 0, r.stderr
     out = tmp_path / "x"
@@ -217,7 +181,8 @@ def test_cli_streams_tarball_to_rclone_remote(server, reference, tmp_path):
     assert without_implied_mtimes(snapshot(out)) == without_implied_mtimes(snapshot(reference))
 
 
-def test_cli_rclone_login_refused_is_exit_2_one_line_without_secrets(server):
+def test_cli_rclone_login_refused_is_exit_2_one_line_without_secrets(rclone_server):
+    server = rclone_server
     bad = subprocess.run(["rclone", "obscure", "Wr0ng-secret-value"], capture_output=True, text=True).stdout.strip()
     env = {**server.env, f"RCLONE_CONFIG_{server.name.upper()}_PASS": bad}
     r = rescue_extract(f"rclone:{server.name}:nope/", env=env)
@@ -228,31 +193,19 @@ def test_cli_rclone_login_refused_is_exit_2_one_line_without_secrets(server):
 
 
 def test_full_remote_is_one_clear_error(src, tmp_path, monkeypatch):
-    served = tmp_path / "s" / "served"
-    served.mkdir(parents=True)
-    if not IS_ROOT or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=128k", "tmpfs", str(served)],
-                                     capture_output=True).returncode != 0:
-        pytest.skip("needs root to mount a tiny tmpfs")
-    s = RcloneSftp(tmp_path / "s", name="tinyremote")
-    try:
-        for k, v in s.env.items():
-            monkeypatch.setenv(k, v)
+    with tmpfs(tmp_path / "s" / "served", "128k"), RcloneSftp(tmp_path / "s", name="tinyremote") as s:
+        s.use(monkeypatch)
         monkeypatch.setenv("RCLONE_RETRIES", "1")          # a full disk will not empty itself
         monkeypatch.setenv("RCLONE_LOW_LEVEL_RETRIES", "1")
         with pytest.raises(TargetError) as exc:
             send(tree_sink("rclone:tinyremote:x/"), items_from_tree(src))
         msg = exc.value.one_line()
         assert "is full" in msg and "nothing arrived" in msg and "\n" not in msg, msg
-    finally:
-        s.stop()
-        subprocess.run(["umount", "-l", str(served)], check=False)
 
 
 def test_interrupted_tree_upload_completes_on_rerun(src, tmp_path, monkeypatch):
-    s = RcloneSftp(tmp_path / "s", name="flaky")
-    try:
-        for k, v in s.env.items():
-            monkeypatch.setenv(k, v)
+    with RcloneSftp(tmp_path / "s", name="flaky") as s:
+        s.use(monkeypatch)
         monkeypatch.setenv("RCLONE_RETRIES", "1")
         monkeypatch.setenv("RCLONE_LOW_LEVEL_RETRIES", "1")
         items = items_from_tree(src)
@@ -277,5 +230,3 @@ def test_interrupted_tree_upload_completes_on_rerun(src, tmp_path, monkeypatch):
         after = sum(1 for p in got.rglob("*") if p.is_file())
         copies = 2                                    # the two hard links: server-side copies, not uploads
         assert after - len(first) - copies <= sink2.sent_files <= after - len(first)
-    finally:
-        s.stop()

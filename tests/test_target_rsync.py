@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
-from pathlib import Path
 
 import pytest
 
@@ -13,10 +11,11 @@ from rescue.errors import TargetError
 from rescue.extract.remote_target import (RCLONE_TAR, RCLONE_TREE, RSYNC_DAEMON, RSYNC_SSH,
                                           parse_remote_target)
 from rescue.fs.base import FileReadError
-from remote_servers import (IS_ROOT, RsyncDaemon, free_port, have, items_from_tree, make_tree,
-                            snapshot, stop, wait_port)
+from remote_servers import (IS_ROOT, RsyncDaemon, add_collecting_damaged, free_port, have, items_from_tree,
+                            send_items, snapshot, tmpfs)
 
 pytestmark = pytest.mark.skipif(not have("rsync"), reason="rsync is not installed")
+pytest_plugins = ["remote_servers"]   # the shared fixtures: src, reference, servers
 
 
 def RsyncSink(*a, **kw):
@@ -27,25 +26,7 @@ def RsyncSink(*a, **kw):
 def send(target: str, items, **kw):
     kw.setdefault("devices", True)
     sink = RsyncSink(target, **kw)
-    try:
-        for item in items:
-            sink.add(item)
-    except BaseException:
-        sink.abort()
-        raise
-    return sink, sink.close()
-
-
-@pytest.fixture(scope="module")
-def src(tmp_path_factory) -> Path:
-    return make_tree(tmp_path_factory.mktemp("src") / "vols")
-
-
-@pytest.fixture(scope="module")
-def daemon(tmp_path_factory):
-    d = RsyncDaemon(tmp_path_factory.mktemp("rsyncd"))
-    yield d
-    d.stop()
+    return sink, send_items(sink, items)
 
 
 # -- target parsing ----------------------------------------------------------
@@ -127,8 +108,7 @@ def test_rerun_sends_only_what_is_missing_or_changed(src, daemon):
 
 
 def test_interrupted_run_completes_on_rerun(src, tmp_path):
-    d = RsyncDaemon(tmp_path / "d")
-    try:
+    with RsyncDaemon(tmp_path / "d") as d:
         url = d.url("open", "vols/")
         sink = RsyncSink(url, scratch_limit=1000)
         items = items_from_tree(src)
@@ -152,20 +132,11 @@ def test_interrupted_run_completes_on_rerun(src, tmp_path):
         assert sink2.sent_files <= result.files - arrived + 1
         kept = sum(1 for p, ino in first.items() if os.stat(p).st_ino == ino)
         assert kept >= len(first) - 1           # what arrived was not sent again
-    finally:
-        d.stop()
 
 
 def test_damaged_file_is_left_out_and_the_rest_arrives(src, daemon):
     url = daemon.url("open", "damaged/")
-    sink = RsyncSink(url)
-    raised = []
-    for item in items_from_tree(src, fail={"db/_data/big.bin"}):
-        try:
-            sink.add(item)
-        except FileReadError:
-            raised.append(item.name)
-    result = sink.close()
+    raised = add_collecting_damaged(RsyncSink(url), items_from_tree(src, fail={"db/_data/big.bin"}))
     got = daemon.open_dir / "damaged"
     # its hard link has nothing to point at: reported too, not counted
     assert raised == ["db/_data/big.bin", "web/big-link.bin"]
@@ -233,18 +204,12 @@ def test_missing_rsync_is_one_clear_error(monkeypatch, tmp_path):
 
 @pytest.fixture
 def tiny_tmpfs(tmp_path):
-    mnt = tmp_path / "tiny"
-    mnt.mkdir()
-    if not IS_ROOT or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mnt)],
-                                     capture_output=True).returncode != 0:
-        pytest.skip("needs root to mount a tiny tmpfs")
-    yield mnt
-    subprocess.run(["umount", "-l", str(mnt)], check=False)
+    with tmpfs(tmp_path / "tiny", "256k") as mnt:
+        yield mnt
 
 
 def test_full_remote_is_one_clear_error_and_counts_nothing_that_did_not_arrive(src, tmp_path, tiny_tmpfs):
-    d = RsyncDaemon(tmp_path / "d", tiny=tiny_tmpfs)
-    try:
+    with RsyncDaemon(tmp_path / "d", tiny=tiny_tmpfs) as d:
         sink = RsyncSink(d.url("tiny", "vols/"), scratch_limit=50_000)
         with pytest.raises(TargetError) as exc:
             for item in items_from_tree(src):
@@ -256,50 +221,19 @@ def test_full_remote_is_one_clear_error_and_counts_nothing_that_did_not_arrive(s
         arrived = [p for p in tiny_tmpfs.rglob("*") if p.is_file() and not p.is_symlink()
                    and ".rescue-partial" not in p.parts]
         assert sink.result.files <= len(arrived)
-    finally:
-        d.stop()
 
 
 # -- rsync over ssh --------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def sshd(tmp_path_factory):
-    if not IS_ROOT or not os.path.exists("/usr/sbin/sshd") or not have("ssh-keygen"):
-        pytest.skip("needs root and openssh-server to run a test sshd")
-    base = tmp_path_factory.mktemp("sshd")
-    for name in ("host", "client"):
-        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(base / name)], check=True)
-    (base / "authorized_keys").write_text((base / "client.pub").read_text())
-    port = free_port()
-    (base / "sshd_config").write_text(
-        f"Port {port}\nListenAddress 127.0.0.1\nHostKey {base / 'host'}\nPidFile {base / 'sshd.pid'}\n"
-        f"AuthorizedKeysFile {base / 'authorized_keys'}\nStrictModes no\nPasswordAuthentication no\n"
-        "KbdInteractiveAuthentication no\nUsePAM no\nPermitRootLogin prohibit-password\n")
-    os.makedirs("/run/sshd", exist_ok=True)
-    proc = subprocess.Popen(["/usr/sbin/sshd", "-D", "-e", "-f", str(base / "sshd_config")],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        wait_port(port, proc)
-    except RuntimeError as e:
-        stop(proc)
-        pytest.skip(f"sshd cannot start: {e}")
-    ssh = (f"-e ssh -p {port} -i {base / 'client'} -o StrictHostKeyChecking=no "
-           "-o UserKnownHostsFile=/dev/null -o LogLevel=ERROR -o BatchMode=yes")
-    yield port, ssh, base
-    stop(proc)
-
-
 def test_sends_tree_over_ssh_with_user_at_host(src, sshd, tmp_path):
-    port, ssh, _ = sshd
     dest = tmp_path / "over ssh"
-    sink, result = send(f"root@127.0.0.1:{dest}/", items_from_tree(src), rsync_opts=[ssh])
+    sink, result = send(f"root@127.0.0.1:{dest}/", items_from_tree(src), rsync_opts=[sshd.ssh])
     assert snapshot(dest) == snapshot(src)
 
 
 def test_ssh_login_refused_is_one_clear_error(src, sshd, tmp_path):
-    port, ssh, base = sshd
     subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(tmp_path / "other")], check=True)
-    bad = ssh.replace(str(base / "client"), str(tmp_path / "other"))
+    bad = sshd.ssh.replace(str(sshd.base / "client"), str(tmp_path / "other"))
     with pytest.raises(TargetError) as exc:
         send(f"root@127.0.0.1:{tmp_path}/x/", items_from_tree(src)[:3], rsync_opts=[bad])
     assert "refused the login" in exc.value.one_line()
@@ -307,16 +241,9 @@ def test_ssh_login_refused_is_one_clear_error(src, sshd, tmp_path):
 
 # -- end to end: `rescue extract ... -o rsync://` -----------------------------------
 
-from remote_servers import RESCUE, SAMPLE, VOLUMES, cli_available, reference_extract, rescue_extract, without_implied_mtimes  # noqa: E402,E501
+from remote_servers import RESCUE, SAMPLE, VOLUMES, cli_available, rescue_extract, without_implied_mtimes  # noqa: E402
 
 needs_cli = pytest.mark.skipif(not cli_available(), reason="needs fixtures/sample-vps.disk and .venv/bin/rescue")
-
-
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-    if not cli_available():
-        pytest.skip("needs fixtures/sample-vps.disk and .venv/bin/rescue")
-    return reference_extract(tmp_path_factory.mktemp("ref") / "dir")
 
 
 @needs_cli
@@ -330,8 +257,7 @@ def test_cli_extract_to_rsync_daemon_matches_directory_extract(daemon, reference
 
 @needs_cli
 def test_cli_interrupted_transfer_completes_on_rerun_sending_only_the_rest(reference, tmp_path):
-    d = RsyncDaemon(tmp_path / "d")
-    try:
+    with RsyncDaemon(tmp_path / "d") as d:
         # the real daemon refuses the 3rd connection (= 3rd batch), once
         script = tmp_path / "prexfer.sh"
         count = tmp_path / "count"
@@ -363,8 +289,6 @@ def test_cli_interrupted_transfer_completes_on_rerun_sending_only_the_rest(refer
         assert files(first_run) and files(second_run)
         assert not files(first_run) & files(second_run)      # nothing that arrived was sent again
         assert without_implied_mtimes(snapshot(d.open_dir / "vols")) == without_implied_mtimes(snapshot(reference))
-    finally:
-        d.stop()
 
 
 @needs_cli
@@ -388,8 +312,7 @@ def test_cli_target_errors_are_exit_2_and_one_line_without_secrets(daemon, tmp_p
 
 
 def test_ssh_host_unreachable_is_one_clear_error(src, sshd, tmp_path):
-    port, ssh, base = sshd
-    bad = ssh.replace(f"-p {port}", f"-p {free_port()}")
+    bad = sshd.ssh.replace(f"-p {sshd.port}", f"-p {free_port()}")
     with pytest.raises(TargetError) as exc:
         send(f"root@127.0.0.1:{tmp_path}/x/", items_from_tree(src)[:3], rsync_opts=[bad])
     assert "cannot reach" in exc.value.one_line() and "\n" not in exc.value.one_line()
@@ -452,11 +375,8 @@ def test_password_in_url_is_used_but_never_shown(src, daemon, monkeypatch):
 
 @needs_cli
 def test_cli_full_remote_is_exit_2_and_one_line(tmp_path, tiny_tmpfs):
-    d = RsyncDaemon(tmp_path / "d", tiny=tiny_tmpfs)
-    try:
+    with RsyncDaemon(tmp_path / "d", tiny=tiny_tmpfs) as d:
         r = rescue_extract(d.url("tiny", "vols/"), "--scratch-limit", "64K")
         assert r.returncode == 2, r.stderr
         lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
         assert len(lines) == 1 and "the remote is full" in lines[0], r.stderr
-    finally:
-        d.stop()
