@@ -30,6 +30,7 @@ from pathlib import Path
 
 import pytest
 
+from disk_support import assert_reads_like, need, qemu_reference
 from foundation_support import REAL_IMAGES, rescue
 from more_formats_writers import (DMG_ADC, DMG_BZIP2, DMG_IGNORE, DMG_LZFSE, DMG_LZMA, DMG_RAW, DMG_ZERO,
                                   DMG_ZLIB, dmg_bytes, vma_bytes)
@@ -46,47 +47,6 @@ DFVFS = REAL_IMAGES / "dfvfs"
 need_real = pytest.mark.skipif(not (REAL_IMAGES / "INDEX.tsv").exists(),
                                reason=f"{REAL_IMAGES} is absent (clone outside the workspace)")
 MIB = 1 << 20
-
-
-def need(tool: str) -> str:
-    path = shutil.which(tool)
-    if path is None:
-        pytest.skip(f"{tool} is not installed (apt: see .ci/run)")
-    return path
-
-
-def qemu_raw(image: Path, fmt: str | None = None) -> Path:
-    """qemu-img's reading of `image` as a (sparse) raw file, made once."""
-    need("qemu-img")
-    out = image.with_name(image.name + ".qemu.raw")
-    if not out.exists():
-        cmd = ["qemu-img", "convert"] + (["-f", fmt] if fmt else []) + ["-O", "raw", str(image), str(out)]
-        subprocess.run(cmd, check=True, capture_output=True)
-    return out
-
-
-def assert_reads_like(disk, ref: Path, seed: int = 0, whole_limit: int = 64 * MIB) -> None:
-    """Our reader equals the reference raw file: whole disk (when small), at
-    random unaligned ranges, and every range runs() calls zero is zero."""
-    assert disk.size == ref.stat().st_size
-    with open(ref, "rb") as f:
-        if disk.size <= whole_limit:
-            assert hashlib.sha256(disk.read(0, disk.size)).hexdigest() == \
-                hashlib.sha256(f.read()).hexdigest()
-        rng = random.Random(seed)
-        for _ in range(150):
-            off = rng.randrange(0, disk.size)
-            n = rng.choice([1, 511, 4097, 70000, 3 * MIB])
-            f.seek(off)
-            assert disk.read(off, n) == f.read(n), f"mismatch at {off}+{n}"
-        pos = 0
-        for r in disk.runs(0, disk.size):
-            assert r.offset == pos
-            pos += r.length
-            if r.kind == "zero" and r.length <= 16 * MIB:
-                f.seek(r.offset)
-                assert f.read(r.length).count(0) == r.length, f"zero run {r} is not zero"
-        assert pos == disk.size
 
 
 def sha_tree(root: Path) -> dict[str, str]:
@@ -237,7 +197,7 @@ def test_committed_fixtures_read_as_their_maker_says(name):
 def test_qemu_sample_images_read_like_qemu_img(samples, name, fmt, subformat):
     disk = open_disk(FileSource(samples[name]))
     assert (disk.info.format, disk.info.subformat) == (fmt, subformat)
-    assert_reads_like(disk, qemu_raw(samples[name]), seed=len(name))
+    assert_reads_like(disk, qemu_reference(samples[name]), seed=len(name))
     disk.close()
 
 
@@ -275,7 +235,7 @@ def test_tool_made_images_read_like_qemu_img_and_extract_like_raw(made, work, ra
         pytest.skip(f"the tool that writes {name} is not installed")
     disk = open_disk(FileSource(made[name]))
     assert disk.info.format == fmt
-    assert_reads_like(disk, qemu_raw(made[name]), seed=3)
+    assert_reads_like(disk, qemu_reference(made[name]), seed=3)
     disk.close()
     out = work / f"extract-{name}"
     res = rescue("extract", str(made[name]), "--path", "/", "-o", f"{out}/")
@@ -301,7 +261,7 @@ def test_bochs_sector_bitmap_decides_what_is_stored(work):
     blob[bm] &= 0b11111010          # sectors 0 and 2 of that extent: "not written"
     img.write_bytes(bytes(blob))
     disk = open_disk(FileSource(img))
-    assert_reads_like(disk, qemu_raw(img), seed=9)
+    assert_reads_like(disk, qemu_reference(img), seed=9)
 
 
 # ---------------------------------------------------------------- Parallels Desktop bundles
@@ -352,7 +312,7 @@ def test_split_bundle_concatenates_storages_by_sector_range(bundles):
     refs = []
     for hds, n in zip(storages, sizes):
         part = open_disk(FileSource(hds))
-        ref = qemu_raw(hds, "parallels")
+        ref = qemu_reference(hds, "parallels")
         assert part.size == ref.stat().st_size == n * 512
         assert_reads_like(part, ref, seed=n, whole_limit=0)
         refs.append((start, ref))
@@ -460,7 +420,7 @@ def test_dmg_zlib_raw_zero_ignore_chunks_read_like_qemu_img(work):
     d = open_disk(FileSource(path))
     assert (d.info.format, d.info.compression) == ("dmg", "zlib")
     assert d.read(0, d.size) == disk
-    assert_reads_like(d, qemu_raw(path), seed=1)
+    assert_reads_like(d, qemu_reference(path), seed=1)
 
 
 def test_dmg_bzip2_lzfse_lzma_chunks_and_unsupported_adc_range(work):

@@ -5,21 +5,17 @@ sectors written into the child); damaged ones fail or warn clearly."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, os.path.dirname(__file__))
-from vdisk_helpers import (assert_same_as, built, fuzz, open_guarded, qemu_raw, reference,  # noqa: E402,F401
-                           sha256, small, unpack)
-
-from rescue.disk import DiskOptions, open_disk, vhd  # noqa: E402
-from rescue.errors import DamagedRange, DiskFormatError  # noqa: E402
-from rescue.source import BytesSource, FileSource  # noqa: E402
+from disk_support import assert_reads_like, fuzz, open_guarded, qemu_raw, reference, sha256, unpack
+from disk_support import built, small  # noqa: F401 (fixtures)
+from rescue.disk import DiskOptions, open_disk, vhd
+from rescue.errors import DamagedRange, DiskFormatError
+from rescue.source import BytesSource, FileSource
 
 
 # Where the dynamic header (at 512 in these fixtures) keeps the parent's name and locators.
@@ -36,7 +32,7 @@ def test_each_vhd_kind_reads_like_qemu(small, tmp_path, name):
     before = sha256(small / name)
     img = open_disk(FileSource(small / name))
     assert img.info.format == "vhd"
-    assert_same_as(img, reference(small / name, "vpc", tmp_path, img.size), seed=len(name),
+    assert_reads_like(img, reference(small / name, "vpc", tmp_path, img.size), seed=len(name),
                    grain=2 << 20)
     img.close()
     assert sha256(small / name) == before
@@ -64,7 +60,7 @@ def test_virtual_size_follows_qemus_creator_rule(small, tmp_path, creator):
 
 def test_large_dynamic_vhd(built, tmp_path):
     img = open_disk(FileSource(built / "big_dynamic.vhd"))
-    assert_same_as(img, qemu_raw(built / "big_dynamic.vhd", "vpc", tmp_path / "r.raw"), grain=2 << 20)
+    assert_reads_like(img, qemu_raw(built / "big_dynamic.vhd", "vpc", tmp_path / "r.raw"), grain=2 << 20)
 
 
 def test_differencing_vhd_uses_bitmap_and_parent(small):
@@ -176,7 +172,7 @@ def test_real_vhd_reads_like_qemu(tmp_path, name):
         pytest.skip(f"qemu-img cannot read {name}: {ref}")
     img = open_disk(FileSource(path))
     assert img.info.format == "vhd"
-    assert_same_as(img, ref, reads=100, grain=2 << 20)
+    assert_reads_like(img, ref, reads=100, grain=2 << 20)
 
 
 def test_real_vhd_with_wrong_checksums_warns(tmp_path):

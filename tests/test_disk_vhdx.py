@@ -4,20 +4,16 @@ child's blocks and sectors; a dirty log is reported, damage is contained."""
 
 from __future__ import annotations
 
-import os
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, os.path.dirname(__file__))
-from vdisk_helpers import (assert_same_as, built, fuzz, open_guarded, qemu_raw, reference,  # noqa: E402,F401
-                           sha256, small, unpack)
-
-from rescue.disk import DiskOptions, open_disk, vhdx  # noqa: E402
-from rescue.errors import DamagedRange, DiskFormatError  # noqa: E402
-from rescue.source import FileSource  # noqa: E402
+from disk_support import assert_reads_like, fuzz, open_guarded, qemu_raw, reference, sha256, unpack
+from disk_support import built, small  # noqa: F401 (fixtures)
+from rescue.disk import DiskOptions, open_disk, vhdx
+from rescue.errors import DamagedRange, DiskFormatError
+from rescue.source import FileSource
 
 KiB = 1024
 
@@ -36,7 +32,7 @@ def test_each_vhdx_kind_reads_like_qemu(small, tmp_path, name):
     before = sha256(small / name)
     img = open_disk(FileSource(small / name))
     assert img.info.format == "vhdx"
-    assert_same_as(img, reference(small / name, "vhdx", tmp_path, img.size), seed=len(name),
+    assert_reads_like(img, reference(small / name, "vhdx", tmp_path, img.size), seed=len(name),
                    grain=1 << 20)
     img.close()
     assert sha256(small / name) == before
@@ -44,7 +40,7 @@ def test_each_vhdx_kind_reads_like_qemu(small, tmp_path, name):
 
 def test_large_dynamic_vhdx(built, tmp_path):
     img = open_disk(FileSource(built / "big_dynamic.vhdx"))
-    assert_same_as(img, qemu_raw(built / "big_dynamic.vhdx", "vhdx", tmp_path / "r.raw"), grain=32 << 20)
+    assert_reads_like(img, qemu_raw(built / "big_dynamic.vhdx", "vhdx", tmp_path / "r.raw"), grain=32 << 20)
 
 
 def test_differencing_vhdx_block_states(small):
@@ -188,7 +184,7 @@ def test_real_vhdx_reads_like_qemu(tmp_path, name):
         pytest.skip(f"qemu-img cannot read {name}: {ref}")
     img = open_disk(FileSource(path))
     assert img.info.format == "vhdx" and not img.info.warnings
-    assert_same_as(img, ref, reads=100, grain=32 << 20)
+    assert_reads_like(img, ref, reads=100, grain=32 << 20)
 
 
 def test_real_differencing_vhdx_without_parent_names_it(tmp_path):

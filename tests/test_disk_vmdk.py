@@ -11,13 +11,11 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, os.path.dirname(__file__))
-from vdisk_helpers import (assert_same_as, built, fuzz, open_guarded, qemu_raw, reference,  # noqa: E402,F401
-                           sha256, small, unpack)
-
-from rescue.disk import DiskOptions, open_disk, vhd, vhdx, vmdk  # noqa: E402
-from rescue.errors import DamagedRange, DiskFormatError, UnsupportedFeature  # noqa: E402
-from rescue.source import FileSource  # noqa: E402
+from disk_support import assert_reads_like, fuzz, open_guarded, qemu_raw, reference, sha256, unpack
+from disk_support import built, small  # noqa: F401 (fixtures)
+from rescue.disk import DiskOptions, open_disk, vhd, vhdx, vmdk
+from rescue.errors import DamagedRange, DiskFormatError, UnsupportedFeature
+from rescue.source import FileSource
 
 SMALL = ["vmdk_sparse.vmdk", "vmdk_stream.vmdk", "vmdk_split.vmdk", "vmdk_flat.vmdk",
          "vmdk_splitflat.vmdk", "vmdk_delta.vmdk"]
@@ -33,7 +31,7 @@ def test_each_vmdk_subformat_reads_like_qemu(small, tmp_path, name):
     before = sha256(small / name)
     img = open_disk(FileSource(small / name))
     assert img.info.format == "vmdk"
-    assert_same_as(img, reference(small / name, "vmdk", tmp_path, img.size), seed=hash(name) & 0xFFFF)
+    assert_reads_like(img, reference(small / name, "vmdk", tmp_path, img.size), seed=hash(name) & 0xFFFF)
     img.close()
     assert sha256(small / name) == before      # read-only
 
@@ -62,7 +60,7 @@ def test_delta_disk_reads_unallocated_grains_from_its_parent(small):
 def test_large_vmdk_across_grain_tables_and_extents(built, tmp_path, name):
     img = open_disk(FileSource(built / name))
     ref = qemu_raw(built / name, "vmdk", tmp_path / "ref.raw")
-    assert_same_as(img, ref, seed=7)
+    assert_reads_like(img, ref, seed=7)
     if name == "big_split.vmdk":
         assert img.info.details["extents"] == 2
 
@@ -242,14 +240,14 @@ def test_real_vmdk_reads_like_qemu(tmp_path, name):
         img = open_vmdk(path)     # we read it; qemu cannot (a bare extent): nothing to compare
         img.read(0, min(img.size, 1 << 20))
         pytest.skip(f"qemu-img cannot read {name}: {ref}")
-    assert_same_as(open_vmdk(path), ref, reads=100)
+    assert_reads_like(open_vmdk(path), ref, reads=100)
 
 
 def test_real_split_descriptor_reads_its_extent(tmp_path):
     path = unpack("bwlehrpool/image_t1.vmdk", tmp_path)
     unpack("bwlehrpool/image_t1-s001.vmdk", tmp_path)
     ref = qemu_raw(path, "vmdk", tmp_path / "ref.raw")
-    assert_same_as(open_disk(FileSource(path)), ref, reads=50)
+    assert_reads_like(open_disk(FileSource(path)), ref, reads=50)
 
 
 @pytest.mark.parametrize("name, missing", [("bwlehrpool/image_t1.vmdk", "image_t1-s001.vmdk"),
@@ -295,7 +293,7 @@ def test_real_sesparse_through_a_descriptor_reads_like_qemu(tmp_path):
         with open(ref, "rb") as f:
             assert f.read(16 << 20) == (f.seek(n), f.read(16 << 20))[1]
         os.truncate(ref, n)
-    assert_same_as(img, ref, reads=100, grain=4096)
+    assert_reads_like(img, ref, reads=100, grain=4096)
 
 
 def test_sesparse_dirty_journal_warns_and_odd_versions_are_refused(tmp_path):
@@ -338,7 +336,7 @@ def test_esx2_cowd_extent_reads_like_qemu(tmp_path):
     ref = qemu_raw(path, "vmdk", tmp_path / "ref.raw")
     if isinstance(ref, str):
         pytest.skip(f"qemu-img cannot read COWD: {ref}")
-    assert_same_as(img, ref, reads=50, grain=4096)
+    assert_reads_like(img, ref, reads=50, grain=4096)
 
 
 @pytest.mark.parametrize("create_type, extent", [("vmfs", "VMFS"), ("vmfsThin", "VMFS"),
@@ -352,7 +350,7 @@ def test_esx_flat_descriptors(small, tmp_path, create_type, extent):
     img = open_disk(FileSource(tmp_path / "disk.vmdk"))
     assert img.info.subformat == create_type
     ref = qemu_raw(tmp_path / "disk.vmdk", "vmdk", tmp_path / "ref.raw")
-    assert_same_as(img, base if isinstance(ref, str) else ref, reads=50)
+    assert_reads_like(img, base if isinstance(ref, str) else ref, reads=50)
 
 
 def test_randomly_damaged_vmdk_images_fail_cleanly(small):
@@ -368,7 +366,7 @@ def test_gd_at_end_footer_and_a_stream_cut_short(small, tmp_path):
     full = _patch_header(small / "vmdk_stream.vmdk", tmp_path / "end.vmdk", gd_offset=vmdk.GD_AT_END)
     img = open_vmdk(full)
     ref = qemu_raw(full, "vmdk", tmp_path / "ref.raw")
-    assert_same_as(img, small / "vmdk_base.raw" if isinstance(ref, str) else ref, reads=50)
+    assert_reads_like(img, small / "vmdk_base.raw" if isinstance(ref, str) else ref, reads=50)
     data = full.read_bytes()
     base = (small / "vmdk_base.raw").read_bytes()
     (tmp_path / "cut.vmdk").write_bytes(data[:len(data) // 2])

@@ -21,7 +21,7 @@ from ..errors import DiskFormatError, UnsupportedFeature
 from ..source.base import ByteSource
 from .base import DiskInfo, DiskOptions
 from .choices import no_choices
-from .blockmap import bitmap_runs
+from .bitmaps import bitmap_runs
 from .mapping import DATA, ZERO, ExtentBuilder, MappedDisk, read_u32le_table
 
 MAGIC = b"Bochs Virtual HD Image"
@@ -66,9 +66,7 @@ def _bad(source: ByteSource, field: str, value: Any, why: str) -> DiskFormatErro
 
 class BochsDisk(MappedDisk):
     def __init__(self, source: ByteSource) -> None:
-        self.source = self.data_source = source
-        self.name = source.name
-        self.backing = None
+        super().__init__(source)
         head = source.read(0, SECTOR)
         if len(head) < Header.sizeof():
             raise DiskFormatError(f"Bochs header truncated: file is {source.size} bytes", file=source.name)
@@ -109,7 +107,7 @@ class BochsDisk(MappedDisk):
         self.data_offset = h.header + h.catalog * 4
         self.size = size
         self.span = TABLE_ENTRIES * h.extent
-        self._init_caches(TABLE_ENTRIES)
+        self._init_table_cache(TABLE_ENTRIES)
         self.info = DiskInfo(format="bochs", subformat="growing", virtual_size=size,
                              allocated_size=source.size, cluster_size=h.extent,
                              details={"version": "2" if h.version == VERSION_2 else "1",

@@ -54,9 +54,7 @@ def _bad(source: ByteSource, field: str, value: Any, why: str) -> DiskFormatErro
 
 class CloopDisk(MappedDisk):
     def __init__(self, source: ByteSource) -> None:
-        self.source = self.data_source = source
-        self.name = source.name
-        self.backing = None
+        super().__init__(source)
         head = source.read(0, Header.sizeof())
         if not head.startswith(PREAMBLE + V2):
             version = head[len(PREAMBLE):].split(b"\n", 1)[0].decode("ascii", "replace")
@@ -88,7 +86,7 @@ class CloopDisk(MappedDisk):
         self.n_blocks = h.n_blocks
         self.size = h.n_blocks * bs
         self.span = TABLE_ENTRIES * bs
-        self._init_caches(TABLE_ENTRIES)
+        self._init_table_cache(TABLE_ENTRIES)
         self.info = DiskInfo(format="cloop", subformat="V2.0", virtual_size=self.size,
                              allocated_size=source.size, cluster_size=bs, compression="zlib",
                              details={"blocks": h.n_blocks})

@@ -131,9 +131,7 @@ class DmgDisk(MappedDisk):
     cluster_cache_size = 16
 
     def __init__(self, source: ByteSource) -> None:
-        self.source = self.data_source = source
-        self.name = source.name
-        self.backing = None
+        super().__init__(source)
         try:
             k = Koly.parse(source.read(source.size - 512, 512))
         except ConstructError as exc:
@@ -194,7 +192,7 @@ class DmgDisk(MappedDisk):
         end = chunks[-1][0] + chunks[-1][1]
         self.size = end * SECTOR
         self.span = max(self.size, 1)
-        self._init_caches(len(chunks))
+        self._init_table_cache(len(chunks))
         details: dict[str, Any] = {"partitions": partitions, "chunks": len(chunks)}
         if k.sector_count != end:
             details["koly_sector_count"] = k.sector_count
@@ -228,9 +226,6 @@ class DmgDisk(MappedDisk):
 
     def _decode_table(self, index: int):
         return self.extents_table
-
-    def _read_compressed(self, descriptor: Any) -> bytes:
-        return self._inflate(descriptor, self.source.read(descriptor[0], descriptor[1]))
 
     def _inflate(self, descriptor: Any, raw: bytes) -> bytes:
         offset, length, kind, nbytes = descriptor

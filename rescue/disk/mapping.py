@@ -1,36 +1,45 @@
-"""The read path shared by table-mapped containers (qcow2, QCOW v1, VDI).
+"""The one read path of the disk layer: every container reader is a MappedDisk.
 
-These formats map the virtual disk through fixed-size tables: a qcow2 L2 table,
-a slice of a VDI block map. A reader decodes one table once into `Extent`s
-(maximal ranges of one kind), the decoded tables are cached, and this module
-turns any (offset, length) request into *pieces*: host-contiguous data is
-merged across clusters and tables so that each piece is served by one read.
+A reader only says where each piece of the virtual disk lives, in one of two
+ways:
+
+- table-mapped formats (qcow2, QCOW v1, VDI, Parallels, Bochs, VMA, cloop,
+  DMG) decode one fixed-size table at a time (a qcow2 L2 table, a slice of a
+  VDI block map) into `Extent`s with `_decode_table`; decoded tables are
+  cached and the base class walks them;
+- block-mapped formats (VMDK, VHD, VHDX) override `_map` and yield the pieces
+  of a request directly from their grain tables or BATs.
+
+Everything after that is here, once: neighbouring pieces are merged into
+maximal runs (`pieces`), and each run is served with one I/O: one read per
+host-contiguous range, zeros without I/O, the backing image's bytes with one
+read of it, compressed clusters inflated in batches on a few threads.
+`runs()` (the zero/data map) and `file_extents()` (for `rescue convert`'s
+copy_file_range) come from the same runs.
 """
 
 from __future__ import annotations
 
-import contextvars
 import os
 import sys
 from array import array
 from bisect import bisect_right
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable, Iterator, NamedTuple, TypeVar
+from typing import Any, Callable, Iterator, NamedTuple
 
-from ..errors import DamagedRange, DiskFormatError
+from ..errors import DamagedRange
 from ..source.base import ByteSource, Run, runs as source_runs
 from .base import DiskImage
 
-# Extent kinds.
-DATA = "data"              # stored at `host` in the data file, contiguous
-ZERO = "zero"              # reads as zeros (zero cluster, unallocated w/o parent)
-BACKING = "backing"        # not stored here: the backing file's bytes (or zeros)
-COMPRESSED = "compressed"  # one compressed cluster; `host` is its descriptor
-DAMAGED = "damaged"        # the table entry is invalid: reads raise DamagedRange
+# Piece kinds.
+DATA = "data"              # stored verbatim at host offset `where` in a file
+ZERO = "zero"              # reads as zeros (zero cluster, unallocated without a parent)
+BACKING = "backing"        # not stored here: the backing image's bytes (zeros without one)
+COMPRESSED = "compressed"  # part of a compressed unit: `where` = (unit descriptor, offset in it)
+DAMAGED = "damaged"        # the map is invalid here: `where` says why; reads raise DamagedRange
 
-
-T = TypeVar("T")
+MERGEABLE = (DATA, ZERO, BACKING)
 MAX_BATCH_READ = 16 << 20   # compressed bytes fetched by one read
 _POOL: list[ThreadPoolExecutor] = []
 
@@ -45,11 +54,23 @@ def _pool() -> ThreadPoolExecutor:
     return _POOL[0]
 
 
+class Piece(NamedTuple):
+    """A stretch of the virtual disk that is stored one way."""
+
+    offset: int              # virtual offset
+    length: int
+    kind: str
+    where: Any = None        # DATA: host offset; COMPRESSED: (descriptor, skip); DAMAGED: reason
+    source: Any = None       # DATA: the file holding it, when it is not the image's data_source
+
+
 class Extent(NamedTuple):
+    """One entry of a decoded table: like a Piece, relative to the table's span."""
+
     start: int       # byte offset inside the table's span
     length: int
     kind: str
-    host: Any = 0    # DATA: host offset of `start`; COMPRESSED: (offset, size); DAMAGED: reason
+    host: Any = 0    # DATA: host offset of `start`; COMPRESSED: descriptor; DAMAGED: reason
 
 
 class ExtentBuilder:
@@ -83,25 +104,24 @@ class ExtentBuilder:
 
 
 class LRU:
-    """A small bounded cache (metadata tables, decompressed clusters)."""
+    """A small bounded cache (metadata tables, sector bitmaps, inflated clusters)."""
 
     def __init__(self, capacity: int) -> None:
         self.capacity = max(1, capacity)
         self._items: OrderedDict[Any, Any] = OrderedDict()
 
     def get(self, key: Any, load: Callable[[], Any]) -> Any:
+        """The cached value, else `load()`'s (then cached)."""
         try:
             self._items.move_to_end(key)
             return self._items[key]
         except KeyError:
             pass
         value = load()
-        self._items[key] = value
-        if len(self._items) > self.capacity:
-            self._items.popitem(last=False)
+        self.put(key, value)
         return value
 
-    def has(self, key: Any) -> bool:
+    def __contains__(self, key: Any) -> bool:
         return key in self._items
 
     def put(self, key: Any, value: Any) -> None:
@@ -115,43 +135,48 @@ class LRU:
 
 
 class MappedDisk(DiskImage):
-    """Base for readers whose tables each cover `span` bytes of the disk.
+    """Base of every container reader: resolves requests into merged pieces
+    and serves them.
 
-    Subclasses set name, size, info, span, backing and implement
-    `_decode_table(index) -> (starts, extents)` (extents covering [0, span)),
-    (optionally) `_read_host(offset, length)`, which reads `data_source`, and,
-    for compressed clusters (descriptor =
-    (offset, size) in `source`), `_inflate(descriptor, raw) -> cluster`.
+    A subclass calls `super().__init__(source)`, sets size and info, and either
+    sets `span`, calls `_init_table_cache()` and implements `_decode_table`, or
+    overrides `_map`. With compressed pieces it implements `_inflate` (or
+    overrides `_inflate_units`). `backing` is the parent image (or None), and
+    files the image opened besides `source` go in `extra_sources`: close()
+    closes them all.
     """
 
-    span: int
-    data_source: ByteSource            # where DATA extents' host offsets point
-    backing: Any = None                # a DiskImage / byte source, or None
+    span: int = 0                      # table-mapped: bytes of the disk one table covers
     table_cache_entries = 1 << 18      # decoded table entries kept (memory bound)
-    cluster_cache_size = 32            # decompressed clusters kept
+    cluster_cache_size = 32            # inflated compressed units kept
+    _tables: LRU | None = None
+    _clusters: LRU | None = None
 
-    def _init_caches(self, entries_per_table: int) -> None:
-        self._tables = LRU(max(4, self.table_cache_entries // max(1, entries_per_table)))
+    def __init__(self, source: ByteSource) -> None:
+        self.source: ByteSource | None = source
+        self.data_source: ByteSource = source   # where DATA pieces without a `source` live
+        self.name = source.name
+        self.backing: Any = None                # a DiskImage or byte source, or None
+        self.extra_sources: list[ByteSource] = []
         self._clusters = LRU(self.cluster_cache_size)
 
+    # -- what a reader provides -----------------------------------------------
+
+    def _init_table_cache(self, entries_per_table: int) -> None:
+        self._tables = LRU(max(4, self.table_cache_entries // max(1, entries_per_table)))
+
     def _decode_table(self, index: int) -> tuple[list[int], list[Extent]]:
+        """Table `index` as (extent starts, extents) covering [0, span)."""
         raise NotImplementedError
-
-    def _read_host(self, offset: int, length: int) -> bytes:
-        return self.data_source.read(offset, length)
-
-    # -- resolving requests -------------------------------------------------
 
     def _table(self, index: int) -> tuple[list[int], list[Extent]]:
         return self._tables.get(index, lambda: self._decode_table(index))
 
-    def pieces(self, offset: int, length: int) -> Iterator[tuple[int, int, str, Any]]:
-        """(offset, length, kind, where) covering the request, merged maximally:
-        `where` is the host offset for DATA, (descriptor, offset in cluster)
-        for COMPRESSED, the reason for DAMAGED."""
-        end = min(offset + length, self.size)
-        pos = max(offset, 0)
-        pend: list | None = None
+    def _map(self, offset: int, length: int) -> Iterator[Piece]:
+        """The pieces of [offset, offset+length) (inside the disk), in order.
+        This default walks the decoded tables."""
+        end = offset + length
+        pos = offset
         span = self.span
         while pos < end:
             index, within = divmod(pos, span)
@@ -159,68 +184,109 @@ class MappedDisk(DiskImage):
             starts, extents = self._table(index)
             i = bisect_right(starts, within) - 1
             while pos < end and i < len(extents):
-                ext = extents[i]
-                skip = pos - base - ext.start
-                n = min(ext.length - skip, end - pos)
-                kind = ext.kind
+                start, ext_length, kind, host = extents[i]
+                skip = pos - base - start
+                n = min(ext_length - skip, end - pos)
                 if kind == DATA:
-                    where: Any = ext.host + skip
+                    yield Piece(pos, n, kind, host + skip)
                 elif kind == COMPRESSED:
-                    where = (ext.host, skip)
+                    yield Piece(pos, n, kind, (host, skip))
                 else:
-                    where = ext.host
-                if pend is not None and pend[2] == kind and (
-                        (kind in (ZERO, BACKING))
-                        or (kind == DATA and pend[3] + pend[1] == where)):
-                    pend[1] += n
-                else:
-                    if pend is not None:
-                        yield tuple(pend)  # type: ignore[misc]
-                    pend = [pos, n, kind, where]
+                    yield Piece(pos, n, kind, host)
                 pos += n
                 i += 1
-            if i >= len(extents) and pos < end and pos < base + span:
+            if pos < end and pos < base + span:
                 raise DamagedRange(f"{self.name}: table {index} does not cover offset {pos}")
-        if pend is not None:
-            yield tuple(pend)  # type: ignore[misc]
-
-    # -- the byte-source interface -----------------------------------------
-
-    def read(self, offset: int, length: int) -> bytes:
-        if offset >= self.size or length <= 0:
-            return b""
-        pieces = list(self.pieces(offset, length))
-        inflated: dict[Any, bytes] = {}
-        wanted = {p[3][0] for p in pieces if p[2] == COMPRESSED}
-        if len(wanted) > 1:
-            inflated = self._inflate_many([d for d in wanted if not self._clusters.has(d)])
-        parts = []
-        for pos, n, kind, where in pieces:
-            if kind == DATA:
-                parts.append(self._read_data(where, n))
-            elif kind == ZERO:
-                parts.append(bytes(n))
-            elif kind == BACKING:
-                parts.append(self._read_backing(pos, n))
-            elif kind == COMPRESSED:
-                descriptor, skip = where
-                cluster = inflated.get(descriptor)
-                if cluster is None:
-                    cluster = self._clusters.get(descriptor, lambda: self._read_compressed(descriptor))
-                parts.append(cluster[skip:skip + n])
-            else:
-                raise DamagedRange(f"{self.name}: bytes {pos}..{pos + n}: {where}")
-        return parts[0] if len(parts) == 1 else b"".join(parts)
-
-    def _read_compressed(self, descriptor: Any) -> bytes:
-        offset, size = descriptor
-        return self._inflate(descriptor, self.source.read(offset, size))
 
     def _inflate(self, descriptor: Any, raw: bytes) -> bytes:
+        """One compressed unit, from the `descriptor[1]` bytes at `descriptor[0]`."""
         raise NotImplementedError
 
+    # -- resolving requests ---------------------------------------------------
+
+    def _clamp(self, offset: int, length: int) -> int:
+        if offset < 0:
+            raise ValueError(f"{self.name}: negative offset {offset}")
+        return max(0, min(length, self.size - offset))
+
+    def pieces(self, offset: int, length: int) -> Iterator[Piece]:
+        """The request as maximal pieces: neighbours of one kind are merged,
+        data only when it continues in the same file."""
+        length = self._clamp(offset, length)
+        pend: Piece | None = None
+        for p in self._map(offset, length):
+            if p.length <= 0:
+                continue
+            if (pend is not None and p.kind == pend.kind and p.kind in MERGEABLE
+                    and pend.offset + pend.length == p.offset
+                    and (p.kind != DATA or (p.source is pend.source
+                                            and pend.where + pend.length == p.where))):
+                pend = Piece(pend.offset, pend.length + p.length, p.kind, pend.where, pend.source)
+                continue
+            if pend is not None:
+                yield pend
+            pend = p
+        if pend is not None:
+            yield pend
+
+    # -- the byte-source interface --------------------------------------------
+
+    def read(self, offset: int, length: int) -> bytes:
+        if self._clamp(offset, length) == 0:
+            return b""
+        pieces = list(self.pieces(offset, length))
+        units = list(dict.fromkeys(p.where[0] for p in pieces if p.kind == COMPRESSED))
+        inflated = self._inflate_units(units) if units else {}
+        parts = []
+        for p in pieces:
+            kind = p.kind
+            if kind == DATA:
+                parts.append(self._read_data(p))
+            elif kind == ZERO:
+                parts.append(bytes(p.length))
+            elif kind == BACKING:
+                parts.append(self._read_backing(p.offset, p.length))
+            elif kind == COMPRESSED:
+                unit, skip = p.where
+                parts.append(inflated[unit][skip:skip + p.length])
+            else:
+                raise DamagedRange(f"{self.name}: virtual bytes {p.offset}-{p.offset + p.length}: {p.where}")
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def _read_data(self, p: Piece) -> bytes:
+        src = self.data_source if p.source is None else p.source
+        data = src.read(p.where, p.length)
+        if len(data) < p.length:
+            if not data:
+                raise DamagedRange(
+                    f"{self.name}: virtual bytes {p.offset}-{p.offset + p.length} are stored at "
+                    f"{src.name} offset {p.where}, past the end of that file ({src.size} bytes): "
+                    "file truncated?")
+            data += bytes(p.length - len(data))  # like qemu: a cut last cluster reads as zeros
+        return data
+
+    def _read_backing(self, pos: int, n: int) -> bytes:
+        if self.backing is None:
+            return bytes(n)
+        data = self.backing.read(pos, n)
+        if len(data) < n:  # the parent may be smaller than the child
+            data += bytes(n - len(data))
+        return data
+
+    def _inflate_units(self, units: list) -> dict[Any, bytes]:
+        """The inflated bytes of each compressed unit a read touches."""
+        out: dict[Any, bytes] = {}
+        if len(units) > 1:
+            missing = [u for u in units if u not in self._clusters]
+            if missing:
+                out = self._inflate_many(missing)
+        for u in units:
+            if u not in out:
+                out[u] = self._clusters.get(u, lambda: self._inflate(u, self.source.read(u[0], u[1])))
+        return out
+
     def _inflate_many(self, descriptors: list) -> dict[Any, bytes]:
-        """Inflate many compressed clusters at once: neighbours in the file are
+        """Inflate many compressed units at once: neighbours in the file are
         fetched with one read, and zlib/zstd run on several threads (they
         release the GIL), as qemu-img does."""
         descriptors.sort()
@@ -237,7 +303,7 @@ class MappedDisk(DiskImage):
             for d in descriptors[i:j]:
                 raw[d] = blob[d[0] - start:d[0] - start + d[1]]
             i = j
-        # Tasks of a few clusters: fewer futures, yet no long straggler.
+        # Tasks of a few units: fewer futures, yet no long straggler.
         step = max(1, min(8, len(descriptors) // (2 * _workers())))
         batches = [descriptors[i:i + step] for i in range(0, len(descriptors), step)]
         out: dict[Any, bytes] = {}
@@ -248,26 +314,10 @@ class MappedDisk(DiskImage):
             self._clusters.put(d, out[d])
         return out
 
-    def _read_data(self, host: int, n: int) -> bytes:
-        data = self._read_host(host, n)
-        if len(data) < n:
-            if not data:
-                raise DamagedRange(f"{self.name}: data at host offset {host} is past the end of the file")
-            data += bytes(n - len(data))  # like qemu: a short last cluster reads as zeros
-        return data
-
-    def _read_backing(self, pos: int, n: int) -> bytes:
-        if self.backing is None:
-            return bytes(n)
-        data = self.backing.read(pos, n)
-        if len(data) < n:  # the parent may be smaller than the child
-            data += bytes(n - len(data))
-        return data
-
     def runs(self, offset: int, length: int) -> Iterator[Run]:
         pend: list | None = None
-        for pos, n, kind, _ in self.pieces(offset, length):
-            for r in self._piece_runs(pos, n, kind):
+        for p in self.pieces(offset, length):
+            for r in self._piece_runs(p):
                 if pend is not None and pend[2] == r[2] and pend[0] + pend[1] == r[0]:
                     pend[1] += r[1]
                 else:
@@ -277,70 +327,59 @@ class MappedDisk(DiskImage):
         if pend is not None:
             yield Run(*pend)
 
-    def _piece_runs(self, pos: int, n: int, kind: str) -> Iterator[tuple[int, int, str]]:
-        if kind == ZERO or (kind == BACKING and self.backing is None):
-            yield pos, n, "zero"
-        elif kind == BACKING:
-            inside = max(0, min(n, self.backing.size - pos))
+    def _piece_runs(self, p: Piece) -> Iterator[tuple[int, int, str]]:
+        if p.kind == ZERO or (p.kind == BACKING and self.backing is None):
+            yield p.offset, p.length, "zero"
+        elif p.kind == BACKING:
+            inside = max(0, min(p.length, self.backing.size - p.offset))
             if inside:
-                for r in source_runs(self.backing, pos, inside):
+                for r in source_runs(self.backing, p.offset, inside):
                     yield r.offset, r.length, r.kind
-            if inside < n:
-                yield pos + inside, n - inside, "zero"
-        else:
-            yield pos, n, "data"
+            if inside < p.length:   # child bigger than parent: the rest reads as zeros
+                yield p.offset + inside, p.length - inside, "zero"
+        else:   # damaged ranges count as data: reading them reports the damage
+            yield p.offset, p.length, "data"
 
     def file_extents(self, offset: int, length: int) -> list[tuple[int, int, int, int]] | None:
         """(offset, length, fd, host offset) pieces when every byte of the range
-        is stored verbatim in a local file, so `convert` can copy it inside
+        is stored verbatim in local files, so `convert` can copy it inside
         the kernel; None when any part needs us (zeros, parents, inflating)."""
-        fileno = getattr(self.data_source, "fileno", None)
-        if fileno is None:
-            return None
         out = []
-        for pos, n, kind, where in self.pieces(offset, length):
-            if kind != DATA or where + n > self.data_source.size:
+        for p in self.pieces(offset, length):
+            if p.kind != DATA:
                 return None
-            out.append((pos, n, fileno(), where))
+            src = self.data_source if p.source is None else p.source
+            fileno = getattr(src, "fileno", None)
+            if fileno is None or p.where + p.length > src.size:
+                return None
+            out.append((p.offset, p.length, fileno(), p.where))
         return out
+
+    def backing_chain(self) -> list[str]:
+        """Names of the parent images, nearest first (DiskInfo.backing_chain)."""
+        if self.backing is None:
+            return []
+        info = getattr(self.backing, "info", None)
+        return [self.backing.name] + list(info.backing_chain if info else [])
 
     def close(self) -> None:
         """Drop the caches, close the parent, then the files this image read."""
-        for cache in (getattr(self, "_tables", None), getattr(self, "_clusters", None)):
-            if cache is not None:   # None when __init__ failed before _init_caches
+        for cache in (self._tables, self._clusters):
+            if cache is not None:
                 cache.clear()
+        self.close_opened()
+        if self.source is not None:
+            self.source.close()
+
+    def close_opened(self) -> None:
+        """Close what this image opened itself (its parent, extent or data
+        files), not `source`: what a failed __init__ undoes."""
         if self.backing is not None:
             self.backing.close()
             self.backing = None
-        source = getattr(self, "source", None)
-        data_source = getattr(self, "data_source", source)
-        if data_source is not None and data_source is not source:
-            data_source.close()
-        if source is not None:
-            source.close()
-
-
-# Images being opened in the current backing chain, (identity, name), top
-# first: a parent opened while its child is being opened sees the chain.
-_CHAIN: contextvars.ContextVar[tuple] = contextvars.ContextVar("rescue_disk_chain", default=())
-
-
-def open_in_chain(source: ByteSource, options: Any, make: Callable[[], T]) -> T:
-    """Run `make()` (which may open parents) with loop and length checks."""
-    identity = getattr(source, "identity", None) or source.name
-    chain = _CHAIN.get()
-    if any(ident == identity for ident, _ in chain):
-        names = " -> ".join([n for _, n in chain] + [source.name])
-        raise DiskFormatError(f"backing chain loops: {names}", file=chain[0][1],
-                              hint="one of the backing files names an image above it")
-    if len(chain) >= options.max_chain:
-        raise DiskFormatError(f"backing chain longer than {options.max_chain} images",
-                              file=chain[0][1] if chain else source.name)
-    token = _CHAIN.set(chain + ((identity, source.name),))
-    try:
-        return make()
-    finally:
-        _CHAIN.reset(token)
+        for src in self.extra_sources:
+            src.close()
+        self.extra_sources = []
 
 
 def read_exact_table(source: ByteSource, offset: int, length: int, what: str) -> bytes:

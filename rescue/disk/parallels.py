@@ -29,9 +29,9 @@ from ..errors import DiskFormatError, UnsupportedFeature
 from ..source.base import ByteSource
 from ..source.split import ConcatSource
 from .base import DiskImage, DiskInfo, DiskOptions, RawDisk
-from .blockmap import close_quietly, open_sibling
+from .chain import close_quietly, open_in_chain, open_sibling
 from .choices import no_choices
-from .mapping import BACKING, DATA, ExtentBuilder, MappedDisk, open_in_chain, read_u32le_table
+from .mapping import BACKING, DATA, ExtentBuilder, MappedDisk, read_u32le_table
 
 MAGIC_V1 = b"WithoutFreeSpace"   # BAT entries in sectors
 MAGIC_V2 = b"WithouFreSpacExt"   # BAT entries in clusters
@@ -108,8 +108,7 @@ class ParallelsDisk(MappedDisk):
 
     def __init__(self, source: ByteSource, backing: DiskImage | None = None,
                  expect_size: int | None = None) -> None:
-        self.source = self.data_source = source
-        self.name = source.name
+        super().__init__(source)
         self.backing = backing
         head = source.read(0, Header.sizeof())
         if len(head) < Header.sizeof():
@@ -144,7 +143,7 @@ class ParallelsDisk(MappedDisk):
         self.unit = SECTOR if h.magic == MAGIC_V1 else cluster
         self.size = sectors * SECTOR if expect_size is None else expect_size
         self.span = TABLE_ENTRIES * cluster
-        self._init_caches(TABLE_ENTRIES)
+        self._init_table_cache(TABLE_ENTRIES)
         warnings: list[str] = []
         if h.inuse == INUSE_MAGIC:
             warnings.append("the image was not closed cleanly (inuse flag set); reading it as it is")

@@ -27,8 +27,8 @@ from construct import (Bytes, Const, ConstructError, If, Int8ub, Int16ub, Int32u
 from ..errors import DamagedRange, DiskFormatError, RescueError, UnsupportedFeature
 from ..source.base import ByteSource, open_relative
 from .base import DiskInfo, DiskOptions, RawDisk
-from .mapping import (BACKING, COMPRESSED, DAMAGED, DATA, ZERO, ExtentBuilder, MappedDisk,
-                      open_in_chain, read_exact_table)
+from .chain import open_in_chain
+from .mapping import BACKING, COMPRESSED, DAMAGED, DATA, ZERO, ExtentBuilder, MappedDisk, read_exact_table
 
 MAGIC = b"QFI\xfb"
 
@@ -142,10 +142,7 @@ class Qcow2Disk(MappedDisk):
     """The virtual disk of a qcow2 (or QCOW v1) image."""
 
     def __init__(self, source: ByteSource, options: DiskOptions) -> None:
-        self.source = source
-        self.name = source.name
-        self.data_source: ByteSource = source
-        self.backing = None
+        super().__init__(source)
         head = source.read(0, 512)
         if len(head) < 48:
             raise DiskFormatError(f"qcow2 header truncated: file is {source.size} bytes",
@@ -167,7 +164,7 @@ class Qcow2Disk(MappedDisk):
             self.close()
             raise DiskFormatError(f"qcow2 metadata unreadable: {exc}", file=source.name) from None
 
-        self._init_caches(self.l2_entries)
+        self._init_table_cache(self.l2_entries)
         self.span = self.l2_entries * self.cluster_size
         self.size = self.virtual_size
         self.info = DiskInfo(
@@ -177,7 +174,7 @@ class Qcow2Disk(MappedDisk):
             allocated_size=source.size,
             cluster_size=self.cluster_size,
             compression=self.compression,
-            backing_chain=self._backing_chain(),
+            backing_chain=self.backing_chain(),
             snapshots=[{k: v for k, v in s.items() if not k.startswith("_")} for s in self.snapshots],
             details=details,
             warnings=warnings + (getattr(self.backing, "info", None).warnings
@@ -264,6 +261,7 @@ class Qcow2Disk(MappedDisk):
             details["data_file"] = name
             try:
                 self.data_source = open_relative(src, name)
+                self.extra_sources.append(self.data_source)
             except RescueError as exc:
                 raise DiskFormatError(f"external data file {name!r} not found ({exc.problem})",
                                       file=src.name, hint=f"put {name} next to the image") from None
@@ -403,12 +401,6 @@ class Qcow2Disk(MappedDisk):
         have = ", ".join(f"{s['id']}:{s['name']}" for s in self.snapshots) or "none"
         raise DiskFormatError(f"no internal snapshot named {wanted!r} (snapshots: {have})",
                               file=self.source.name, hint="see `rescue inspect` for the list")
-
-    def _backing_chain(self) -> list[str]:
-        if self.backing is None:
-            return []
-        below = getattr(getattr(self.backing, "info", None), "backing_chain", []) or []
-        return [getattr(self.backing, "name", self.backing_name)] + list(below)
 
     # -- the tables --------------------------------------------------------
 

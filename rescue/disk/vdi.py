@@ -25,7 +25,8 @@ from construct import Bytes, Const, ConstructError, Int32ul, Int64ul, Struct
 from ..errors import DiskFormatError, RescueError, UnsupportedFeature
 from ..source.base import ByteSource, FileSource
 from .base import DiskInfo, DiskOptions
-from .mapping import BACKING, DATA, ZERO, ExtentBuilder, MappedDisk, open_in_chain, read_u32le_table
+from .chain import open_in_chain
+from .mapping import BACKING, DATA, ZERO, ExtentBuilder, MappedDisk, read_u32le_table
 
 SIGNATURE = 0xBEDA107F
 VERSION_1_1 = 0x00010001
@@ -90,9 +91,7 @@ class VdiDisk(MappedDisk):
 
     def __init__(self, source: ByteSource, options: DiskOptions | None = None) -> None:
         options = options or DiskOptions()
-        self.source = self.data_source = source
-        self.name = source.name
-        self.backing = None
+        super().__init__(source)
         head = source.read(0, 72 + Header.sizeof())
         if len(head) < 72 + Header.sizeof():
             raise DiskFormatError(f"VDI header truncated: file is {source.size} bytes", file=source.name)
@@ -132,7 +131,7 @@ class VdiDisk(MappedDisk):
         self.block_size = bs
         self.size = h.disk_size
         self.span = TABLE_BLOCKS * bs
-        self._init_caches(TABLE_BLOCKS)
+        self._init_table_cache(TABLE_BLOCKS)
         details = {"blocks": h.blocks_in_image, "blocks_allocated": h.blocks_allocated,
                    "uuid": str(uuid.UUID(bytes_le=h.uuid_image)),
                    "creator": pre.text.split(b"\0")[0].decode("ascii", "replace").strip()}
@@ -146,8 +145,7 @@ class VdiDisk(MappedDisk):
         self.info = DiskInfo(
             format="vdi", subformat=kind, virtual_size=self.size, allocated_size=source.size,
             cluster_size=bs, details=details,
-            backing_chain=([self.backing.name] + list(parent_info.backing_chain if parent_info else []))
-            if self.backing is not None else [],
+            backing_chain=self.backing_chain(),
             warnings=warnings + (list(parent_info.warnings) if parent_info else []),
         )
 

@@ -13,7 +13,6 @@ the end. All fields big-endian.
 from __future__ import annotations
 
 import array
-import dataclasses
 import os
 import sys
 import uuid
@@ -22,11 +21,12 @@ from urllib.parse import unquote, urlparse
 
 from construct import Bytes, Int8ub, Int16ub, Int32ub, Int64ub, Struct
 
-from ..errors import DiskFormatError, RescueError
+from ..errors import DiskFormatError
 from ..source.base import ByteSource
-from .base import DiskImage, DiskInfo, DiskOptions, RawDisk
-from .blockmap import (DAMAGED, DATA, PARENT, ZERO, LRU, MappedImage, Piece, bitmap_pieces,
-                       bitmap_runs, check_chain, close_quietly, open_sibling)
+from .base import DiskImage, DiskInfo, DiskOptions
+from .bitmaps import bitmap_pieces, bitmap_runs
+from .chain import open_in_chain, open_parent
+from .mapping import BACKING, DAMAGED, DATA, LRU, ZERO, MappedDisk, Piece
 
 # Hard disk footer (spec "Hard Disk Footer Format").
 Footer = Struct(
@@ -130,17 +130,15 @@ def virtual_size(f) -> int:
     return chs * SECTOR
 
 
-def open(source: ByteSource, options: DiskOptions) -> DiskImage:
-    return VhdImage(source, options, ())
+def open(source: ByteSource, options: DiskOptions) -> DiskImage:  # noqa: A001 (reader interface)
+    return open_in_chain(source, options, lambda: VhdImage(source, options))
 
 
-class VhdImage(MappedImage):
-    def __init__(self, source: ByteSource, options: DiskOptions, chain: tuple) -> None:
-        self.source = source
-        self.name = source.name
-        self._sources = [source]
-        self.parent = None
-        chain = check_chain(source, options, chain)
+class VhdImage(MappedDisk):
+    """The virtual disk of a fixed, dynamic or differencing VHD."""
+
+    def __init__(self, source: ByteSource, options: DiskOptions) -> None:
+        super().__init__(source)
         found = find_footer(source)
         if found is None:
             raise DiskFormatError("no VHD footer ('conectix') at the start or end", file=self.name)
@@ -165,9 +163,9 @@ class VhdImage(MappedImage):
             self.data_end = footer_at        # a fixed disk's data ends where its footer starts
             self.info.allocated_size = self.data_end
             return
-        self._open_dynamic(options, chain)
+        self._open_dynamic(options)
 
-    def _open_dynamic(self, options: DiskOptions, chain: tuple) -> None:
+    def _open_dynamic(self, options: DiskOptions) -> None:
         f = self.footer
         raw = self.source.read(f.data_offset, 1024)
         if len(raw) < 40 or not raw.startswith(b"cxsparse"):
@@ -207,7 +205,7 @@ class VhdImage(MappedImage):
         self.info.cluster_size = bs
         self.info.allocated_size = sum(1 for e in self.bat if e != UNALLOCATED) * bs
         if self.type == DIFFERENCING:
-            self._open_parent(options, chain)
+            self._open_parent(options)
 
     # --- parent -------------------------------------------------------------
 
@@ -244,34 +242,16 @@ class VhdImage(MappedImage):
             names.append(pname.replace("\\", "/").rsplit("/", 1)[-1])
         return list(dict.fromkeys(names))
 
-    def _open_parent(self, options: DiskOptions, chain: tuple) -> None:
+    def _open_parent(self, options: DiskOptions) -> None:
         names = [options.backing] if options.backing else self._parent_names()
         if not names:
             raise DiskFormatError("differencing VHD has no usable parent locator", file=self.name,
                                   hint="give the parent with --backing PATH")
-        last: RescueError | None = None
-        for name in names:
-            try:
-                src = open_sibling(self.source, name, "parent VHD",
-                                   hint="put the parent next to this file or use --backing PATH")
-            except RescueError as e:
-                last = e
-                continue
-            try:
-                sub = dataclasses.replace(options, backing=None)
-                self.parent = VhdImage(src, sub, chain) if detect(src) else RawDisk(src)
-            except BaseException:
-                close_quietly(src)
-                raise
-            break
-        if self.parent is None:
-            tried = ", ".join(repr(n) for n in names)
-            raise DiskFormatError(f"parent VHD not found (tried {tried})", file=self.name,
-                                  hint="put the parent next to this file or use --backing PATH") from last
-        if isinstance(self.parent, VhdImage) and self.parent.footer.uuid != self.header.parent_uuid:
+        self.backing = open_parent(self, names, "parent VHD", options, detect, open)
+        if isinstance(self.backing, VhdImage) and self.backing.footer.uuid != self.header.parent_uuid:
             self.info.warnings.append("parent VHD's UUID does not match the one recorded in the "
                                       "differencing disk: it may have changed since")
-        self.info.backing_chain = [self.parent.name] + list(self.parent.info.backing_chain)
+        self.info.backing_chain = self.backing_chain()
 
     # --- mapping ------------------------------------------------------------
 
@@ -284,18 +264,18 @@ class VhdImage(MappedImage):
             if raw.count(0xFF) >= nbits // 8:
                 return [(0, nbits, 1)]
             return bitmap_runs(raw, nbits, lsb_first=False)
-        return self._bitmaps.get_or(block, load)
+        return self._bitmaps.get(block, load)
 
-    def _pieces(self, offset: int, length: int) -> Iterator[Piece]:
+    def _map(self, offset: int, length: int) -> Iterator[Piece]:
         if self.type == FIXED:
             data_len = max(0, min(length, self.data_end - offset))
             if data_len:
-                yield Piece(DATA, offset, data_len, self.source, offset)
+                yield Piece(offset, data_len, DATA, offset)
             if data_len < length:
-                yield Piece(ZERO, offset + data_len, length - data_len)
+                yield Piece(offset + data_len, length - data_len, ZERO)
             return
         bs = self.block_size
-        absent = PARENT if self.type == DIFFERENCING else ZERO
+        absent = BACKING if self.type == DIFFERENCING else ZERO
         end = offset + length
         pos = offset
         while pos < end:
@@ -303,20 +283,20 @@ class VhdImage(MappedImage):
             n = min(bs - within, end - pos)
             entry = self.bat[block] if block < len(self.bat) else None
             if entry is None:
-                yield Piece(DAMAGED, pos, n, None, f"BAT entry {block} lies past the end of the file")
+                yield Piece(pos, n, DAMAGED, f"BAT entry {block} lies past the end of the file")
             elif entry == UNALLOCATED:
-                yield Piece(absent, pos, n)
+                yield Piece(pos, n, absent)
             else:
                 host = entry * SECTOR
                 bruns = self._bitmap(block, host)
                 data = host + self.bitmap_size
                 base = block * bs
                 if bruns is None:
-                    yield Piece(DAMAGED, pos, n, None,
+                    yield Piece(pos, n, DAMAGED,
                                 f"block {block} at offset {host} lies past the end of the file")
                 else:
                     yield from bitmap_pieces(
                         bruns, SECTOR, base, within, n,
-                        lambda v, ln: Piece(DATA, v, ln, self.source, data + v - base),
-                        lambda v, ln: Piece(absent, v, ln))
+                        lambda v, ln: Piece(v, ln, DATA, data + v - base),
+                        lambda v, ln: Piece(v, ln, absent))
             pos += n

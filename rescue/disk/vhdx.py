@@ -18,18 +18,18 @@ not replayed (qemu would replay it, which means writing to the file).
 from __future__ import annotations
 
 import array
-import dataclasses
 import sys
 import uuid
 from typing import Iterator
 
 from construct import Bytes, Int16ul, Int32ul, Int64ul, Struct
 
-from ..errors import DiskFormatError, RescueError, UnsupportedFeature
+from ..errors import DiskFormatError, UnsupportedFeature
 from ..source.base import ByteSource
-from .base import DiskImage, DiskInfo, DiskOptions, RawDisk
-from .blockmap import (DAMAGED, DATA, PARENT, ZERO, LRU, MappedImage, Piece, bitmap_pieces,
-                       bitmap_runs, check_chain, close_quietly, open_sibling)
+from .base import DiskImage, DiskInfo, DiskOptions
+from .bitmaps import bitmap_pieces, bitmap_runs
+from .chain import open_in_chain, open_parent
+from .mapping import BACKING, DAMAGED, DATA, LRU, ZERO, MappedDisk, Piece
 
 KiB, MiB = 1 << 10, 1 << 20
 
@@ -148,17 +148,15 @@ def detect(source: ByteSource) -> bool:
     return source.read(0, 8) == b"vhdxfile"
 
 
-def open(source: ByteSource, options: DiskOptions) -> DiskImage:
-    return VhdxImage(source, options, ())
+def open(source: ByteSource, options: DiskOptions) -> DiskImage:  # noqa: A001 (reader interface)
+    return open_in_chain(source, options, lambda: VhdxImage(source, options))
 
 
-class VhdxImage(MappedImage):
-    def __init__(self, source: ByteSource, options: DiskOptions, chain: tuple) -> None:
-        self.source = source
-        self.name = source.name
-        self._sources = [source]
-        self.parent = None
-        chain = check_chain(source, options, chain)
+class VhdxImage(MappedDisk):
+    """The virtual disk of a fixed, dynamic or differencing VHDX."""
+
+    def __init__(self, source: ByteSource, options: DiskOptions) -> None:
+        super().__init__(source)
         self.warnings: list[str] = []
         self._read_header()
         regions = self._read_regions()
@@ -181,7 +179,7 @@ class VhdxImage(MappedImage):
                           in (FULLY_PRESENT, PARTIALLY_PRESENT))
             self.info.allocated_size = present * self.block_size
         if self.has_parent:
-            self._open_parent(options, chain)
+            self._open_parent(options)
 
     # --- structures -----------------------------------------------------------
 
@@ -295,7 +293,7 @@ class VhdxImage(MappedImage):
             if sys.byteorder == "big":
                 entries.byteswap()
             return entries
-        entries = self._bat_pages.get_or(page, load)
+        entries = self._bat_pages.get(page, load)
         i = index % BAT_PAGE
         return entries[i] if i < len(entries) else None
 
@@ -320,7 +318,7 @@ class VhdxImage(MappedImage):
             out[key] = value
         return out
 
-    def _open_parent(self, options: DiskOptions, chain: tuple) -> None:
+    def _open_parent(self, options: DiskOptions) -> None:
         entries = self._locator_entries()
         names = []
         if options.backing:
@@ -336,32 +334,14 @@ class VhdxImage(MappedImage):
             names = list(dict.fromkeys(names))
         if not names:
             raise self._err("differencing VHDX's parent locator names no file")
-        last: RescueError | None = None
-        for name in names:
-            try:
-                src = open_sibling(self.source, name, "parent VHDX")
-            except RescueError as e:
-                last = e
-                continue
-            try:
-                sub = dataclasses.replace(options, backing=None)
-                self.parent = VhdxImage(src, sub, chain) if detect(src) else RawDisk(src)
-            except BaseException:
-                close_quietly(src)
-                raise
-            break
-        if self.parent is None:
-            shown = entries.get("relative_path") or entries.get("absolute_win32_path") or names[0]
-            raise DiskFormatError(f"parent VHDX '{shown}' not found (tried "
-                                  f"{', '.join(repr(n) for n in names)})", file=self.name,
-                                  hint="put the parent next to this file or use --backing PATH") from last
+        self.backing = open_parent(self, names, "parent VHDX", options, detect, open)
         linkage = entries.get("parent_linkage", "").strip("{}").lower()
-        if isinstance(self.parent, VhdxImage) and linkage:
-            got = str(uuid.UUID(bytes_le=self.parent.header.data_write_guid))
+        if isinstance(self.backing, VhdxImage) and linkage:
+            got = str(uuid.UUID(bytes_le=self.backing.header.data_write_guid))
             if got != linkage:
                 self.warnings.append(f"parent's DataWriteGuid {got} differs from parent_linkage "
                                      f"{linkage}: the parent changed after this disk was made")
-        self.info.backing_chain = [self.parent.name] + list(self.parent.info.backing_chain)
+        self.info.backing_chain = self.backing_chain()
 
     # --- mapping ------------------------------------------------------------
 
@@ -379,11 +359,11 @@ class VhdxImage(MappedImage):
             if len(raw) != per_block // 8:
                 return f"sector bitmap of block {block} lies past the end of the file"
             return bitmap_runs(raw, per_block, lsb_first=True)
-        return self._bitmaps.get_or(block, load)
+        return self._bitmaps.get(block, load)
 
-    def _pieces(self, offset: int, length: int) -> Iterator[Piece]:
+    def _map(self, offset: int, length: int) -> Iterator[Piece]:
         bs = self.block_size
-        absent = PARENT if self.has_parent else ZERO
+        absent = BACKING if self.has_parent else ZERO
         end = offset + length
         pos = offset
         while pos < end:
@@ -393,23 +373,23 @@ class VhdxImage(MappedImage):
             state = None if entry is None else entry & STATE_MASK
             host = 0 if entry is None else entry >> 20 << 20
             if entry is None:
-                yield Piece(DAMAGED, pos, n, None, f"BAT entry for block {block} lies past the end of the file")
+                yield Piece(pos, n, DAMAGED, f"BAT entry for block {block} lies past the end of the file")
             elif state == NOT_PRESENT:
-                yield Piece(absent, pos, n)
+                yield Piece(pos, n, absent)
             elif state in (UNDEFINED, BLOCK_ZERO, UNMAPPED):
-                yield Piece(ZERO, pos, n)
+                yield Piece(pos, n, ZERO)
             elif state == FULLY_PRESENT or (state == PARTIALLY_PRESENT and not self.has_parent):
-                yield Piece(DATA, pos, n, self.source, host + within)
+                yield Piece(pos, n, DATA, host + within)
             elif state == PARTIALLY_PRESENT:
                 bruns = self._sector_runs(block)
                 base = block * bs
                 if isinstance(bruns, str):
-                    yield Piece(DAMAGED, pos, n, None, bruns)
+                    yield Piece(pos, n, DAMAGED, bruns)
                 else:
                     yield from bitmap_pieces(
                         bruns, self.sector_size, base, within, n,
-                        lambda v, ln: Piece(DATA, v, ln, self.source, host + v - base),
-                        lambda v, ln: Piece(PARENT, v, ln))
+                        lambda v, ln: Piece(v, ln, DATA, host + v - base),
+                        lambda v, ln: Piece(v, ln, BACKING))
             else:
-                yield Piece(DAMAGED, pos, n, None, f"BAT entry for block {block} has unknown state {state}")
+                yield Piece(pos, n, DAMAGED, f"BAT entry for block {block} has unknown state {state}")
             pos += n

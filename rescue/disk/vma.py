@@ -31,7 +31,7 @@ from construct import Array, Bytes, Const, ConstructError, Int32ub, Int64sb, Int
 from ..errors import DiskFormatError
 from ..source.base import ByteSource
 from .base import DiskInfo, DiskOptions
-from .blockmap import bitmap_runs
+from .bitmaps import bitmap_runs
 from .mapping import DAMAGED, DATA, ZERO, ExtentBuilder, MappedDisk
 
 BLOCK = 4096
@@ -94,9 +94,7 @@ def _mask_runs(mask: int) -> tuple[tuple[int, int, int], ...]:
 
 class VmaDisk(MappedDisk):
     def __init__(self, source: ByteSource, device: str | None = None) -> None:
-        self.source = self.data_source = source
-        self.name = source.name
-        self.backing = None
+        super().__init__(source)
         h, raw = self._header()
         blob = raw[h.blob_buffer_offset:h.blob_buffer_offset + h.blob_buffer_size]
         configs = []
@@ -133,7 +131,7 @@ class VmaDisk(MappedDisk):
         self.truncated = False
         self.index = self._scan(h.header_size, warnings)
         self.span = TABLE_CLUSTERS * CLUSTER
-        self._init_caches(TABLE_CLUSTERS)
+        self._init_table_cache(TABLE_CLUSTERS)
         self.info = DiskInfo(
             format="vma", subformat=f"device {self.dev_id} ({self.device_name})", virtual_size=self.size,
             allocated_size=source.size, cluster_size=CLUSTER, warnings=warnings,

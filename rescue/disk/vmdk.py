@@ -18,19 +18,18 @@ from __future__ import annotations
 
 import array
 import bisect
-import dataclasses
 import re
 import sys
 import zlib
-from typing import Iterator
+from typing import Any, Iterator
 
 from construct import Bytes, Const, Int8ul, Int16ul, Int32ul, Int64ul, Struct
 
 from ..errors import DamagedRange, DiskFormatError, UnsupportedFeature
 from ..source.base import ByteSource
-from .base import DiskImage, DiskInfo, DiskOptions, RawDisk
-from .blockmap import (DAMAGED, DATA, PARENT, ZERO, LRU, MappedImage, Piece, check_chain,
-                       close_quietly, open_sibling)
+from .base import DiskImage, DiskInfo, DiskOptions
+from .chain import open_in_chain, open_parent, open_sibling
+from .mapping import BACKING, COMPRESSED, DAMAGED, DATA, LRU, ZERO, MappedDisk, Piece
 
 # Virtual Disk Format 5.0, "Hosted Sparse Extent Header" (little-endian).
 SparseExtentHeader = Struct(
@@ -135,8 +134,8 @@ def detect(source: ByteSource) -> bool:
     return source.size <= MAX_DESCRIPTOR and _is_descriptor(head)
 
 
-def open(source: ByteSource, options: DiskOptions) -> DiskImage:
-    return VmdkImage(source, options, ())
+def open(source: ByteSource, options: DiskOptions) -> DiskImage:  # noqa: A001 (reader interface)
+    return open_in_chain(source, options, lambda: VmdkImage(source, options))
 
 
 def parse_descriptor(text: str, name: str) -> tuple[dict[str, str], list[tuple]]:
@@ -167,12 +166,12 @@ class FlatExtent:
         self.base = offset_sectors * SECTOR
 
     def pieces(self, voff: int, off: int, length: int) -> Iterator[Piece]:
-        yield Piece(DATA, voff, length, self.src, self.base + off)
+        yield Piece(voff, length, DATA, self.base + off, self.src)
 
 
 class ZeroExtent:
     def pieces(self, voff: int, off: int, length: int) -> Iterator[Piece]:
-        yield Piece(ZERO, voff, length)
+        yield Piece(voff, length, ZERO)
 
 
 class SparseExtent:
@@ -360,7 +359,7 @@ class SparseExtent:
             if sys.byteorder == "big":
                 t.byteswap()
             return t
-        return self._tables.get_or(idx, load)
+        return self._tables.get(idx, load)
 
     def pieces(self, voff: int, off: int, length: int) -> Iterator[Piece]:
         g = self.grain
@@ -369,10 +368,10 @@ class SparseExtent:
         pos = off
         while pos < end:
             if pos >= self.capacity:
-                yield Piece(ZERO, voff + pos - off, end - pos)
+                yield Piece(voff + pos - off, end - pos, ZERO)
                 return
             if pos >= self.lost_from:
-                yield Piece(DAMAGED, voff + pos - off, min(end, self.capacity) - pos, None,
+                yield Piece(voff + pos - off, min(end, self.capacity) - pos, DAMAGED,
                             "lost: the streamOptimized file ends before this grain")
                 pos = min(end, self.capacity)
                 continue
@@ -386,24 +385,24 @@ class SparseExtent:
                 n = min(g - within, stop - pos)
                 v = voff + pos - off
                 if table is None:
-                    yield Piece(PARENT, v, stop - pos)
+                    yield Piece(v, stop - pos, BACKING)
                     pos = stop
                     break
                 if isinstance(table, str):
-                    yield Piece(DAMAGED, v, stop - pos, None, table)
+                    yield Piece(v, stop - pos, DAMAGED, table)
                     pos = stop
                     break
                 entry = table[gi % self.gtes]
                 if self.kind == "SESPARSE":
                     yield self._se_piece(entry, v, n, within)
                 elif entry == 0:
-                    yield Piece(PARENT, v, n)
+                    yield Piece(v, n, BACKING)
                 elif entry == 1 and zero_grain:
-                    yield Piece(ZERO, v, n)
-                elif self.compressed:
-                    yield Piece("grain", v, n, self.src, (entry * SECTOR, within, gi))
+                    yield Piece(v, n, ZERO)
+                elif self.compressed:   # unit: (this extent, marker offset, grain number)
+                    yield Piece(v, n, COMPRESSED, ((self, entry * SECTOR, gi), within))
                 else:
-                    yield Piece(DATA, v, n, self.src, entry * SECTOR + within)
+                    yield Piece(v, n, DATA, entry * SECTOR + within, self.src)
                 pos += n
 
     def _se_piece(self, entry: int, v: int, n: int, within: int) -> Piece:
@@ -411,13 +410,13 @@ class SparseExtent:
         2 zero, 3 allocated (grain number split over the remaining bits)."""
         top = entry >> 60
         if entry == 0:
-            return Piece(PARENT, v, n)
+            return Piece(v, n, BACKING)
         if top in (1, 2):
-            return Piece(ZERO, v, n)
+            return Piece(v, n, ZERO)
         if top == 3:
             grain = ((entry & 0x0FFF000000000000) >> 48) | ((entry & 0x0000FFFFFFFFFFFF) << 12)
-            return Piece(DATA, v, n, self.src, self.grains_base + grain * self.grain + within)
-        return Piece(DAMAGED, v, n, None, f"seSparse grain table entry {entry:#x} is invalid")
+            return Piece(v, n, DATA, self.grains_base + grain * self.grain + within, self.src)
+        return Piece(v, n, DAMAGED, f"seSparse grain table entry {entry:#x} is invalid")
 
     def _inflate(self, data: bytes) -> bytes:
         for wbits in (15, -15):     # zlib stream (VMware, qemu); raw deflate as fallback
@@ -428,22 +427,18 @@ class SparseExtent:
                 err = e
         raise ValueError(f"compressed grain does not inflate ({err})")
 
-    def read_grain(self, host: int, gi: int) -> bytes:
+    def read_grain(self, host: int) -> bytes:
         """The inflated grain whose marker is at `host`. With markers, one read
         of a window also inflates the grains that follow it in the file (a
         stream is written in LBA order), so a sequential read does one pread
         per window rather than per grain."""
-        got = self._grains.get(host)
-        if got is not None:
-            self._grains.move_to_end(host)
-            return got
+        if host in self._grains:
+            return self._grains.get(host, bytes)
         if not self.markers:
-            got = self._inflate(self.src.read(host, 2 * self.grain + 12))
-            self._grains.get_or(host, lambda: got)
-            return got
+            return self._grains.get(host, lambda: self._inflate(self.src.read(host, 2 * self.grain + 12)))
         window = self.src.read(host, max(2 * self.grain + 12, STREAM_WINDOW))
         pos, first, count = 0, None, 0
-        while pos + 12 <= len(window) and count < self._grains.limit // 2:
+        while pos + 12 <= len(window) and count < self._grains.capacity // 2:
             # GrainMarker: lba (u64) and size (u32), read inline on this hot path
             size = int.from_bytes(window[pos + 8:pos + 12], "little")
             if size == 0 or pos + 12 + size > len(window):
@@ -456,11 +451,9 @@ class SparseExtent:
                 break
             if first is None:
                 first = out
-            self._grains[host + pos] = out
+            self._grains.put(host + pos, out)
             count += 1
             pos = (pos + 12 + size + SECTOR - 1) // SECTOR * SECTOR
-        while len(self._grains) > self._grains.limit:
-            self._grains.popitem(last=False)
         if first is None:
             size = int.from_bytes(window[8:12], "little") if len(window) >= 12 else None
             raise ValueError(f"grain marker size {size} is impossible" if size is not None
@@ -471,19 +464,16 @@ class SparseExtent:
 # --- the image ------------------------------------------------------------------
 
 
-class VmdkImage(MappedImage):
-    def __init__(self, source: ByteSource, options: DiskOptions, chain: tuple) -> None:
-        self.source = source
-        self.name = source.name
-        self._sources = []          # extent files we opened
-        self.parent = None
-        self.chain = check_chain(source, options, chain)
+class VmdkImage(MappedDisk):
+    """A VMDK disk: its extents laid end to end, over its parent for a delta disk."""
+
+    def __init__(self, source: ByteSource, options: DiskOptions) -> None:
+        super().__init__(source)
         try:
             self._open(source, options)
         except BaseException:
-            self.close()            # what we opened; the caller closes `source`
+            self.close_opened()     # extent files and parents; the caller closes `source`
             raise
-        self._sources.insert(0, source)   # from now on close() closes it too, like RawDisk
 
     def _open(self, source: ByteSource, options: DiskOptions) -> None:
         head = source.read(0, 4096)
@@ -548,7 +538,7 @@ class VmdkImage(MappedImage):
                 raise DiskFormatError(f"{kind} extent line has no file name", file=self.name)
             src = open_sibling(source, fname, "VMDK extent file",
                                hint="copy every file the descriptor lists next to it")
-            self._sources.append(src)
+            self.extra_sources.append(src)
             if kind in ("FLAT", "VMFS", "VMFSRDM", "VMFSRAW"):
                 self._add(FlatExtent(src, off), size)
             else:
@@ -565,31 +555,14 @@ class VmdkImage(MappedImage):
         else:   # the hint may be an absolute path from the VMware host: try its file name too
             name = name.replace("\\", "/")
             names = list(dict.fromkeys([name, name.rsplit("/", 1)[-1]]))
-        src = None
-        for i, candidate in enumerate(names):
-            try:
-                src = open_sibling(self.source, candidate, "parent VMDK",
-                                   hint="put the parent next to this file or use --backing PATH")
-                break
-            except DiskFormatError:
-                if i == len(names) - 1:
-                    raise
-        try:
-            sub = dataclasses.replace(options, backing=None)
-            if detect(src):
-                self.parent = VmdkImage(src, sub, self.chain)
-            else:
-                self.parent = RawDisk(src)
-        except BaseException:
-            close_quietly(src)
-            raise
-        pcid = self.parent.info.details.get("cid") if isinstance(self.parent, VmdkImage) else None
+        self.backing = open_parent(self, names, "parent VMDK", options, detect, open)
+        pcid = self.backing.info.details.get("cid") if isinstance(self.backing, VmdkImage) else None
         if pcid and parent_cid != "ffffffff" and pcid.lower() != parent_cid:
             self.info.warnings.append(f"parent CID {pcid} differs from parentCID {parent_cid}: "
                                       "the parent changed after this delta disk was made")
-        self.info.backing_chain = [self.parent.name] + list(self.parent.info.backing_chain)
+        self.info.backing_chain = self.backing_chain()
 
-    def _pieces(self, offset: int, length: int) -> Iterator[Piece]:
+    def _map(self, offset: int, length: int) -> Iterator[Piece]:
         end = offset + length
         i = bisect.bisect_right(self.starts, offset) - 1
         pos = offset
@@ -602,11 +575,14 @@ class VmdkImage(MappedImage):
                 pos += n
             i += 1
 
-    def _read_special(self, p: Piece) -> bytes:
-        host, within, gi = p.host
-        ext = next(e for _, e in self.extents if isinstance(e, SparseExtent) and e.src is p.src)
-        try:
-            grain = ext.read_grain(host, gi)
-        except ValueError as e:
-            raise DamagedRange(f"{self.name}: grain {gi} at offset {host}: {e}") from None
-        return grain[within:within + p.length]
+    def _inflate_units(self, units: list) -> dict[Any, bytes]:
+        """Compressed grains come from their extent, which reads a stream's
+        grains a window at a time (units are in disk order: file order)."""
+        out = {}
+        for unit in units:
+            extent, host, grain_no = unit
+            try:
+                out[unit] = extent.read_grain(host)
+            except ValueError as e:
+                raise DamagedRange(f"{self.name}: grain {grain_no} at offset {host}: {e}") from None
+        return out
