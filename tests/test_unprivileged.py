@@ -115,10 +115,10 @@ class World:
         return {**self.env, "HOME": str(home), "XDG_CACHE_HOME": str(home / ".cache"), "TMPDIR": str(home / "tmp")}
 
     def _run(self, prefix: list[str], home: Path, args: list[str], target: Path | None,
-             timeout: float) -> subprocess.CompletedProcess:
+             timeout: float, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
         before = _inventory(self.base, [p for p in (target, home / ".cache") if p is not None])
         res = subprocess.run([*prefix, self.python, "-m", "rescue", *map(str, args)], capture_output=True,
-                             env=self._env(home), cwd=home, timeout=timeout)
+                             env={**self._env(home), **(env or {})}, cwd=home, timeout=timeout)
         for snap, seal in self.seals.items():
             assert (sha256_file(snap), snap.stat().st_mtime_ns) == seal, f"{snap} changed: rescue {args}"
         after = _inventory(self.base, [p for p in (target, home / ".cache") if p is not None])
@@ -126,9 +126,10 @@ class World:
         assert not changed, f"rescue {' '.join(map(str, args))} wrote outside its target: {changed}"
         return res
 
-    def user(self, *args, target: Path | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
+    def user(self, *args, target: Path | None = None, timeout: float = 120,
+             env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
         """The CLI as the unprivileged user; `target` is the one place it may write."""
-        return self._run(self.prefix, self.home, list(args), target, timeout)
+        return self._run(self.prefix, self.home, list(args), target, timeout, env)
 
     def root(self, *args, target: Path | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
         """The same command as the test's own user (root in CI), for reference."""
@@ -234,6 +235,9 @@ def test_archive_snapshot_keeps_its_seek_index_in_the_users_cache(world):
     assert all(p.stat().st_uid == world.ids[0] for p in cached)
     again = _ok(world.user("ls", snap, "/etc"))          # served from the index now
     assert b"fstab" in again.stdout
+    # a service account's HOME may not exist: no cache then, the same answer
+    homeless = _ok(world.user("cat", snap, "/etc/fstab", env={"HOME": "/nonexistent", "XDG_CACHE_HOME": ""}))
+    assert homeless.stdout == T.FSTAB
 
 
 def test_http_source_reads_the_same_for_a_user(world):
