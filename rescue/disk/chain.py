@@ -68,17 +68,25 @@ def open_parent(child: DiskImage, names: list[str], what: str, options: DiskOpti
         except RescueError as e:
             tried = e
             continue
-        try:
-            if detect(src):
-                return open_image(src, dataclasses.replace(options, backing=None))
-            return RawDisk(src)
-        except BaseException:
-            close_quietly(src)
-            raise
+        return open_as_parent(src, options, open_image if detect(src) else None)
     if len(names) == 1 and tried is not None:
         raise tried
     raise DiskFormatError(f"{what} not found (tried {', '.join(repr(n) for n in names)})",
                           file=child.name, hint=hint) from tried
+
+
+def open_as_parent(src: ByteSource, options: DiskOptions,
+                   open_image: Callable[[ByteSource, DiskOptions], DiskImage] | None = None) -> DiskImage:
+    """`src` opened as a parent image with `open_image`, else as a raw disk;
+    closed again if that fails. --backing and --snapshot are the child's
+    choices, so they are not passed up the chain."""
+    if open_image is None:
+        return RawDisk(src)
+    try:
+        return open_image(src, dataclasses.replace(options, backing=None, snapshot=None))
+    except BaseException:
+        close_quietly(src)
+        raise
 
 
 def close_quietly(source: ByteSource | DiskImage | None) -> None:

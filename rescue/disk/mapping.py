@@ -1,4 +1,5 @@
-"""The one read path of the disk layer: every container reader is a MappedDisk.
+"""The one read path of the disk layer: every container that maps its virtual
+disk onto files (all but raw disks and Parallels bundles) is a MappedDisk.
 
 A reader only says where each piece of the virtual disk lives, in one of two
 ways:
@@ -135,7 +136,7 @@ class LRU:
 
 
 class MappedDisk(DiskImage):
-    """Base of every container reader: resolves requests into merged pieces
+    """Base of the container readers: resolves requests into merged pieces
     and serves them.
 
     A subclass calls `super().__init__(source)`, sets size and info, and either
@@ -153,7 +154,7 @@ class MappedDisk(DiskImage):
     _clusters: LRU | None = None
 
     def __init__(self, source: ByteSource) -> None:
-        self.source: ByteSource | None = source
+        self.source: ByteSource | None = source   # the image file itself
         self.data_source: ByteSource = source   # where DATA pieces without a `source` live
         self.name = source.name
         self.backing: Any = None                # a DiskImage or byte source, or None
@@ -212,7 +213,9 @@ class MappedDisk(DiskImage):
     def pieces(self, offset: int, length: int) -> Iterator[Piece]:
         """The request as maximal pieces: neighbours of one kind are merged,
         data only when it continues in the same file."""
-        length = self._clamp(offset, length)
+        return self._merged(offset, self._clamp(offset, length))
+
+    def _merged(self, offset: int, length: int) -> Iterator[Piece]:
         pend: Piece | None = None
         for p in self._map(offset, length):
             if p.length <= 0:
@@ -232,9 +235,12 @@ class MappedDisk(DiskImage):
     # -- the byte-source interface --------------------------------------------
 
     def read(self, offset: int, length: int) -> bytes:
-        if self._clamp(offset, length) == 0:
+        length = self._clamp(offset, length)
+        if length == 0:
             return b""
-        pieces = list(self.pieces(offset, length))
+        pieces = list(self._merged(offset, length))
+        if len(pieces) == 1 and pieces[0].kind == DATA:   # most small reads: one stored run
+            return self._read_data(pieces[0])
         units = list(dict.fromkeys(p.where[0] for p in pieces if p.kind == COMPRESSED))
         inflated = self._inflate_units(units) if units else {}
         parts = []

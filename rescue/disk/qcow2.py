@@ -18,7 +18,6 @@ import sys
 import threading
 import zlib
 from array import array
-from dataclasses import replace
 from typing import Any
 
 from construct import (Bytes, Const, ConstructError, If, Int8ub, Int16ub, Int32ub, Int64ub,
@@ -26,8 +25,8 @@ from construct import (Bytes, Const, ConstructError, If, Int8ub, Int16ub, Int32u
 
 from ..errors import DamagedRange, DiskFormatError, RescueError, UnsupportedFeature
 from ..source.base import ByteSource, open_relative
-from .base import DiskInfo, DiskOptions, RawDisk
-from .chain import open_in_chain
+from .base import DiskInfo, DiskOptions
+from .chain import open_as_parent, open_in_chain
 from .mapping import BACKING, COMPRESSED, DAMAGED, DATA, ZERO, ExtentBuilder, MappedDisk, read_exact_table
 
 MAGIC = b"QFI\xfb"
@@ -564,11 +563,4 @@ def _open_backing(child: Qcow2Disk, name: str, fmt: str, options: DiskOptions):
         raise DiskFormatError(f"backing file {shown!r} not found ({exc.one_line()})",
                               file=child.name,
                               hint="put the backing file next to the image or pass --backing PATH") from None
-    parent_options = replace(options, backing=None, snapshot=None)
-    try:
-        if fmt == "raw":
-            return RawDisk(src)
-        return open_disk(src, parent_options)
-    except BaseException:
-        src.close()
-        raise
+    return open_as_parent(src, options, None if fmt == "raw" else open_disk)

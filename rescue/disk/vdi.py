@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import os
 import uuid
-from dataclasses import replace
 from typing import Any
 
 from construct import Bytes, Const, ConstructError, Int32ul, Int64ul, Struct
@@ -25,7 +24,7 @@ from construct import Bytes, Const, ConstructError, Int32ul, Int64ul, Struct
 from ..errors import DiskFormatError, RescueError, UnsupportedFeature
 from ..source.base import ByteSource, FileSource
 from .base import DiskInfo, DiskOptions
-from .chain import open_in_chain
+from .chain import open_as_parent, open_in_chain
 from .mapping import BACKING, DATA, ZERO, ExtentBuilder, MappedDisk, read_u32le_table
 
 SIGNATURE = 0xBEDA107F
@@ -194,11 +193,7 @@ def _open_parent(child: VdiDisk, want: bytes, options: DiskOptions, warnings: li
                 f"differencing VDI: parent image with UUID {shown} not found next to it",
                 file=child.name, hint="pass the parent .vdi with --backing PATH (VirtualBox keeps it "
                 "in the VM folder, snapshots in its Snapshots/ folder)")
-    try:
-        return open_disk(src, replace(options, backing=None, snapshot=None))
-    except BaseException:
-        src.close()
-        raise
+    return open_as_parent(src, options, open_disk)
 
 
 def _uuid_of(src: ByteSource) -> bytes | None:
