@@ -209,6 +209,11 @@ class Snapshot:
             return VolumeError("no partitions or filesystems found", file=self.spec)
         if not any(c.volume.filesystem for c in cands):
             ids = ", ".join(v.id for v in self.volumes.volumes)
+            ends = [v.start + v.size for v in self.volumes.volumes]
+            if all(end > self.disk.size for end in ends):   # a disk head: the download was cut short
+                return VolumeError(f"the image is truncated: it ends at {self.disk.size} bytes but its partition "
+                                   f"table describes a disk of at least {max(ends)} bytes (volumes {ids} are cut off)",
+                                   file=self.spec, hint="download the snapshot again; `rescue download` resumes")
             return VolumeError(f"no filesystem found: the content of every volume ({ids}) is unrecognised",
                                file=self.spec, hint="is this the right disk? `rescue inspect` shows what was found")
         problems = "; ".join(c.error for c in cands if c.error)

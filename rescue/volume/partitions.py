@@ -2,7 +2,9 @@
 
 TSK gives the layout (including MBR extended/logical chains); the GPT entry
 array is read here too for what TSK does not report but /etc/fstab may use:
-the partition GUID (PARTUUID=) and type GUID. References: UEFI spec 2.10,
+the partition GUID (PARTUUID=) and type GUID. Where TSK refuses a table (a
+truncated disk head, GPT with 4 KiB sectors) the GPT or the MBR primaries are
+read here, so a cut-short download is reported as truncated, not as no disk. References: UEFI spec 2.10,
 chapter 5 (GPT); the MBR layout in sfdisk(8).
 """
 
@@ -11,7 +13,7 @@ from __future__ import annotations
 import uuid as uuid_mod
 
 import pytsk3
-from construct import Bytes, Const, Int32ul, Int64ul, Struct
+from construct import Bytes, Const, Int8ul, Int32ul, Int64ul, Struct
 
 from ..fs.tsk import TskImage
 from ..source.base import ByteSource, Window
@@ -65,27 +67,86 @@ GPT_TYPES = {
 }
 
 
-def _gpt_entries(disk: ByteSource, sector: int) -> dict[int, dict]:
-    """GPT entries keyed by first LBA (empty if the header is unreadable)."""
+def _gpt_table(disk: ByteSource, sector: int) -> list[tuple[int, object]]:
+    """(entry index, parsed entry) of the used GPT entries; [] if the header is unreadable."""
     try:
         header = GptHeader.parse(disk.read(sector, 92))
-    except Exception:
-        return {}
-    if header.entry_size < 128 or header.entry_size > 4096 or header.entry_count > 16384:
-        return {}
-    raw = disk.read(header.entries_lba * sector, header.entry_count * header.entry_size)
-    out = {}
+        if header.entry_size < 128 or header.entry_size > 4096 or header.entry_count > 16384:
+            return []
+        raw = disk.read(header.entries_lba * sector, header.entry_count * header.entry_size)
+    except Exception:   # no GPT, or a damaged range where it should be
+        return []
+    out = []
     for i in range(len(raw) // header.entry_size):
         e = GptEntry.parse(raw[i * header.entry_size:i * header.entry_size + 128])
-        if e.type_guid == bytes(16):
-            continue
-        name = e.name.decode("utf-16-le", "replace").split("\0", 1)[0].rstrip("\uffff")
-        out[e.first_lba] = {
-            "type_guid": str(uuid_mod.UUID(bytes_le=e.type_guid)),
-            "part_uuid": str(uuid_mod.UUID(bytes_le=e.part_guid)),
-            "name": name or None,
-        }
+        if e.type_guid != bytes(16):
+            out.append((i, e))
     return out
+
+
+def _gpt_info(e) -> dict:
+    name = e.name.decode("utf-16-le", "replace").split("\0", 1)[0].rstrip("\uffff")
+    return {
+        "type_guid": str(uuid_mod.UUID(bytes_le=e.type_guid)),
+        "part_uuid": str(uuid_mod.UUID(bytes_le=e.part_guid)),
+        "name": name or None,
+    }
+
+
+def _gpt_entries(disk: ByteSource, sector: int) -> dict[int, dict]:
+    """GPT entries keyed by first LBA (empty if the header is unreadable)."""
+    return {e.first_lba: _gpt_info(e) for _, e in _gpt_table(disk, sector)}
+
+
+MbrEntry = Struct(
+    "status" / Int8ul,
+    "chs_first" / Bytes(3),
+    "type" / Int8ul,
+    "chs_last" / Bytes(3),
+    "first_lba" / Int32ul,
+    "sectors" / Int32ul,
+)
+
+
+def _own_table(disk: ByteSource) -> tuple[str | None, list[Volume]]:
+    """The partition table read here, for disks TSK refuses: truncated disk heads whose
+    partitions end past the image (a download cut short), GPT with 4 KiB sectors.
+    GPT entries, else the four MBR primaries; nothing when neither is plausible."""
+    for sector in (512, 4096):
+        entries = [(i, e) for i, e in _gpt_table(disk, sector) if 0 < e.first_lba <= e.last_lba]
+        if entries:
+            volumes = []
+            for i, e in entries:
+                info = _gpt_info(e)
+                start, size = e.first_lba * sector, (e.last_lba - e.first_lba + 1) * sector
+                vol = Volume(id=str(i + 1), start=start, size=size,
+                             source=Window(disk, start, size, name=f"{disk.name} partition {i + 1}"),
+                             description=GPT_TYPES.get(info["type_guid"], info["name"] or info["type_guid"]))
+                vol.type_id, vol.part_uuid, vol.part_label = info["type_guid"], info["part_uuid"], info["name"]
+                volumes.append(vol)
+            return "gpt", volumes
+    try:
+        head = disk.read(0, 512)
+    except OSError:
+        return None, []
+    if len(head) < 512 or head[510:512] != b"\x55\xaa":
+        return None, []
+    parts = [(n + 1, MbrEntry.parse(head[446 + 16 * n:462 + 16 * n])) for n in range(4)]
+    parts = [(n, e) for n, e in parts if e.type and e.first_lba and e.sectors]
+    if not parts or any(e.status not in (0, 0x80) or e.type == 0xEE for _, e in parts):
+        return None, []
+    spans = sorted((e.first_lba, e.first_lba + e.sectors) for _, e in parts)
+    if any(a[1] > b[0] for a, b in zip(spans, spans[1:])):
+        return None, []     # overlapping entries: not a table we can trust
+    volumes = []
+    for n, e in parts:
+        start, size = e.first_lba * 512, e.sectors * 512
+        vol = Volume(id=str(n), start=start, size=size,
+                     source=Window(disk, start, size, name=f"{disk.name} partition {n}"),
+                     description=f"MBR type 0x{e.type:02x}")
+        vol.type_id = f"0x{e.type:02x}"
+        volumes.append(vol)
+    return "mbr", volumes
 
 
 def find_partitions(disk: ByteSource) -> tuple[str | None, list[Volume]]:
@@ -93,7 +154,7 @@ def find_partitions(disk: ByteSource) -> tuple[str | None, list[Volume]]:
     try:
         table = pytsk3.Volume_Info(TskImage(disk))
     except OSError:
-        return None, []
+        return _own_table(disk)
     vstype = int(table.info.vstype)
     kind = {int(pytsk3.TSK_VS_TYPE_DOS): "mbr", int(pytsk3.TSK_VS_TYPE_GPT): "gpt",
             int(pytsk3.TSK_VS_TYPE_BSD): "bsd", int(pytsk3.TSK_VS_TYPE_MAC): "apm",
@@ -127,4 +188,9 @@ def find_partitions(disk: ByteSource) -> tuple[str | None, list[Volume]]:
             vol.part_label = entry["name"]
             vol.description = GPT_TYPES.get(entry["type_guid"], entry["name"] or entry["type_guid"])
         volumes.append(vol)
+    if kind == "mbr" and volumes and all(v.type_id == "0xee" for v in volumes):
+        # Only a protective MBR: a GPT TSK did not find (4 KiB logical sectors).
+        own_kind, own = _own_table(disk)
+        if own_kind == "gpt":
+            return own_kind, own
     return kind, volumes
