@@ -56,10 +56,10 @@ def open_sibling(source: ByteSource, name: str, what: str, hint: str | None = No
 def open_parent(child: DiskImage, names: list[str], what: str, options: DiskOptions,
                 detect: Callable[[ByteSource], bool],
                 open_image: Callable[[ByteSource, DiskOptions], DiskImage]) -> DiskImage:
-    """Open the first of `names` found next to `child`'s file: with the child's
-    reader (`detect`, `open_image`) when it is of the child's format, else as a
-    raw disk (a flattened parent). --backing names the child's parent only, so
-    it is not passed further up."""
+    """Open the first of `names` found next to `child`'s file (VHD, VHDX and
+    VMDK locators give several guesses): with the child's reader (`detect`,
+    `open_image`) when it is of the child's format, else as a raw disk (a
+    flattened parent)."""
     hint = "put the parent next to this file or use --backing PATH"
     tried: RescueError | None = None
     for name in names:
