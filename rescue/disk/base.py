@@ -10,6 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
+from construct import Construct, ConstructError
+
+from ..errors import DiskFormatError
 from ..source.base import ByteSource, Run
 
 
@@ -39,6 +42,18 @@ class DiskInfo:
         out = {k: v for k, v in self.__dict__.items() if v not in (None, [], {})}
         out["virtual_size"] = self.virtual_size
         return out
+
+
+def parse_header(source: ByteSource, struct: Construct, what: str, offset: int = 0) -> Any:
+    """`struct` parsed from `source` at `offset`; a DiskFormatError naming
+    `what` ("VDI header") when the file is too short or the bytes do not parse."""
+    raw = source.read(offset, struct.sizeof())
+    if len(raw) < struct.sizeof():
+        raise DiskFormatError(f"{what} truncated: file is {source.size} bytes", file=source.name)
+    try:
+        return struct.parse(raw)
+    except ConstructError as exc:
+        raise DiskFormatError(f"{what} unreadable: {exc}", file=source.name) from None
 
 
 class DiskImage:

@@ -15,11 +15,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from construct import Bytes, ConstructError, Int32ul, Struct
+from construct import Bytes, Int32ul, Struct
 
 from ..errors import DiskFormatError, UnsupportedFeature
 from ..source.base import ByteSource
-from .base import DiskInfo, DiskOptions
+from .base import DiskInfo, DiskOptions, parse_header
 from .choices import no_choices
 from .bitmaps import bitmap_runs
 from .mapping import DATA, ZERO, ExtentBuilder, MappedDisk, read_u32le_table
@@ -67,13 +67,7 @@ def _bad(source: ByteSource, field: str, value: Any, why: str) -> DiskFormatErro
 class BochsDisk(MappedDisk):
     def __init__(self, source: ByteSource) -> None:
         super().__init__(source)
-        head = source.read(0, SECTOR)
-        if len(head) < Header.sizeof():
-            raise DiskFormatError(f"Bochs header truncated: file is {source.size} bytes", file=source.name)
-        try:
-            h = Header.parse(head)
-        except ConstructError as exc:
-            raise DiskFormatError(f"Bochs header unreadable: {exc}", file=source.name) from None
+        h = parse_header(source, Header, "Bochs header")
         subtype = _cstr(h.subtype).decode("ascii", "replace")
         if subtype != "Growing":
             raise UnsupportedFeature(f"Bochs redolog subtype {subtype!r}: only 'Growing' images are "

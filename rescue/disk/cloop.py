@@ -17,11 +17,11 @@ import zlib
 from array import array
 from typing import Any
 
-from construct import Bytes, ConstructError, Int32ub, Struct
+from construct import Bytes, Int32ub, Struct
 
 from ..errors import DamagedRange, DiskFormatError, UnsupportedFeature
 from ..source.base import ByteSource
-from .base import DiskInfo, DiskOptions
+from .base import DiskInfo, DiskOptions, parse_header
 from .choices import no_choices
 from .mapping import COMPRESSED, ExtentBuilder, MappedDisk, ZERO, read_exact_table
 
@@ -55,17 +55,12 @@ def _bad(source: ByteSource, field: str, value: Any, why: str) -> DiskFormatErro
 class CloopDisk(MappedDisk):
     def __init__(self, source: ByteSource) -> None:
         super().__init__(source)
-        head = source.read(0, Header.sizeof())
+        head = source.read(0, 128)
         if not head.startswith(PREAMBLE + V2):
             version = head[len(PREAMBLE):].split(b"\n", 1)[0].decode("ascii", "replace")
             raise UnsupportedFeature(f"cloop {version!r}: only the V2.0 format is read",
                                      file=source.name)
-        if len(head) < Header.sizeof():
-            raise DiskFormatError(f"cloop header truncated: file is {source.size} bytes", file=source.name)
-        try:
-            h = Header.parse(head)
-        except ConstructError as exc:
-            raise DiskFormatError(f"cloop header unreadable: {exc}", file=source.name) from None
+        h = parse_header(source, Header, "cloop header")
         bs = h.block_size
         if bs == 0 or bs % 512 or bs > MAX_BLOCK_SIZE:
             raise _bad(source, "block_size", bs, "must be a non-zero multiple of 512, up to 64 MiB")

@@ -28,7 +28,7 @@ from construct import Bytes, Const, ConstructError, Int32ul, Int64ul, Struct
 from ..errors import DiskFormatError, UnsupportedFeature
 from ..source.base import ByteSource
 from ..source.split import ConcatSource
-from .base import DiskImage, DiskInfo, DiskOptions, RawDisk
+from .base import DiskImage, DiskInfo, DiskOptions, RawDisk, parse_header
 from .chain import close_quietly, open_in_chain, open_sibling
 from .choices import no_choices
 from .mapping import BACKING, DATA, ExtentBuilder, MappedDisk, read_u32le_table
@@ -110,14 +110,7 @@ class ParallelsDisk(MappedDisk):
                  expect_size: int | None = None) -> None:
         super().__init__(source)
         self.backing = backing
-        head = source.read(0, Header.sizeof())
-        if len(head) < Header.sizeof():
-            raise DiskFormatError(f"Parallels header truncated: file is {source.size} bytes",
-                                  file=source.name)
-        try:
-            h = Header.parse(head)
-        except ConstructError as exc:
-            raise DiskFormatError(f"Parallels header unreadable: {exc}", file=source.name) from None
+        h = parse_header(source, Header, "Parallels header")
         if h.magic not in (MAGIC_V1, MAGIC_V2):
             raise _bad(source, "magic", h.magic, "not a Parallels expandable image")
         if h.version != 2:

@@ -19,11 +19,11 @@ import os
 import uuid
 from typing import Any
 
-from construct import Bytes, Const, ConstructError, Int32ul, Int64ul, Struct
+from construct import Bytes, Const, Int32ul, Int64ul, Struct
 
 from ..errors import DiskFormatError, RescueError, UnsupportedFeature
 from ..source.base import ByteSource, FileSource
-from .base import DiskInfo, DiskOptions
+from .base import DiskInfo, DiskOptions, parse_header
 from .chain import open_as_parent, open_in_chain
 from .mapping import BACKING, DATA, ZERO, ExtentBuilder, MappedDisk, read_u32le_table
 
@@ -91,14 +91,8 @@ class VdiDisk(MappedDisk):
     def __init__(self, source: ByteSource, options: DiskOptions | None = None) -> None:
         options = options or DiskOptions()
         super().__init__(source)
-        head = source.read(0, 72 + Header.sizeof())
-        if len(head) < 72 + Header.sizeof():
-            raise DiskFormatError(f"VDI header truncated: file is {source.size} bytes", file=source.name)
-        try:
-            pre = PreHeader.parse(head)
-            h = Header.parse(head[72:])
-        except ConstructError as exc:
-            raise DiskFormatError(f"VDI header unreadable: {exc}", file=source.name) from None
+        pre = parse_header(source, PreHeader, "VDI header")
+        h = parse_header(source, Header, "VDI header", offset=PreHeader.sizeof())
         if pre.version != VERSION_1_1:
             raise UnsupportedFeature(f"VDI header version {pre.version >> 16}.{pre.version & 0xFFFF}: "
                                      "only 1.1 is read", file=source.name)

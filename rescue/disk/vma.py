@@ -30,7 +30,7 @@ from construct import Array, Bytes, Const, ConstructError, Int32ub, Int64sb, Int
 
 from ..errors import DiskFormatError
 from ..source.base import ByteSource
-from .base import DiskInfo, DiskOptions
+from .base import DiskInfo, DiskOptions, parse_header
 from .bitmaps import bitmap_runs
 from .mapping import DAMAGED, DATA, ZERO, ExtentBuilder, MappedDisk
 
@@ -143,13 +143,7 @@ class VmaDisk(MappedDisk):
 
     def _header(self):
         src = self.source
-        head = src.read(0, Header.sizeof())
-        if len(head) < Header.sizeof():
-            raise DiskFormatError(f"VMA header truncated: file is {src.size} bytes", file=src.name)
-        try:
-            h = Header.parse(head)
-        except ConstructError as exc:
-            raise DiskFormatError(f"VMA header unreadable: {exc}", file=src.name) from None
+        h = parse_header(src, Header, "VMA header")
         if not Header.sizeof() <= h.header_size <= MAX_HEADER or h.header_size % 512:
             raise DiskFormatError(f"VMA header: header_size={h.header_size}: must be a multiple of 512, "
                                   f"{Header.sizeof()} .. {MAX_HEADER}", file=src.name)
