@@ -6,7 +6,7 @@ clear message, no traceback and no hang. Skipped when the folder is absent.
 
 Images are decompressed into sparse files; commands run two at a time with the
 TSK backend (this slice's reader; the libguestfs fallback boots an appliance).
-The malformed sweep has a time budget (SWEEP_BUDGET, default 100 s; set
+The malformed sweep has a time budget (SWEEP_BUDGET, default 60 s; set
 RESCUE_SWEEP_BUDGET=0 for no limit): known offenders go first, then the rest
 round-robin across source projects; what the budget left out is printed.
 All offenders are reported together."""
@@ -225,8 +225,6 @@ def test_normal_ext_fat_ntfs_images_open_extract_and_match_the_kernel(unpacked):
     assert not problems, "\n".join(problems)
 
 
-@pytest.mark.xfail(strict=True, reason="core perf reported: e2fsprogs/f_many_subdirs (145675 entries, 65000 "
-                   "subdirectories) extract takes > 200 s, fls -r 20 s; timeout here is 30 s")
 def test_malformed_and_unusual_images_end_cleanly(unpacked):
     """Every 'yes'/'edge' image (and normal images of filesystems this slice does not
     promise, e.g. btrfs, APFS): exit 0/1/2, no traceback, within the time limit."""

@@ -20,7 +20,6 @@ import logging
 import struct
 from collections import namedtuple
 from dataclasses import dataclass
-from typing import Callable
 
 from construct import Int8ul, Int16ul, Int32ul, Padding, Struct
 
@@ -32,7 +31,7 @@ log = logging.getLogger(__name__)
 
 SUPERBLOCK_OFFSET = 1024
 INODE_CHUNK = 64 * 1024       # inode table read in pieces of this size
-INODE_CHUNKS_CACHED = 32      # 2 MiB of inode table kept
+INODE_CHUNKS_CACHED = 256     # 16 MiB of inode table kept (a huge directory's inodes spread wide)
 EXT_MAGIC = 0xEF53
 EA_MAGIC = 0xEA020000
 
@@ -177,6 +176,9 @@ COMPAT_SPARSE_SUPER2 = 0x200
 BG_INODE_UNINIT = 0x1
 
 EXTENTS_FL = 0x80000
+INLINE_DATA_FL = 0x10000000
+INLINE_DATA_SIZE = 60            # i_block holds the first 60 bytes of inline data
+MAX_MAPPED_BLOCKS = 1 << 22      # block_runs() refuses longer files (metadata use only)
 EXTENT_MAGIC = 0xF30A
 MAX_EXTENT_DEPTH = 5
 
@@ -191,8 +193,21 @@ ExtentLeaf = Struct("ee_block" / Int32ul, "ee_len" / Int16ul, "ee_start_hi" / In
                     "ee_start_lo" / Int32ul)
 ExtentIndex = Struct("ei_block" / Int32ul, "ei_leaf_lo" / Int32ul, "ei_leaf_hi" / Int16ul,
                      Padding(2))
+# The same three for the block-mapping loop (a test checks they agree).
+_EXTENT_HEADER = struct.Struct("<HHHHI")
+_EXTENT_LEAF = struct.Struct("<IHHI")
+_EXTENT_INDEX = struct.Struct("<IIH2x")
 
-S_IFMT, S_IFCHR, S_IFBLK = 0o170000, 0o020000, 0o060000
+S_IFMT, S_IFCHR, S_IFBLK, S_IFDIR = 0o170000, 0o020000, 0o060000, 0o040000
+_U32_CACHE: dict[int, struct.Struct] = {}
+
+
+def _u32s(data: bytes) -> tuple[int, ...]:
+    n = len(data) // 4
+    fmt = _U32_CACHE.get(n)
+    if fmt is None:
+        fmt = _U32_CACHE[n] = struct.Struct(f"<{n}I")
+    return fmt.unpack_from(data)
 
 MAX_EA_VALUE = 64 << 20          # EA-inode values: the kernel's XATTR_SIZE_MAX is 64 KiB; be generous
 MAX_XATTRS = 65536
@@ -252,21 +267,16 @@ class ExtInodeReader:
     """Reads xattrs, device numbers and precise times of ext2/3/4 inodes.
 
     `source` is the filesystem's byte source (a partition window). Values stored in
-    EA inodes (ea_inode feature) are read through the EA inode's extent tree; for a
-    block-mapped EA inode (not made by Linux) `read_inode_data(ino, size)`, optional,
-    returns its first `size` bytes, e.g. the TSK backend may pass
-    `lambda ino, size: tsk_fs.open_meta(inode=ino).read_random(0, size)`;
-    without it such a value is skipped with a warning.
+    EA inodes (ea_inode feature) are read through the EA inode's extent tree or
+    block map (`block_runs`, which the directory reader uses too).
     """
 
-    def __init__(self, source: ByteSource,
-                 read_inode_data: Callable[[int, int], bytes] | None = None) -> None:
+    def __init__(self, source: ByteSource) -> None:
         self.source = source
         self.name = source.name
         self._last = None   # (ino, parsed) of the last inode asked for
         self._descs: dict[int, tuple[int, int, int]] = {}   # group -> (inode table, bitmap, flags)
         self._chunks: dict[int, bytes] = {}   # inode table pieces, oldest first
-        self.read_inode_data = read_inode_data
         raw = self._read(SUPERBLOCK_OFFSET, 1024, "superblock")
         if len(raw) < 1024:
             raise FilesystemError("too small for an ext superblock", file=self.name)
@@ -328,6 +338,14 @@ class ExtInodeReader:
             return self.source.read(offset, length)
         except DamagedRange as exc:
             raise FileReadError(f"{self.name}: {what} at byte {offset} is damaged: {exc}") from None
+
+    def read_blocks(self, block: int, count: int, what: str) -> bytes:
+        """`count` whole blocks from `block` on; FileReadError when damaged or
+        past the end of the image."""
+        data = self._read(block * self.block_size, count * self.block_size, what)
+        if len(data) < count * self.block_size:
+            raise FileReadError(f"{self.name}: {what}: block {block}+{count} is past the end of the image")
+        return data
 
     def _bg_has_super(self, group: int) -> bool:
         if group == 0:
@@ -470,6 +488,136 @@ class ExtInodeReader:
         # new_decode_dev: 12-bit major, 20-bit minor split around it
         return (new & 0xFFF00) >> 8, (new & 0xFF) | ((new >> 12) & 0xFFF00)
 
+    def inode(self, ino: int) -> _InodeFields:
+        """The inode's 128-byte core fields (i_mode, i_flags, i_block, ...)."""
+        return self._parse(ino)[1]
+
+    @staticmethod
+    def size_of(inode: _InodeFields) -> int:
+        return inode.i_size_lo | (inode.i_size_high << 32)
+
+    def block_runs(self, ino: int, size: int | None = None, what: str | None = None) -> list[tuple[int, int, int]]:
+        """(first logical block, first physical block, count) of every mapped
+        block of the inode below its i_size (or `size`), in logical order; holes
+        and unwritten extents are left out. For metadata-sized files (directories,
+        EA values): raises FileReadError for a damaged map or more than
+        MAX_MAPPED_BLOCKS blocks."""
+        inode = self.inode(ino)
+        what = what or f"{self.name}: inode {ino}"
+        size = self.size_of(inode) if size is None else size
+        nblocks = -(-size // self.block_size)
+        if nblocks > MAX_MAPPED_BLOCKS:
+            raise FileReadError(f"{what}: {size} bytes are too many to map")
+        if inode.i_flags & INLINE_DATA_FL:
+            return []
+        runs: list[tuple[int, int, int]] = []
+        if inode.i_flags & EXTENTS_FL:
+            self._extent_runs(self._parse(ino)[0][0x28:0x28 + 60], MAX_EXTENT_DEPTH, nblocks, runs, what, [0])
+            runs.sort()
+        else:
+            self._map_runs(inode.i_block, nblocks, runs, what)
+        merged: list[tuple[int, int, int]] = []
+        for lblk, pblk, count in runs:
+            if pblk == 0 or pblk + count > self.blocks_count:
+                raise FileReadError(f"{what}: block {pblk}+{count} is outside the filesystem "
+                                    f"({self.blocks_count} blocks)")
+            if merged and merged[-1][0] + merged[-1][2] > lblk:
+                raise FileReadError(f"{what}: logical block {lblk} is mapped twice")
+            if merged and merged[-1][0] + merged[-1][2] == lblk and merged[-1][1] + merged[-1][2] == pblk:
+                merged[-1] = (merged[-1][0], merged[-1][1], merged[-1][2] + count)
+            else:
+                merged.append((lblk, pblk, count))
+        return merged
+
+    def read_head(self, ino: int, size: int, what: str) -> bytes:
+        """The first `size` bytes of an inode's data (holes and unwritten
+        extents read as zeros): EA-inode values."""
+        out = bytearray(size)
+        bs = self.block_size
+        for lblk, pblk, count in self.block_runs(ino, size, what):
+            pos = lblk * bs
+            n = min(count * bs, size - pos)
+            out[pos:pos + n] = memoryview(self.read_blocks(pblk, count, what))[:n]
+        return bytes(out)
+
+    def _extent_runs(self, node: bytes, depth_left: int, nblocks: int, runs: list, what: str,
+                     visited: list[int]) -> None:
+        eh_magic, eh_entries, _, eh_depth, _ = _EXTENT_HEADER.unpack_from(node)
+        if eh_magic != EXTENT_MAGIC or 12 + eh_entries * 12 > len(node):
+            raise FileReadError(f"{what}: bad extent header (eh_magic={eh_magic:#x}, eh_entries={eh_entries})")
+        if eh_depth > depth_left:
+            raise FileReadError(f"{what}: extent tree eh_depth={eh_depth} too deep")
+        for i in range(eh_entries):
+            if eh_depth:
+                _, ei_leaf_lo, ei_leaf_hi = _EXTENT_INDEX.unpack_from(node, 12 + i * 12)
+                child = ei_leaf_lo | (ei_leaf_hi << 32)
+                if child == 0 or child >= self.blocks_count:
+                    raise FileReadError(f"{what}: extent index points at block {child}")
+                visited[0] += 1
+                if visited[0] > MAX_MAPPED_BLOCKS // 64:
+                    raise FileReadError(f"{what}: extent tree has too many index blocks")
+                block = self._read(child * self.block_size, self.block_size, f"{what} extent block")
+                if len(block) < self.block_size:
+                    raise FileReadError(f"{what}: extent block {child} is past the end of the image")
+                self._extent_runs(block, eh_depth - 1, nblocks, runs, what, visited)
+                continue
+            ee_block, ee_len, ee_start_hi, ee_start_lo = _EXTENT_LEAF.unpack_from(node, 12 + i * 12)
+            if ee_len > 32768 or ee_block >= nblocks:
+                continue   # unwritten (reads as zeros) or past i_size
+            count = min(ee_len, nblocks - ee_block)
+            if count:
+                runs.append((ee_block, ee_start_lo | (ee_start_hi << 32), count))
+            if len(runs) > MAX_MAPPED_BLOCKS:
+                raise FileReadError(f"{what}: more than {MAX_MAPPED_BLOCKS} extents")
+
+    def _map_runs(self, i_block, nblocks: int, runs: list, what: str) -> None:
+        """Classic block map: 12 direct pointers, then single, double and triple
+        indirect blocks (each a block of 32-bit pointers)."""
+        per = self.block_size // 4
+        for i in range(min(12, nblocks)):
+            if i_block[i]:
+                runs.append((i, i_block[i], 1))
+        lblk = 12
+        for level, top in ((1, i_block[12]), (2, i_block[13]), (3, i_block[14])):
+            span = per ** level
+            if lblk >= nblocks:
+                return
+            if top:
+                self._indirect_runs(top, level, lblk, nblocks, runs, what)
+            lblk += span
+
+    def _indirect_runs(self, block: int, level: int, lblk: int, nblocks: int, runs: list, what: str) -> None:
+        if block >= self.blocks_count:
+            raise FileReadError(f"{what}: indirect block {block} is outside the filesystem")
+        data = self._read(block * self.block_size, self.block_size, f"{what} indirect block")
+        if len(data) < self.block_size:
+            raise FileReadError(f"{what}: indirect block {block} is past the end of the image")
+        ptrs = _u32s(data)
+        span = (self.block_size // 4) ** (level - 1)
+        for i, ptr in enumerate(ptrs):
+            first = lblk + i * span
+            if first >= nblocks:
+                return
+            if not ptr:
+                continue
+            if level == 1:
+                runs.append((first, ptr, 1))
+            else:
+                self._indirect_runs(ptr, level - 1, first, nblocks, runs, what)
+
+    def inline_data(self, ino: int) -> bytes:
+        """An inline-data inode's bytes: the 60 bytes of i_block, then the value
+        of its in-inode `system.data` attribute (fs/ext4/inline.c)."""
+        raw, _, extra_isize, _ = self._parse(ino)
+        data = raw[0x28:0x28 + INLINE_DATA_SIZE]
+        found: dict[str, bytes] = {}
+        start = 128 + extra_isize
+        if self.inode_size > 128 and start + 4 <= self.inode_size and \
+                struct.unpack_from("<I", raw, start)[0] == EA_MAGIC:
+            area = raw[start + 4:]
+            self._parse_entries(area, 0, area, ino, "in-inode EA area", found, keep_data=True)
+        return data + found.get("system.data", b"")
+
     def xattrs(self, ino: int) -> dict[str, bytes]:
         """All extended attributes, named and valued as getxattr(2) on a mount shows
         them (POSIX ACLs converted to the kernel's xattr format; the inline-data
@@ -504,7 +652,7 @@ class ExtInodeReader:
         return found
 
     def _parse_entries(self, area: bytes, pos: int, values: bytes, ino: int, where: str,
-                       found: dict[str, bytes]) -> None:
+                       found: dict[str, bytes], keep_data: bool = False) -> None:
         """Walk ext4_xattr_entry records in `area` from `pos` until the 4 zero bytes;
         `values` is the buffer e_value_offs counts in (same buffer here in both cases)."""
         what = f"{self.name}: inode {ino}: {where}"
@@ -543,7 +691,7 @@ class ExtInodeReader:
                     raise FileReadError(f"{what}: {name}: value at {e.e_value_offs}+"
                                         f"{e.e_value_size} is outside the {len(values)}-byte area")
                 value = values[e.e_value_offs:end] if e.e_value_size else b""
-            if name == "system.data":
+            if name == "system.data" and not keep_data:
                 continue  # inline-data marker, not listed by the kernel
             if e.e_name_index in (2, 3):
                 try:
@@ -552,73 +700,6 @@ class ExtInodeReader:
                     raise FileReadError(f"{what}: {name}: {exc}") from None
             found[name] = value
 
-    def _read_extent_data(self, raw: bytes, size: int, what: str) -> bytes:
-        """The first `size` bytes of an extent-mapped inode (EA inodes are small:
-        one read per extent, holes and unwritten extents read as zeros)."""
-        out = bytearray(size)
-        nblocks = -(-size // self.block_size)
-
-        def walk(node: bytes, depth_left: int) -> None:
-            h = ExtentHeader.parse(node)
-            if h.eh_magic != EXTENT_MAGIC or 12 + h.eh_entries * 12 > len(node):
-                raise FileReadError(f"{what}: bad extent header (eh_magic={h.eh_magic:#x}, "
-                                    f"eh_entries={h.eh_entries})")
-            if h.eh_depth > depth_left:
-                raise FileReadError(f"{what}: extent tree eh_depth={h.eh_depth} too deep")
-            for i in range(h.eh_entries):
-                rec = node[12 + i * 12:24 + i * 12]
-                if h.eh_depth:
-                    ix = ExtentIndex.parse(rec)
-                    child = ix.ei_leaf_lo | (ix.ei_leaf_hi << 32)
-                    if child == 0 or child >= self.blocks_count:
-                        raise FileReadError(f"{what}: extent index points at block {child}")
-                    walk(self._read(child * self.block_size, self.block_size, what), h.eh_depth - 1)
-                    continue
-                leaf = ExtentLeaf.parse(rec)
-                length = leaf.ee_len if leaf.ee_len <= 32768 else leaf.ee_len - 32768
-                if leaf.ee_len > 32768 or leaf.ee_block >= nblocks:
-                    continue   # unwritten (reads as zeros) or past the value
-                length = min(length, nblocks - leaf.ee_block)
-                start = leaf.ee_start_lo | (leaf.ee_start_hi << 32)
-                if start == 0 or start + length > self.blocks_count:
-                    raise FileReadError(f"{what}: extent at block {start}+{length} is outside "
-                                        "the filesystem")
-                pos = leaf.ee_block * self.block_size
-                n = min(length * self.block_size, size - pos)
-                data = self._read(start * self.block_size, n, what)
-                if len(data) < n:
-                    raise FileReadError(f"{what}: extent at block {start} is past the end of "
-                                        "the image")
-                out[pos:pos + n] = data
-
-        walk(raw[0x28:0x28 + 60], MAX_EXTENT_DEPTH)
-        return bytes(out)
-
-    def _read_blockmap_data(self, raw: bytes, size: int, what: str) -> bytes:
-        """The first `size` bytes of a block-mapped inode, through the 12 direct
-        blocks and the single indirect block (enough for any EA value)."""
-        nblocks = -(-size // self.block_size)
-        ptrs = list(Inode.parse(raw).i_block[:12])
-        if nblocks > 12:
-            ind = Inode.parse(raw).i_block[12]
-            if ind == 0 or ind >= self.blocks_count:
-                raise FileReadError(f"{what}: indirect block {ind} is outside the filesystem")
-            blk = self._read(ind * self.block_size, self.block_size, what)
-            ptrs += struct.unpack(f"<{len(blk) // 4}I", blk[:len(blk) // 4 * 4])
-        out = bytearray(size)
-        for i in range(nblocks):   # at most a few dozen blocks: metadata, not the data path
-            b = ptrs[i] if i < len(ptrs) else 0
-            if b == 0:
-                continue            # hole
-            if b >= self.blocks_count:
-                raise FileReadError(f"{what}: block {b} is outside the filesystem")
-            n = min(self.block_size, size - i * self.block_size)
-            data = self._read(b * self.block_size, n, what)
-            if len(data) < n:
-                raise FileReadError(f"{what}: block {b} is past the end of the image")
-            out[i * self.block_size:i * self.block_size + n] = data
-        return bytes(out)
-
     def _ea_inode_value(self, value_ino: int, size: int, what: str, name: str) -> bytes | None:
         if not self.ea_inode:
             raise FileReadError(f"{what}: {name}: e_value_inum={value_ino} but the filesystem "
@@ -626,21 +707,4 @@ class ExtInodeReader:
         if size > MAX_EA_VALUE:
             raise FileReadError(f"{what}: {name}: EA inode value of {size} bytes is too large")
         self._check_ino(value_ino)
-        raw = self.raw_inode(value_ino)
-        where = f"{what}: {name}: EA inode {value_ino}"
-        if Inode.parse(raw).i_flags & EXTENTS_FL:
-            return self._read_extent_data(raw, size, where)
-        if -(-size // self.block_size) <= 12 + self.block_size // 4:
-            return self._read_blockmap_data(raw, size, where)
-        if self.read_inode_data is None:
-            log.warning("%s: %s is stored in EA inode %d, which this reader cannot read; "
-                        "skipped", what, name, value_ino)
-            return None
-        try:
-            value = self.read_inode_data(value_ino, size)
-        except (OSError, IOError) as exc:
-            raise FileReadError(f"{what}: {name}: EA inode {value_ino} unreadable: {exc}") from None
-        if len(value) != size:
-            raise FileReadError(f"{what}: {name}: EA inode {value_ino} gave {len(value)} bytes, "
-                                f"e_value_size={size}")
-        return value
+        return self.read_head(value_ino, size, f"{what}: {name}: EA inode {value_ino}")

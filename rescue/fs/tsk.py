@@ -8,7 +8,10 @@ times) comes from `ext_inode.ExtInodeReader` when that reader is present.
 
 from __future__ import annotations
 
+import logging
 import re
+import struct
+from collections import OrderedDict
 from types import MappingProxyType
 from typing import Iterator
 
@@ -18,7 +21,11 @@ from ..errors import FilesystemError, GuestPathError
 from ..source.base import ByteSource
 from .base import (BLOCK, CHAR, DIR, FIFO, FILE, SOCKET, SYMLINK, Entry, FileReadError, FileSystem, FsInfo,
                    normalize)
+from .ext_dir import FT_KIND, DirectoryDamaged, ExtDirReader
+from .ext_inode import ExtInodeReader
 from .probe import probe
+
+log = logging.getLogger(__name__)
 
 _META_KIND = {
     pytsk3.TSK_FS_META_TYPE_REG: FILE,
@@ -38,6 +45,8 @@ _NAME_KIND = {
     pytsk3.TSK_FS_NAME_TYPE_BLK: BLOCK,
     pytsk3.TSK_FS_NAME_TYPE_SOCK: SOCKET,
 }
+_EXT_KIND = {0o100000: FILE, 0o040000: DIR, 0o120000: SYMLINK, 0o010000: FIFO, 0o020000: CHAR,
+             0o060000: BLOCK, 0o140000: SOCKET}   # i_mode & S_IFMT
 _VIRTUAL_META = (int(pytsk3.TSK_FS_META_TYPE_VIRT), int(pytsk3.TSK_FS_META_TYPE_VIRT_DIR))
 # Entries TSK shows in a FAT/exFAT root that are directory records, not files.
 _FAT_LABEL_SUFFIX = " (Volume Label Entry)"
@@ -49,6 +58,8 @@ DIRECT_READ_TYPES = {"ext2", "ext3", "ext4", "vfat", "exfat", "ntfs"}
 DIRECT_CHUNK = 4 << 20
 _NO_XATTRS: dict[str, bytes] = MappingProxyType({})  # type: ignore[assignment]  # shared, read-only
 MAX_DIR_CACHE = 1_000_000   # directory paths remembered (metadata-sized)
+DIR_LISTINGS_CACHED = 4     # parsed ext directories kept for name lookups
+EXT_ROOT_INO = 2
 _RUN_HOLE = int(pytsk3.TSK_FS_ATTR_RUN_FLAG_SPARSE) | int(pytsk3.TSK_FS_ATTR_RUN_FLAG_FILLER)
 _DATA_ATTRS = (pytsk3.TSK_FS_ATTR_TYPE_DEFAULT, pytsk3.TSK_FS_ATTR_TYPE_NTFS_DATA,
                pytsk3.TSK_FS_ATTR_TYPE_HFS_DATA)
@@ -91,7 +102,9 @@ def _fs_type_name(ftype: int, probed: str | None) -> str:
 class TskFileSystem(FileSystem):
     backend = "tsk"
 
-    def __init__(self, source: ByteSource, name: str | None = None) -> None:
+    def __init__(self, source: ByteSource, name: str | None = None, native_dirs: bool = True) -> None:
+        """`native_dirs=False` lists ext directories with TSK too (the reference
+        the native reader is tested against)."""
         self.source = source
         self.name = name or source.name
         self._img = TskImage(source)
@@ -110,14 +123,14 @@ class TskFileSystem(FileSystem):
                            size=found.size or self.block_size * self.block_count, used=found.used,
                            free=found.free)
         self._ext = None
+        self._dirs = None   # native ext directory reader (TSK lists in O(n^2))
+        self._listings: OrderedDict[int, dict[bytes, tuple[int, int]]] = OrderedDict()   # for lookups
         if self.info.type.startswith("ext"):
             try:
-                from .ext_inode import ExtInodeReader
                 self._ext = ExtInodeReader(source)
-            except ImportError:
-                pass
+                self._dirs = ExtDirReader(self._ext) if native_dirs else None
             except Exception:   # a damaged superblock copy: TSK's view still works
-                self._ext = None
+                self._ext = self._dirs = None
         if self.info.type == "ntfs" and not self.info.label:
             self.info.label = self._ntfs_label()
         if self.info.type in ("vfat", "exfat"):
@@ -133,18 +146,155 @@ class TskFileSystem(FileSystem):
 
     def stat(self, path: str) -> Entry:
         path = normalize(path)
+        if self._dirs is not None:
+            found = self._ext_lookup(path)
+            if found is not None:
+                entry = self._ext_entry(path, found[0], found[1])
+                if entry is None:
+                    raise GuestPathError(f"no such file or directory: {path}", file=self.name)
+                return entry
         handle = self._open(path)
-        entry = self._entry(path, handle.info.meta, handle.info.name)
+        name_info = handle.info.name
+        entry = self._entry(path, handle.info.meta, _NAME_KIND.get(name_info.type) if name_info else None)
         if entry is None:
             raise GuestPathError(f"no such file or directory: {path}", file=self.name)
         return entry
 
+    # -- native ext directories ------------------------------------------------
+
+    def _ext_names(self, ino: int) -> dict[bytes, tuple[int, int]]:
+        """name -> (inode, file type) of an ext directory, parsed natively (a few kept: stat
+        after listdir, and lookups through a huge directory, ask again)."""
+        names = self._listings.get(ino)
+        if names is not None:
+            self._listings.move_to_end(ino)
+            return names
+        names = {}
+        for e in self._dirs.entries(ino):
+            names.setdefault(e.name, (e.inode, e.file_type))   # twin names: the first, as a lookup finds it
+        self._listings[ino] = names
+        if len(self._listings) > DIR_LISTINGS_CACHED:
+            self._listings.popitem(last=False)
+        return names
+
+    def _ext_lookup(self, path: str) -> tuple[int, str | None] | None:
+        """(inode, kind from the directory entry) of `path`, found through native
+        directory reads from the nearest directory already seen; None when a
+        directory on the way is damaged or unsupported (TSK then resolves it).
+        Raises GuestPathError when the path does not exist."""
+        if path == "/":
+            return EXT_ROOT_INO, DIR
+        parts = path[1:].split("/")
+        depth = len(parts) - 1
+        while depth > 0 and "/" + "/".join(parts[:depth]) not in self._dir_inodes:
+            depth -= 1
+        ino = self._dir_inodes["/" + "/".join(parts[:depth])] if depth else EXT_ROOT_INO
+        found: tuple[int, int] | None = None
+        try:
+            for i in range(depth, len(parts)):
+                if i > depth and not self._dirs.may_be_dir(ino):
+                    raise GuestPathError(f"no such file or directory: {path}", file=self.name)
+                found = self._ext_names(ino).get(parts[i].encode("utf-8", "surrogateescape"))
+                if found is None:
+                    raise GuestPathError(f"no such file or directory: {path}", file=self.name)
+                ino = found[0]
+        except (FileReadError, ValueError, struct.error) as exc:
+            log.debug("%s: %s: native lookup failed (%s); asking TSK", self.name, path, exc)
+            return None
+        assert found is not None
+        return found[0], FT_KIND.get(found[1])
+
+    def _ext_entry(self, path: str, ino: int, name_kind: str | None) -> Entry | None:
+        """The Entry `_entry` makes from TSK's inode view, made from our own parse
+        of the inode (TSK's open_meta and attribute access cost 20 us a name);
+        a differential test holds the two equal. An inode our parser rejects
+        is left to TSK, which shows what it can (or nothing, as its listing does)."""
+        ext = self._ext
+        try:
+            inode = ext.inode(ino)
+            times = ext.times(ino)
+        except (FileReadError, ValueError, struct.error) as exc:
+            log.debug("%s: %s: inode %d: %s; asking TSK", self.name, path, ino, exc)
+            return self._meta_entry(path, ino, name_kind)
+        kind = _EXT_KIND.get(inode.i_mode & 0o170000) or name_kind
+        if kind is None:
+            return None
+        entry = Entry(
+            path=path, kind=kind, mode=inode.i_mode & 0o7777, uid=inode.i_uid | (inode.l_i_uid_high << 16),
+            gid=inode.i_gid | (inode.l_i_gid_high << 16),
+            size=inode.i_size_lo | (inode.i_size_high << 32) if kind in (FILE, SYMLINK) else 0,
+            mtime_ns=times.mtime_ns, atime_ns=times.atime_ns, ctime_ns=times.ctime_ns,
+            nlink=inode.i_links_count, inode=ino,
+        )
+        if kind == SYMLINK:
+            try:
+                entry.link_target = self._link_target(self._fs.open_meta(inode=ino).info.meta, path)
+            except OSError:
+                entry.link_target = ""
+        elif kind in (CHAR, BLOCK):
+            entry.rdev = ext.rdev(ino)
+        try:   # the inode is parsed now anyway: its xattrs cost nothing more
+            found = ext.xattrs(ino)
+            entry.xattrs = found if found else _NO_XATTRS
+        except Exception:
+            pass   # left unloaded: xattrs() asks again and reports the damage
+        return entry
+
+    def _meta_entry(self, path: str, ino: int, name_kind: str | None) -> Entry | None:
+        try:
+            meta = self._fs.open_meta(inode=ino).info.meta
+        except OSError:
+            return None   # what TSK's own listing shows for an unloadable inode: nothing
+        return self._entry(path, meta, name_kind)
+
+    def _ext_listdir(self, path: str, ino: int, problems: list[str] | None = None) -> list[Entry]:
+        entries = self._dirs.entries(ino, problems)
+        out = []
+        prefix = path.rstrip("/") + "/"
+        for e in entries:
+            entry = self._ext_entry(prefix + e.name.decode("utf-8", "surrogateescape"), e.inode,
+                                     FT_KIND.get(e.file_type))
+            if entry is not None:
+                out.append(entry)
+                if entry.kind == DIR and len(self._dir_inodes) < MAX_DIR_CACHE:
+                    self._dir_inodes.setdefault(entry.path, entry.inode)
+        return out
+
     def listdir(self, path: str) -> list[Entry]:
         path = normalize(path)
+        inode = self._dir_inodes.get(path)
+        damaged = found = None
+        if self._dirs is not None:
+            try:
+                found = (inode, DIR) if inode is not None else self._ext_lookup(path)
+                if found is not None:
+                    if not self._dirs.may_be_dir(found[0]):
+                        raise GuestPathError(f"not a directory: {path}", file=self.name)
+                    return self._ext_listdir(path, found[0])
+            except GuestPathError:
+                raise
+            except DirectoryDamaged as exc:
+                # TSK's scan recovers names after the damage (and may add spurious ones)
+                log.warning("%s (directory %s); listed by The Sleuth Kit's scan instead", exc, path)
+                damaged = found[0]
+            except (FileReadError, ValueError, struct.error) as exc:
+                log.info("%s: %s: %s; listing it with The Sleuth Kit", self.name, path, exc)
+        try:
+            return self._tsk_listdir(path, found[0] if found is not None else inode)
+        except FileReadError:
+            if damaged is None:
+                raise
+        # TSK cannot list it either: the entries before each damaged spot, as the kernel shows
+        problems: list[str] = []
+        out = self._ext_listdir(path, damaged, problems)
+        for text in problems:
+            log.warning("%s (directory %s): the rest of that block skipped", text, path)
+        return out
+
+    def _tsk_listdir(self, path: str, inode: int | None) -> list[Entry]:
         try:
             # By inode when we have seen the directory: TSK resolves a path from
             # the root every time (4 ms a directory on NTFS).
-            inode = self._dir_inodes.get(path)
             directory = self._fs.open_dir(inode=inode) if inode is not None else self._fs.open_dir(path)
         except OSError as exc:
             if self.stat(path).kind != DIR:
@@ -166,7 +316,7 @@ class TskFileSystem(FileSystem):
                 name = raw.decode("utf-8", "surrogateescape")
                 if path == "/" and self._is_metadata_name(name):
                     continue
-                entry = self._entry(prefix + name, handle.info.meta, name_info)
+                entry = self._entry(prefix + name, handle.info.meta, _NAME_KIND.get(name_info.type))
                 if entry is not None:
                     out.append(entry)
                     if entry.kind == DIR and len(self._dir_inodes) < MAX_DIR_CACHE:
@@ -185,10 +335,12 @@ class TskFileSystem(FileSystem):
             return name.endswith(_FAT_LABEL_SUFFIX) or (kind == "exfat" and name in _EXFAT_RECORDS)
         return False
 
-    def _entry(self, path: str, meta, name_info) -> Entry | None:
+    def _entry(self, path: str, meta, name_kind: str | None) -> Entry | None:
+        """An Entry from TSK's inode view; `name_kind` (from the directory entry)
+        serves when the inode's mode has no known type."""
         if meta is None or int(meta.type) in _VIRTUAL_META:
             return None
-        kind = _META_KIND.get(meta.type) or _NAME_KIND.get(name_info.type if name_info else None)
+        kind = _META_KIND.get(meta.type) or name_kind
         if kind is None:
             return None
         inode = int(meta.addr)

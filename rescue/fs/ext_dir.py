@@ -1,0 +1,154 @@
+"""Native ext2/3/4 directory reader: the names in a directory inode.
+
+The Sleuth Kit checks every name it adds to a directory against all names
+already added, so listing a directory of n names costs O(n^2) (65 000 names:
+10 s), and it resolves each path from the root again. This reader parses the
+linear directory entries straight from the directory's blocks, found through
+`ExtInodeReader.block_runs` (extents or block map) or its inline data.
+
+Hashed (htree) directories are read linearly, as the kernel's readdir does:
+the index root hides inside the rec_len of "..", index nodes are one empty
+entry spanning the block, and metadata_csum tails are empty 12-byte entries.
+Anything the kernel would call corrupt (ext4_check_dir_entry) raises
+`DirectoryDamaged` naming the block, offset, field and value; encrypted
+directories raise `DirectoryUnsupported`. The TSK backend then lists that one
+directory with TSK, whose scan also recovers names after the damage.
+
+References:
+- Linux fs/ext4/ext4.h (struct ext4_dir_entry_2, EXT4_DIR_REC_LEN,
+  ext4_rec_len_from_disk, EXT4_FT_*), fs/ext4/dir.c (__ext4_check_dir_entry,
+  ext4_readdir: holes are skipped), fs/ext4/inline.c (ext4_read_inline_dir:
+  parent inode in the first 4 bytes of i_block, entries in the rest of i_block
+  and in the system.data attribute).
+- https://www.kernel.org/doc/html/latest/filesystems/ext4/directory.html
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import NamedTuple
+
+from construct import Int8ul, Int16ul, Int32ul, Struct
+
+from .base import BLOCK, CHAR, DIR, FIFO, FILE, SOCKET, SYMLINK, FileReadError
+from .ext_inode import INLINE_DATA_FL, INLINE_DATA_SIZE, S_IFDIR, S_IFMT, ExtInodeReader
+
+# struct ext4_dir_entry_2 (with the filetype feature); without it name_len is 16 bits.
+DirEntryHeader = Struct(
+    "inode" / Int32ul,
+    "rec_len" / Int16ul,
+    "name_len" / Int8ul,
+    "file_type" / Int8ul,
+)                                        # 8 bytes, then the name, padded to 4
+_HEADER = struct.Struct("<IHBB")         # the same, for the hot loop
+HEADER_SIZE = 8
+MIN_REC_LEN = 12                         # EXT4_DIR_REC_LEN(1)
+INCOMPAT_FILETYPE = 0x2
+ENCRYPT_FL = 0x800
+READ_CHUNK = 4 << 20                     # directory blocks read this many bytes at a time
+MAX_DIR_BYTES = 256 << 20                # larger directories are left to TSK (memory stays bounded)
+
+FT_KIND = {1: FILE, 2: DIR, 3: CHAR, 4: BLOCK, 5: FIFO, 6: SOCKET, 7: SYMLINK}
+
+
+class DirectoryDamaged(FileReadError):
+    """A directory block breaks the on-disk rules (the kernel would call it corrupt)."""
+
+
+class DirectoryUnsupported(FileReadError):
+    """A directory this reader does not decode (encrypted names)."""
+
+
+class DirEntry(NamedTuple):
+    name: bytes
+    inode: int
+    file_type: int     # EXT4_FT_*; 0 when the filesystem has no filetype feature
+
+
+class ExtDirReader:
+    """Lists ext directories by inode number, without The Sleuth Kit."""
+
+    def __init__(self, inodes: ExtInodeReader) -> None:
+        self.inodes = inodes
+        self.name = inodes.name
+        self.block_size = inodes.block_size
+        self.filetype = bool(inodes.sb.s_feature_incompat & INCOMPAT_FILETYPE)
+
+    def may_be_dir(self, ino: int) -> bool:
+        """False when the inode's mode names another type; a mode without a type
+        (a damaged inode a directory entry calls a directory) is given a try."""
+        return self.inodes.inode(ino).i_mode & S_IFMT in (S_IFDIR, 0)
+
+    def entries(self, ino: int, problems: list[str] | None = None) -> list[DirEntry]:
+        """The live entries of directory `ino` in on-disk order ("." and ".."
+        and unused entries left out). A damaged entry raises DirectoryDamaged;
+        with a `problems` list it is described there instead and the rest of
+        its block skipped, as the kernel's readdir does."""
+        inode = self.inodes.inode(ino)
+        what = f"{self.name}: directory inode {ino}"
+        if inode.i_flags & ENCRYPT_FL:
+            raise DirectoryUnsupported(f"{what} is encrypted (i_flags={inode.i_flags:#x})")
+        size = self.inodes.size_of(inode)
+        if size > MAX_DIR_BYTES:
+            raise DirectoryUnsupported(f"{what}: i_size={size} is larger than {MAX_DIR_BYTES} bytes")
+        out: list[DirEntry] = []
+        if inode.i_flags & INLINE_DATA_FL:
+            data = self.inodes.inline_data(ino)
+            # the first 4 bytes are the parent's inode number (the "..")
+            self._parse(data[4:INLINE_DATA_SIZE], f"{what} inline data", 4, out, problems)
+            if len(data) > INLINE_DATA_SIZE:
+                self._parse(data[INLINE_DATA_SIZE:], f"{what} system.data", INLINE_DATA_SIZE, out, problems)
+            return out
+        bs = self.block_size
+        for lblk, pblk, count in self.inodes.block_runs(ino):   # holes: no entries (as readdir)
+            done = 0
+            while done < count:
+                n = min(count - done, max(1, READ_CHUNK // bs))
+                data = self.inodes.read_blocks(pblk + done, n, f"{what} blocks")
+                for i in range(n):
+                    self._parse(data[i * bs:(i + 1) * bs], f"{what} block {lblk + done + i}", 0, out, problems)
+                done += n
+        return out
+
+    def _parse(self, block: bytes, where: str, base: int, out: list[DirEntry], problems: list[str] | None) -> None:
+        """Append the live entries of one directory block (or inline region)."""
+        size = len(block)
+        limit = self.inodes.inodes_count
+        filetype = self.filetype
+        big = self.block_size >= 65536
+        unpack = _HEADER.unpack_from
+        pos = 0
+        while pos < size:
+            problem = None
+            if pos + HEADER_SIZE > size:
+                problem = f"only {size - pos} bytes left before the end of the block"
+            else:
+                ino, rec_len, name_len, file_type = unpack(block, pos)
+                if big:   # ext4_rec_len_from_disk for 64 KiB blocks
+                    rec_len = size if rec_len in (0, 65535) else (rec_len & 65532) | ((rec_len & 3) << 16)
+                if not filetype:
+                    name_len |= file_type << 8
+                    file_type = 0
+                if rec_len < MIN_REC_LEN:
+                    problem = f"rec_len={rec_len} is smaller than {MIN_REC_LEN}"
+                elif rec_len % 4:
+                    problem = f"rec_len={rec_len} is not a multiple of 4"
+                elif rec_len < HEADER_SIZE + name_len:
+                    problem = f"name_len={name_len} runs past rec_len={rec_len}"
+                elif pos + rec_len > size:
+                    problem = f"rec_len={rec_len} runs past the end of the block ({size} bytes)"
+                elif ino > limit:
+                    problem = f"inode={ino} is out of range (1..{limit})"
+                elif ino and not name_len:
+                    problem = f"inode={ino} has name_len=0"
+            if problem:
+                text = f"{where}: entry at offset {base + pos}: {problem}"
+                if problems is None:
+                    raise DirectoryDamaged(text)
+                problems.append(text)
+                return   # the rest of the block cannot be trusted
+            if ino:
+                name = block[pos + HEADER_SIZE:pos + HEADER_SIZE + name_len]
+                if name != b"." and name != b"..":
+                    out.append(DirEntry(name, ino, file_type))
+            pos += rec_len
