@@ -61,6 +61,8 @@ class DiskImage:
 
     `runs(offset, length)` should say which ranges are holes ('zero') so that
     `rescue convert` writes a sparse file and sparse-aware code skips them.
+    Container readers build on mapping.MappedDisk, which provides read() and
+    runs() from the reader's map, and file_extents() for convert's kernel copy.
     """
 
     name: str
