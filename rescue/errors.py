@@ -33,7 +33,8 @@ class RescueError(Exception):
         text = f"{where}{self.layer}: {self.problem}"
         if self.hint:
             text += f" (hint: {self.hint})"
-        return text
+        # Messages quoted from libraries (TSK, zlib) may hold line breaks: one line means one line.
+        return " ".join(part.strip() for part in text.splitlines() if part.strip())
 
     def __str__(self) -> str:
         return self.one_line()

@@ -92,3 +92,19 @@ def test_listing_an_unreadable_root_directory_is_one_clear_error(tmp_path):
     assert str(image) in line and "cannot list /" in line
     proc = rescue("extract", str(image), "--path", "/", "-o", str(tmp_path / "x.tar"), "--backend", "tsk")
     assert proc.returncode == 1 and "skipped: /" in proc.stderr and "internal error" not in proc.stderr
+
+
+@needs_real
+def test_a_libtsk_message_with_a_line_break_still_makes_one_error_line(tmp_path):
+    """dfvfs ext2.vmdk cut at half: TSK's reason for / ends in a newline."""
+    data = (REAL_IMAGES / "dfvfs" / "ext2.vmdk").read_bytes()
+    image = tmp_path / "ext2-half.vmdk"
+    image.write_bytes(data[:(len(data) // 2) & ~511])
+    line = one_error_line(rescue("ls", str(image), "/", "--backend", "tsk"))
+    assert "cannot list /" in line and line.rstrip().endswith(")")
+
+
+def test_one_line_joins_the_lines_of_a_quoted_library_message():
+    from rescue.errors import FilesystemError
+    exc = FilesystemError("cannot list /: contents: 2\n", file="x.img", hint="look\nthere")
+    assert exc.one_line() == "x.img: fs: cannot list /: contents: 2 (hint: look there)"
