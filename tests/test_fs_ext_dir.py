@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 from foundation_support import FS_DIR, HOSTILE, IS_ROOT, REAL_IMAGES, explain, rescue
 
+from rescue.errors import GuestPathError
 from rescue.fs import ext_inode
 from rescue.fs.base import DIR, SYMLINK
 from rescue.fs.ext_dir import _HEADER, DirectoryDamaged, DirEntryHeader
@@ -293,3 +294,32 @@ def test_a_directory_linked_into_its_own_subtree_is_reported_not_followed(work, 
     err = res.stderr.decode(errors="replace")
     assert res.returncode == 1 and "Traceback" not in err, explain(res)
     assert "directory loop" in err, err
+
+
+def _real(name: str, work: Path) -> Path:
+    src = REAL_IMAGES / name
+    if not src.exists():
+        pytest.skip(f"{src} is absent")
+    return _gunzip(src, work / name.replace("/", "__")[:-3])
+
+
+def test_a_block_neither_reader_can_walk_keeps_the_names_before_the_damage(work, caplog):
+    """e2fsprogs f_dup3: block 12 of /lost+found starts with rec_len=0. TSK cannot
+    list the directory at all; the kernel shows the other blocks, and so do we."""
+    image = _real("e2fsprogs/f_dup3.gz", work)
+    with pytest.raises((OSError, GuestPathError)):
+        TskFileSystem(FileSource(str(image)), native_dirs=False).listdir("/lost+found")
+    fs = TskFileSystem(FileSource(str(image)))
+    with caplog.at_level("WARNING"):
+        fs.listdir("/lost+found")
+        fs.listdir("/lost+found")
+    warned = [r.getMessage() for r in caplog.records if "rec_len=0" in r.getMessage()]
+    assert len(warned) == 1 and "block 12" in warned[0], warned   # once, naming block and field
+    assert {e.name for e in fs.listdir("/")} >= {"lost+found"}
+
+
+def test_a_root_inode_that_is_not_a_directory_is_reported(work, tmp_path):
+    image = _real("e2fsprogs/f_badroot.gz", work)
+    res = rescue("extract", str(image), "--path", "/", "-o", str(tmp_path / "x.tar"))
+    err = res.stderr.decode(errors="replace")
+    assert res.returncode == 1 and "root inode 2 has i_mode=" in err, explain(res)

@@ -59,6 +59,7 @@ DIRECT_CHUNK = 4 << 20
 _NO_XATTRS: dict[str, bytes] = MappingProxyType({})  # type: ignore[assignment]  # shared, read-only
 MAX_DIR_CACHE = 1_000_000   # directory paths remembered (metadata-sized)
 DIR_LISTINGS_CACHED = 4     # parsed ext directories kept for name lookups
+MAX_WARNED = 10_000         # damage warnings remembered (each printed once)
 EXT_ROOT_INO = 2
 _RUN_HOLE = int(pytsk3.TSK_FS_ATTR_RUN_FLAG_SPARSE) | int(pytsk3.TSK_FS_ATTR_RUN_FLAG_FILLER)
 _DATA_ATTRS = (pytsk3.TSK_FS_ATTR_TYPE_DEFAULT, pytsk3.TSK_FS_ATTR_TYPE_NTFS_DATA,
@@ -124,6 +125,7 @@ class TskFileSystem(FileSystem):
                            free=found.free)
         self._ext = None
         self._dirs = None   # native ext directory reader (TSK lists in O(n^2))
+        self._warned: set[str] = set()
         self._listings: OrderedDict[int, dict[bytes, tuple[int, int]]] = OrderedDict()   # for lookups
         if self.info.type.startswith("ext"):
             try:
@@ -152,6 +154,8 @@ class TskFileSystem(FileSystem):
                 entry = self._ext_entry(path, found[0], found[1])
                 if entry is None:
                     raise GuestPathError(f"no such file or directory: {path}", file=self.name)
+                if path == "/" and entry.kind != DIR:   # a damaged root: listdir says what is wrong
+                    entry.kind, entry.size, entry.link_target, entry.rdev = DIR, 0, None, None
                 return entry
         handle = self._open(path)
         name_info = handle.info.name
@@ -263,33 +267,53 @@ class TskFileSystem(FileSystem):
     def listdir(self, path: str) -> list[Entry]:
         path = normalize(path)
         inode = self._dir_inodes.get(path)
-        damaged = found = None
+        damaged: tuple[int, DirectoryDamaged] | None = None
+        found = None
         if self._dirs is not None:
-            try:
-                found = (inode, DIR) if inode is not None else self._ext_lookup(path)
-                if found is not None:
-                    if not self._dirs.may_be_dir(found[0]):
-                        raise GuestPathError(f"not a directory: {path}", file=self.name)
+            found = (inode, DIR) if inode is not None else self._ext_lookup(path)
+            if found is not None:
+                self._check_ext_dir(path, found[0])
+                try:
                     return self._ext_listdir(path, found[0])
-            except GuestPathError:
-                raise
-            except DirectoryDamaged as exc:
-                # TSK's scan recovers names after the damage (and may add spurious ones)
-                log.warning("%s (directory %s); listed by The Sleuth Kit's scan instead", exc, path)
-                damaged = found[0]
-            except (FileReadError, ValueError, struct.error) as exc:
-                log.info("%s: %s: %s; listing it with The Sleuth Kit", self.name, path, exc)
+                except DirectoryDamaged as exc:
+                    damaged = found[0], exc
+                except (FileReadError, ValueError, struct.error) as exc:
+                    log.info("%s: %s: %s; listing it with The Sleuth Kit", self.name, path, exc)
         try:
-            return self._tsk_listdir(path, found[0] if found is not None else inode)
+            out = self._tsk_listdir(path, found[0] if found is not None else inode)
         except FileReadError:
             if damaged is None:
                 raise
+        else:
+            if damaged is not None:   # TSK's scan recovers names after the damage (and may add spurious ones)
+                self._warn_once(f"{damaged[1]} (directory {path}); listed by The Sleuth Kit's scan instead")
+            return out
         # TSK cannot list it either: the entries before each damaged spot, as the kernel shows
+        assert damaged is not None
         problems: list[str] = []
-        out = self._ext_listdir(path, damaged, problems)
+        out = self._ext_listdir(path, damaged[0], problems)
         for text in problems:
-            log.warning("%s (directory %s): the rest of that block skipped", text, path)
+            self._warn_once(f"{text} (directory {path}): the rest of that block skipped")
         return out
+
+    def _check_ext_dir(self, path: str, ino: int) -> None:
+        """GuestPathError when the inode's mode names another type than a directory."""
+        try:
+            if self._dirs.may_be_dir(ino):
+                return
+            mode = self._ext.inode(ino).i_mode
+        except (FileReadError, ValueError, struct.error):
+            return   # an unreadable inode: TSK has the last word
+        if path == "/":   # e2fsprogs f_badroot: say so rather than show an empty filesystem
+            raise FileReadError(f"cannot list /: root inode {ino} has i_mode={mode:#o}, not a directory")
+        raise GuestPathError(f"not a directory: {path}", file=self.name)
+
+    def _warn_once(self, text: str) -> None:
+        """Each damage once, though the guest layer and the walk list a directory twice."""
+        if text not in self._warned:
+            if len(self._warned) < MAX_WARNED:
+                self._warned.add(text)
+            log.warning("%s", text)
 
     def _tsk_listdir(self, path: str, inode: int | None) -> list[Entry]:
         try:
