@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import gzip
+import itertools
 import os
 import sys
 import tarfile
@@ -134,9 +135,14 @@ class TarSink(Sink):
         if ranges is not None and _worth_sparse(ranges, content.size) and content.read_range is not None:
             self._add_sparse(ti, item, ranges)
         else:
+            # The first chunk is read before the header is written: a file unreadable from
+            # its start (a damaged inode claiming 4 GiB) is skipped without a member, instead
+            # of a header followed by gigabytes of zero padding.
+            chunks = iter(content.chunks())
+            first = next(chunks, b"") if content.size else b""
             ti.size = content.size
             self._header(ti)
-            self._copy(item, content.chunks(), content.size)
+            self._copy(item, itertools.chain((first,), chunks), content.size)
         self.files += 1
         self.bytes += content.size
 
