@@ -85,9 +85,10 @@ def test_a_blank_disk_with_a_boot_signature_is_still_a_disk(tmp_path):
 
 @needs_real
 def test_listing_an_unreadable_root_directory_is_one_clear_error(tmp_path):
-    """e2fsprogs f_baddir: TSK cannot open / (FileReadError, not a RescueError)."""
-    image = tmp_path / "f_baddir.img"
-    image.write_bytes(gzip.open(REAL_IMAGES / "e2fsprogs" / "f_baddir.gz").read())
+    """e2fsprogs f_badroot: the root inode is a regular file, so / cannot be listed
+    (FileReadError from the fs layer, not a RescueError)."""
+    image = tmp_path / "f_badroot.img"
+    image.write_bytes(gzip.open(REAL_IMAGES / "e2fsprogs" / "f_badroot.gz").read())
     line = one_error_line(rescue("ls", str(image), "/", "--backend", "tsk"))
     assert str(image) in line and "cannot list /" in line
     proc = rescue("extract", str(image), "--path", "/", "-o", str(tmp_path / "x.tar"), "--backend", "tsk")
