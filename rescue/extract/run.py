@@ -121,6 +121,9 @@ def _walk(fs: FileSystem, top: Entry, shown: str, options: ExtractOptions,
         except (FileReadError, RescueError) as exc:
             skipped.append(Skipped(dir_shown, f"directory unreadable: {exc}"))
             return
+        damage = fs.listing_damage(directory.path)
+        if damage:   # kept, but entries after the damaged spot may be missing
+            skipped.append(Skipped(dir_shown, f"directory only partly readable: {damage}"))
         # Two entries of one name (a corrupt or crafted directory): paths cannot
         # tell them apart, so keep one (not a directory: its contents would be
         # unreachable by path anyway) and report the others.

@@ -108,6 +108,12 @@ class FileSystem:
         """Extended attributes ('user.x', 'security.selinux', ...)."""
         return {}
 
+    def listing_damage(self, path: str) -> str | None:
+        """Why directory `path`, once listed, may be missing entries (it is
+        damaged); None when its listing was whole. The extract report counts
+        such a directory as partly lost, so the exit code says "partial"."""
+        return None
+
     def read_file(self, path: str, limit: int = 16 << 20) -> bytes:
         """A small file's whole content (e.g. /etc/passwd), following symlinks."""
         entry = self.resolve(path)

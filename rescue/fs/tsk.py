@@ -126,6 +126,7 @@ class TskFileSystem(FileSystem):
         self._ext = None
         self._dirs = None   # native ext directory reader (TSK lists in O(n^2))
         self._warned: set[str] = set()
+        self._damaged_dirs: dict[str, str] = {}   # path -> what was wrong (see listing_damage)
         self._listings: OrderedDict[int, dict[bytes, tuple[int, int]]] = OrderedDict()   # for lookups
         if self.info.type.startswith("ext"):
             try:
@@ -286,6 +287,7 @@ class TskFileSystem(FileSystem):
                 raise
         else:
             if damaged is not None:   # TSK's scan recovers names after the damage (and may add spurious ones)
+                self._damaged_dirs[path] = str(damaged[1])
                 self._warn_once(f"{damaged[1]} (directory {path}); listed by The Sleuth Kit's scan instead")
             return out
         # TSK cannot list it either: the entries before each damaged spot, as the kernel shows
@@ -294,6 +296,8 @@ class TskFileSystem(FileSystem):
         out = self._ext_listdir(path, damaged[0], problems)
         for text in problems:
             self._warn_once(f"{text} (directory {path}): the rest of that block skipped")
+        if problems:
+            self._damaged_dirs[path] = "; ".join(problems)
         return out
 
     def _check_ext_dir(self, path: str, ino: int) -> None:
@@ -307,6 +311,9 @@ class TskFileSystem(FileSystem):
         if path == "/":   # e2fsprogs f_badroot: say so rather than show an empty filesystem
             raise FileReadError(f"cannot list /: root inode {ino} has i_mode={mode:#o}, not a directory")
         raise GuestPathError(f"not a directory: {path}", file=self.name)
+
+    def listing_damage(self, path: str) -> str | None:
+        return self._damaged_dirs.get(path)
 
     def _warn_once(self, text: str) -> None:
         """Each damage once, though the guest layer and the walk list a directory twice."""

@@ -100,6 +100,10 @@ class MergedFileSystem(FileSystem):
         fs, inner = self._inner(entry)
         return fs.xattrs(inner)
 
+    def listing_damage(self, path: str) -> str | None:
+        fs, inner, _dev = self._route(normalize(path))
+        return fs.listing_damage(inner)
+
     def close(self) -> None:
         # The filesystems belong to whoever opened them (the Snapshot caches
         # and closes its own); close each one once when the caller asks.
@@ -148,6 +152,9 @@ class SubtreeFileSystem(FileSystem):
 
     def xattrs(self, entry: Entry) -> dict[str, bytes]:
         return self.fs.xattrs(self._back(entry))
+
+    def listing_damage(self, path: str) -> str | None:
+        return self.fs.listing_damage(self._in(path))
 
     def close(self) -> None:
         pass   # the filesystem underneath is closed by its owner
