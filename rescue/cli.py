@@ -6,6 +6,7 @@ Progress and messages go to stderr (rich); data and --json go to stdout.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 import time
@@ -33,6 +34,18 @@ _state = {"debug": False}
 @app.callback()
 def _main(debug: bool = typer.Option(False, "--debug", help="Show tracebacks for errors.")) -> None:
     _state["debug"] = debug
+    # Damage the layers notice while reading (logged, not raised) reaches the
+    # user as "warning: ..." lines, names escaped like every other message.
+    logger = logging.getLogger("rescue")
+    if not any(isinstance(h, _WarningLines) for h in logger.handlers):
+        logger.addHandler(_WarningLines())
+    logger.setLevel(logging.INFO if debug else logging.WARNING)
+
+
+class _WarningLines(logging.Handler):
+    def emit(self, record: logging.LogRecord) -> None:
+        prefix = "warning" if record.levelno >= logging.WARNING else "info"
+        err.print(f"{prefix}: {_visible(record.getMessage())}", markup=False)
 
 
 # -- shared pieces ------------------------------------------------------------
@@ -89,7 +102,7 @@ def _errors(snapshot: Optional[str] = None) -> Iterator[None]:
             exc.file = snapshot   # every line names the file it is about
         if _state["debug"]:
             err.print_exception()
-        err.print(f"rescue: {exc.one_line()}", markup=False)
+        err.print(f"rescue: {_visible(exc.one_line())}", markup=False)
         raise typer.Exit(EXIT_ERROR)
     except (DamagedRange, FileReadError) as exc:   # damaged data the command could not do without
         if _state["debug"]:
@@ -244,9 +257,9 @@ def ls(snapshot: str = SnapshotArg, path: str = typer.Argument("/", help="Direct
                          for e in entries])
             return
         for e in entries:
-            name = e.name.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+            name = _visible(e.name)
             if e.kind == SYMLINK:
-                name += f" -> {e.link_target}"
+                name += f" -> {_visible(e.link_target or '')}"
             if long:
                 when = time.strftime("%Y-%m-%d %H:%M", time.gmtime(e.mtime_ns // 1_000_000_000))
                 size = f"{e.rdev[0]}, {e.rdev[1]}" if e.rdev else str(e.size)
@@ -334,7 +347,7 @@ def extract(snapshot: str = SnapshotArg,
                 def progress(done: int, files: int, path: str) -> None:
                     update(done, files)
                     if list_:
-                        err.print(path, markup=False)
+                        err.print(_visible(path), markup=False)
                 report = run_extract(fs, sink, options, users=users, groups=groups, progress=progress, planned=work)
             from .source.stats import bytes_fetched
             fetched = bytes_fetched(snap.source)
@@ -348,9 +361,9 @@ def extract(snapshot: str = SnapshotArg,
             _print_json(data)
         else:
             for skip in report.skipped:
-                err.print(f"skipped: {skip.path}: {skip.reason}", markup=False)
+                err.print(f"skipped: {_visible(skip.path)}: {_visible(skip.reason)}", markup=False)
             for warning in report.warnings:
-                err.print(f"warning: {warning}", markup=False)
+                err.print(f"warning: {_visible(warning)}", markup=False)
             line = (f"rescued {report.files} files, {report.dirs} directories, {report.links} links"
                     f"{f', {report.others} other' if report.others else ''}: {_human(report.bytes)} "
                     f"in {report.seconds:.1f} s -> {report.target}")
@@ -373,9 +386,9 @@ def _render_plan(work, list_: bool, as_json: bool) -> None:
         for p in work.items:
             size = p.entry.size if p.entry.kind == FILE else 0
             suffix = "/" if p.entry.kind == DIR else ""
-            out.print(f"{p.entry.kind:<8} {size:>12} {p.name}{suffix}", markup=False)
+            out.print(f"{p.entry.kind:<8} {size:>12} {_visible(p.name)}{suffix}", markup=False)
     for skip in work.skipped:
-        err.print(f"would skip: {skip.path}: {skip.reason}", markup=False)
+        err.print(f"would skip: {_visible(skip.path)}: {_visible(skip.reason)}", markup=False)
     err.print(f"would write {len(work.items)} entries, {_human(work.total_bytes)} (dry run: nothing written)",
               markup=False)
 
@@ -564,7 +577,18 @@ def snapshots(provider: str = typer.Argument(..., metavar="kiwivm", help="Provid
 
 
 def _warn(text: str) -> None:
-    err.print(f"warning: {text}", markup=False)
+    err.print(f"warning: {_visible(text)}", markup=False)
+
+
+def _visible(text: str) -> str:
+    """Names from an image may hold control characters (a NUL, an escape
+    sequence, a newline): show them as \\xNN so they cannot garble the terminal
+    or forge a line; bytes that are not UTF-8 (surrogate escapes) likewise."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else
+                   f"\\x{ord(c) - 0xDC00:02x}" if 0xDC80 <= ord(c) <= 0xDCFF else
+                   f"\\x{ord(c):02x}" if ord(c) < 0x100 else f"\\u{ord(c):04x}" for c in text)
 
 
 @contextmanager
