@@ -15,6 +15,8 @@ from .base import DiskImage, DiskInfo, DiskOptions, RawDisk
 FORMATS: list[str] = ["qcow2", "vdi", "vmdk", "vhdx", "vhd"]  # vhd last: its magic is at the end
 # Issue 3 follow-up: more containers, each detected by its magic only.
 FORMATS += ["parallels", "bochs", "cloop", "dmg", "vma"]
+# Last: formats recognised only to say they are not read (ASIF, QED, E01).
+FORMATS += ["unsupported"]
 
 
 def _readers():
