@@ -35,7 +35,7 @@ from foundation_support import REAL_IMAGES, rescue
 from more_formats_writers import (DMG_ADC, DMG_BZIP2, DMG_IGNORE, DMG_LZFSE, DMG_LZMA, DMG_RAW, DMG_ZERO,
                                   DMG_ZLIB, dmg_bytes, vma_bytes)
 from rescue.disk import FORMATS, DiskOptions, open_disk
-from rescue.disk import bochs, cloop, dmg, parallels, vma
+from rescue.disk import bochs, cloop, dmg, parallels, unsupported, vma
 from rescue.errors import DamagedRange, DiskFormatError, RescueError, UnsupportedFeature
 from rescue.source.base import BytesSource, FileSource
 from rescue.source.open import open_source
@@ -666,13 +666,13 @@ def test_split_gzip_archive_is_joined_then_decompressed(work, ext4_raw):
 
 def test_new_readers_are_registered_after_the_others_and_never_claim_raw(ext4_raw):
     assert FORMATS[:5] == ["qcow2", "vdi", "vmdk", "vhdx", "vhd"]
-    assert FORMATS[5:] == ["parallels", "bochs", "cloop", "dmg", "vma"]
+    assert FORMATS[5:] == ["parallels", "bochs", "cloop", "dmg", "vma", "unsupported"]
     rng = random.Random(0)
     raws = [BytesSource(ext4_raw.read_bytes()), BytesSource(bytes(MIB)), BytesSource(rng.randbytes(MIB)),
             BytesSource(b"#!/bin/sh\necho hi\n" + bytes(1000)), BytesSource(b"<?xml version='1.0'?><a/>"),
             BytesSource(b"")]
     for src in raws:
-        for reader in (parallels, bochs, cloop, dmg, vma):
+        for reader in (parallels, bochs, cloop, dmg, vma, unsupported):
             assert not reader.detect(src), (reader.__name__, src.data[:20])
         assert open_disk(src).info.format == "raw"
 
