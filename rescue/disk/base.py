@@ -56,6 +56,13 @@ def parse_header(source: ByteSource, struct: Construct, what: str, offset: int =
         raise DiskFormatError(f"{what} unreadable: {exc}", file=source.name) from None
 
 
+def header_error(source: ByteSource, field: str, value: Any, why: str, *, what: str,
+                 hint: str | None = None) -> DiskFormatError:
+    """The error for one bad header field: "VDI header: block_size=3: not a power of two".
+    Readers bind `what` once: `_bad = partial(header_error, what="VDI header")`."""
+    return DiskFormatError(f"{what}: {field}={value}: {why}", file=source.name, hint=hint)
+
+
 class DiskImage:
     """Base class for readers: subclasses set name/size/info and implement read().
 

@@ -13,13 +13,13 @@ set, otherwise as zeros, like qemu.
 
 from __future__ import annotations
 
-from typing import Any
+from functools import partial
 
 from construct import Bytes, Int32ul, Struct
 
-from ..errors import DiskFormatError, UnsupportedFeature
+from ..errors import UnsupportedFeature
 from ..source.base import ByteSource
-from .base import DiskInfo, DiskOptions, parse_header
+from .base import DiskInfo, DiskOptions, header_error, parse_header
 from .choices import no_choices
 from .bitmaps import bitmap_runs
 from .mapping import DATA, ZERO, ExtentBuilder, MappedDisk, read_u32le_table
@@ -60,8 +60,7 @@ def open(source: ByteSource, options: DiskOptions) -> "BochsDisk":  # noqa: A001
     return no_choices(BochsDisk(source), options, "Bochs")
 
 
-def _bad(source: ByteSource, field: str, value: Any, why: str) -> DiskFormatError:
-    return DiskFormatError(f"Bochs header: {field}={value}: {why}", file=source.name)
+_bad = partial(header_error, what="Bochs header")
 
 
 class BochsDisk(MappedDisk):

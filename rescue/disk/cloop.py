@@ -15,13 +15,14 @@ from __future__ import annotations
 import sys
 import zlib
 from array import array
+from functools import partial
 from typing import Any
 
 from construct import Bytes, Int32ub, Struct
 
-from ..errors import DamagedRange, DiskFormatError, UnsupportedFeature
+from ..errors import DamagedRange, UnsupportedFeature
 from ..source.base import ByteSource
-from .base import DiskInfo, DiskOptions, parse_header
+from .base import DiskInfo, DiskOptions, header_error, parse_header
 from .choices import no_choices
 from .mapping import COMPRESSED, ExtentBuilder, MappedDisk, ZERO, read_exact_table
 
@@ -48,8 +49,7 @@ def open(source: ByteSource, options: DiskOptions) -> "CloopDisk":  # noqa: A001
     return no_choices(CloopDisk(source), options, "cloop")
 
 
-def _bad(source: ByteSource, field: str, value: Any, why: str) -> DiskFormatError:
-    return DiskFormatError(f"cloop header: {field}={value}: {why}", file=source.name)
+_bad = partial(header_error, what="cloop header")
 
 
 class CloopDisk(MappedDisk):

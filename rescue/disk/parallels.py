@@ -20,6 +20,7 @@ snapshot (type Plain = raw, Compressed = expandable image as above).
 from __future__ import annotations
 
 import re
+from functools import partial
 from typing import Any
 from xml.etree import ElementTree
 
@@ -28,7 +29,7 @@ from construct import Bytes, Const, ConstructError, Int32ul, Int64ul, Struct
 from ..errors import DiskFormatError, UnsupportedFeature
 from ..source.base import ByteSource
 from ..source.split import ConcatSource
-from .base import DiskImage, DiskInfo, DiskOptions, RawDisk, parse_header
+from .base import DiskImage, DiskInfo, DiskOptions, RawDisk, header_error, parse_header
 from .chain import close_quietly, open_in_chain, open_sibling
 from .choices import no_choices
 from .mapping import BACKING, DATA, ExtentBuilder, MappedDisk, read_u32le_table
@@ -98,8 +99,7 @@ def open(source: ByteSource, options: DiskOptions) -> DiskImage:  # noqa: A001 (
 
 
 
-def _bad(source: ByteSource, field: str, value: Any, why: str) -> DiskFormatError:
-    return DiskFormatError(f"Parallels header: {field}={value}: {why}", file=source.name)
+_bad = partial(header_error, what="Parallels header")
 
 
 class ParallelsDisk(MappedDisk):

@@ -18,6 +18,7 @@ import sys
 import threading
 import zlib
 from array import array
+from functools import partial
 from typing import Any
 
 from construct import (Bytes, Const, ConstructError, If, Int8ub, Int16ub, Int32ub, Int64ub,
@@ -25,7 +26,7 @@ from construct import (Bytes, Const, ConstructError, If, Int8ub, Int16ub, Int32u
 
 from ..errors import DamagedRange, DiskFormatError, RescueError, UnsupportedFeature
 from ..source.base import ByteSource, open_relative
-from .base import DiskInfo, DiskOptions
+from .base import DiskInfo, DiskOptions, header_error
 from .chain import open_as_parent, open_in_chain
 from .mapping import BACKING, COMPRESSED, DAMAGED, DATA, ZERO, ExtentBuilder, MappedDisk, read_exact_table
 
@@ -133,8 +134,7 @@ def open(source: ByteSource, options: DiskOptions) -> "Qcow2Disk":  # noqa: A001
     return open_in_chain(source, options, lambda: Qcow2Disk(source, options))
 
 
-def _bad(source: ByteSource, field: str, value: Any, why: str, hint: str | None = None) -> DiskFormatError:
-    return DiskFormatError(f"qcow2 header: {field}={value}: {why}", file=source.name, hint=hint)
+_bad = partial(header_error, what="qcow2 header")
 
 
 class Qcow2Disk(MappedDisk):

@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import os
 import uuid
-from typing import Any
+from functools import partial
 
 from construct import Bytes, Const, Int32ul, Int64ul, Struct
 
 from ..errors import DiskFormatError, RescueError, UnsupportedFeature
 from ..source.base import ByteSource, FileSource
-from .base import DiskInfo, DiskOptions, parse_header
+from .base import DiskInfo, DiskOptions, header_error, parse_header
 from .chain import open_as_parent, open_in_chain
 from .mapping import BACKING, DATA, ZERO, ExtentBuilder, MappedDisk, read_u32le_table
 
@@ -81,8 +81,7 @@ def open(source: ByteSource, options: DiskOptions) -> "VdiDisk":  # noqa: A001 (
     return open_in_chain(source, options, lambda: VdiDisk(source, options))
 
 
-def _bad(source: ByteSource, field: str, value: Any, why: str) -> DiskFormatError:
-    return DiskFormatError(f"VDI header: {field}={value}: {why}", file=source.name)
+_bad = partial(header_error, what="VDI header")
 
 
 class VdiDisk(MappedDisk):
