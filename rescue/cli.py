@@ -224,7 +224,7 @@ def _render_inspect(data: dict) -> None:
             files = f"{found['files']}{'' if found['sizes_complete'] else '+'} file" + ("" if found["files"] == 1 else "s")
             out.print(f"  {found['path']:<44} {found['what']}, {files}, {size}", markup=False)
     for warning in data.get("warnings") or []:
-        err.print(f"warning: {warning}", markup=False)
+        _warn(warning)
 
 
 # -- ls and cat -----------------------------------------------------------------
@@ -337,7 +337,7 @@ def extract(snapshot: str = SnapshotArg,
             users, groups = snap.user_names(), snap.group_names()
             work = plan(fs, options)
             for warning in snap.warnings:
-                err.print(f"warning: {warning}", markup=False)
+                _warn(warning)
             if dry_run:
                 _render_plan(work, list_, as_json)
                 raise typer.Exit(EXIT_PARTIAL if work.skipped else EXIT_OK)
@@ -363,7 +363,7 @@ def extract(snapshot: str = SnapshotArg,
             for skip in report.skipped:
                 err.print(f"skipped: {_visible(skip.path)}: {_visible(skip.reason)}", markup=False)
             for warning in report.warnings:
-                err.print(f"warning: {_visible(warning)}", markup=False)
+                _warn(warning)
             line = (f"rescued {report.files} files, {report.dirs} directories, {report.links} links"
                     f"{f', {report.others} other' if report.others else ''}: {_human(report.bytes)} "
                     f"in {report.seconds:.1f} s -> {report.target}")
