@@ -13,7 +13,6 @@ import bz2
 import contextlib
 import csv
 import gzip
-import hashlib
 import lzma
 import multiprocessing
 import os
@@ -25,6 +24,8 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from foundation_support import sha256_file as sha256  # noqa: F401 (used by the disk tests)
 
 ROOT = Path(__file__).resolve().parent.parent
 REAL = ROOT.parent / "shared" / "real-images"
@@ -414,10 +415,6 @@ def assert_refused_or_warned(path: Path) -> None:
             assert str(path) in exc.one_line()
         except DamagedRange:
             pass
-
-
-def sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def patched(src: Path, dst: Path, edits: dict[int, bytes]) -> Path:

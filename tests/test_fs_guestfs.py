@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from foundation_support import sha256_file
 from rescue.fs.base import DIR, FILE, SYMLINK
 from rescue.fs.nbd_export import NbdExport
 from rescue.source.base import BytesSource, FileSource, Window
@@ -151,14 +152,6 @@ def reference_dir(images, kind: str, tmp_path_factory):
     except subprocess.CalledProcessError:
         return images["tree"], None
     return mnt, mnt
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def xattrs_of(path: Path) -> dict[str, bytes]:
