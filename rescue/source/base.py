@@ -9,7 +9,7 @@ and is itself a byte source; a partition is a `Window` onto a disk.
 from __future__ import annotations
 
 import os
-from typing import Iterator, Protocol, runtime_checkable
+from typing import Iterator, NamedTuple, Protocol, runtime_checkable
 
 from ..errors import SourceError
 
@@ -24,17 +24,24 @@ class ByteSource(Protocol):
     def close(self) -> None: ...
 
 
-class Run(tuple):
-    """(offset, length, kind) with kind 'data' or 'zero': how a range is stored."""
+# Run kinds. A hole (ZERO) stores nothing; UNWRITTEN is allocated space that
+# reads as zeros (preallocated extents): outputs treat both as holes.
+DATA, ZERO, UNWRITTEN, COMPRESSED = "data", "zero", "unwritten", "compressed"
+HOLE_KINDS = frozenset({ZERO, UNWRITTEN})
 
-    __slots__ = ()
 
-    def __new__(cls, offset: int, length: int, kind: str) -> "Run":
-        return tuple.__new__(cls, (offset, length, kind))
+class Run(NamedTuple):
+    """Where a range of bytes is and how it is stored: the one shape that
+    travels up the stack (a disk's map, a file's extents, a sink's copy plan).
 
-    offset = property(lambda self: self[0])
-    length = property(lambda self: self[1])
-    kind = property(lambda self: self[2])
+    `offset` is in the thing described (a disk offset for a container's runs, a
+    file offset for a file's runs); `where` is the byte offset in the source
+    below at which a DATA run's bytes lie as they are (None: not readable as is)."""
+
+    offset: int
+    length: int
+    kind: str
+    where: int | None = None
 
 
 def runs(source: ByteSource, offset: int = 0, length: int | None = None) -> Iterator[Run]:
