@@ -19,11 +19,12 @@ import pytsk3
 
 from ..errors import FilesystemError, GuestPathError
 from ..source.base import ByteSource
+from ..volume.probe import probe
+from ..volume.tsk_image import TskImage
 from .base import (BLOCK, CHAR, DIR, FIFO, FILE, SOCKET, SYMLINK, Entry, FileReadError, FileSystem, FsInfo,
                    normalize)
 from .ext_dir import FT_KIND, DirectoryDamaged, ExtDirReader
 from .ext_inode import ExtInodeReader
-from .probe import probe
 
 log = logging.getLogger(__name__)
 
@@ -66,27 +67,6 @@ _DATA_ATTRS = (pytsk3.TSK_FS_ATTR_TYPE_DEFAULT, pytsk3.TSK_FS_ATTR_TYPE_NTFS_DAT
                pytsk3.TSK_FS_ATTR_TYPE_HFS_DATA)
 
 
-class TskImage(pytsk3.Img_Info):
-    """Hands TSK the bytes of any byte source (partition tables and filesystems)."""
-
-    def __init__(self, source: ByteSource) -> None:
-        self._source = source
-        super().__init__(url="", type=pytsk3.TSK_IMG_TYPE_EXTERNAL)
-
-    def read(self, offset: int, length: int) -> bytes:
-        try:
-            data = self._source.read(offset, length)
-        except OSError:
-            return b""   # TSK turns a short read into an error for that block only
-        return data
-
-    def get_size(self) -> int:
-        return self._source.size
-
-    def close(self) -> None:
-        pass
-
-
 _TSK_FS_NAMES = {int(getattr(pytsk3, n)): n[len("TSK_FS_TYPE_"):].lower()
                  for n in dir(pytsk3) if n.startswith("TSK_FS_TYPE_") and not n.endswith(("DETECT", "ENUM"))}
 
@@ -102,6 +82,10 @@ def _fs_type_name(ftype: int, probed: str | None) -> str:
 
 class TskFileSystem(FileSystem):
     backend = "tsk"
+
+    @classmethod
+    def detect(cls, source: ByteSource) -> bool:
+        return True   # the fallback: TSK itself says whether it can read the volume
 
     def __init__(self, source: ByteSource, name: str | None = None, native_dirs: bool = True) -> None:
         """`native_dirs=False` lists ext directories with TSK too (the reference

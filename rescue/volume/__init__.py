@@ -6,10 +6,10 @@ probed for its content (filesystem type, label, UUID).
 
 from __future__ import annotations
 
-from ..fs.probe import probe
 from ..source.base import ByteSource, Window
 from .base import Volume, VolumeMap
 from .partitions import find_partitions
+from .probe import probe
 
 
 def _probe_into(volume: Volume) -> None:

@@ -15,9 +15,9 @@ import uuid as uuid_mod
 import pytsk3
 from construct import Bytes, Const, Int8ul, Int32ul, Int64ul, Struct
 
-from ..fs.tsk import TskImage
 from ..source.base import ByteSource, Window
 from .base import Volume
+from .tsk_image import TskImage
 
 GptHeader = Struct(
     "signature" / Const(b"EFI PART"),
