@@ -10,7 +10,9 @@ from __future__ import annotations
 import posixpath
 import stat as stat_mod
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import ClassVar, Iterator
+
+from ..source.base import DATA, HOLE_KINDS, ZERO, ByteSource, Run
 
 # Entry kinds, named like tar's member types.
 FILE, DIR, SYMLINK, FIFO, CHAR, BLOCK, SOCKET = "file", "dir", "symlink", "fifo", "char", "block", "socket"
@@ -69,11 +71,27 @@ class FileReadError(OSError):
     """One file's content could not be read (damaged blocks); skip and report it."""
 
 
+READ_CHUNK = 4 << 20   # file data is read from the volume in pieces this large
+
+
 class FileSystem:
-    """Base class: backends implement stat, listdir, read_chunks; the rest is shared."""
+    """What every filesystem reader implements, and what every sink consumes.
+
+    A reader says where a file's bytes are (`file_runs`); the base class reads
+    them from `source` (chunks, ranges, the sparse map). Readers whose data is
+    not stored as is (compressed, inline) override `read_chunks`/`read_range`.
+    Registered readers (fs/__init__.py) also offer `detect(source)`.
+    """
 
     info: FsInfo
-    backend: str = "?"
+    backend: ClassVar[str] = "?"
+    source: ByteSource
+    name: str = ""
+
+    @classmethod
+    def detect(cls, source: ByteSource) -> bool:
+        """True when `source` holds this filesystem (by content, cheaply)."""
+        return False
 
     def stat(self, path: str) -> Entry:
         """lstat: a symlink is described, not followed. Raises GuestPathError."""
@@ -83,16 +101,70 @@ class FileSystem:
         """The entries of directory `path`, without '.' and '..'."""
         raise NotImplementedError
 
+    def file_runs(self, entry: Entry) -> list[Run]:
+        """The runs of a regular file in file offsets, covering [0, size) in
+        order: DATA runs with `where` (byte offset on `source`) when the bytes
+        lie there as they are, ZERO/UNWRITTEN for holes. Raises FileReadError.
+        Readers that cannot say (libguestfs) leave it: all data, no `where`."""
+        return [Run(0, entry.size, DATA)] if entry.size else []
+
+    def _has_runs(self) -> bool:
+        return type(self).file_runs is not FileSystem.file_runs
+
     def read_chunks(self, entry: Entry, chunk_size: int = 1 << 20) -> Iterator[bytes]:
         """The file's bytes, in order, `entry.size` in total. Raises FileReadError."""
-        raise NotImplementedError
+        if not self._has_runs():
+            raise NotImplementedError
+        chunk = max(chunk_size, READ_CHUNK)
+        for run in self.file_runs(entry):
+            done = 0
+            while done < run.length:
+                n = min(chunk, run.length - done)
+                if run.kind in HOLE_KINDS:
+                    yield bytes(n)
+                else:
+                    yield self._read_run(entry, run, done, n)
+                done += n
+
+    def _read_run(self, entry: Entry, run: Run, inside: int, length: int) -> bytes:
+        """`length` bytes at `inside` of a DATA run, read from the volume."""
+        if run.where is None:
+            raise FileReadError(f"{entry.path}: {run.kind} data at offset {run.offset} cannot be read as is")
+        file_pos = run.offset + inside
+        try:
+            data = self.source.read(run.where + inside, length)
+        except OSError as exc:   # DamagedRange from a container, an I/O error
+            raise FileReadError(f"{entry.path}: unreadable at offset {file_pos}: {exc}") from None
+        if len(data) != length:
+            raise FileReadError(f"{entry.path}: data at offset {file_pos} lies past the end of the image "
+                                "(truncated?)")
+        return data
 
     def data_ranges(self, entry: Entry) -> list[tuple[int, int]] | None:
         """(offset, length) ranges holding data, for sparse files; None = all data."""
-        return None
+        if not self._has_runs():
+            return None
+        out: list[tuple[int, int]] = []
+        for run in self.file_runs(entry):
+            if run.kind in HOLE_KINDS:
+                continue
+            if out and out[-1][0] + out[-1][1] == run.offset:
+                out[-1] = (out[-1][0], out[-1][1] + run.length)
+            else:
+                out.append((run.offset, run.length))
+        return out
 
     def read_range(self, entry: Entry, offset: int, length: int) -> bytes:
         """Random access into a file; backends override when they can do better."""
+        if self._has_runs():
+            length = max(0, min(length, entry.size - offset))
+            out = bytearray(length)   # holes stay zero
+            end = offset + length
+            for run in self.file_runs(entry):
+                lo, hi = max(offset, run.offset), min(end, run.offset + run.length)
+                if lo < hi and run.kind not in HOLE_KINDS:
+                    out[lo - offset:hi - offset] = self._read_run(entry, run, lo - run.offset, hi - lo)
+            return bytes(out)
         out = bytearray()
         pos = 0
         for chunk in self.read_chunks(entry):
@@ -163,6 +235,32 @@ class FileSystem:
 
     def close(self) -> None:
         pass
+
+
+def cover(runs: list[Run], size: int) -> list[Run]:
+    """A file's runs as `file_runs` returns them: sorted `runs` clipped to
+    `size`, gaps (and the tail) as ZERO, neighbours that continue each other
+    on the volume merged. Readers hand in only what their maps store."""
+    out: list[Run] = []
+    pos = 0
+    for run in sorted(runs, key=lambda r: r.offset):
+        start, end = max(run.offset, pos), min(run.offset + run.length, size)
+        if start >= end:
+            continue
+        if start > pos:
+            out.append(Run(pos, start - pos, ZERO))
+        where = None if run.where is None else run.where + (start - run.offset)
+        last = out[-1] if out else None
+        if last is not None and last.kind == run.kind and last.offset + last.length == start and (
+                (last.where is None and where is None and run.kind != DATA)
+                or (last.where is not None and where is not None and last.where + last.length == where)):
+            out[-1] = Run(last.offset, last.length + end - start, run.kind, last.where)
+        else:
+            out.append(Run(start, end - start, run.kind, where))
+        pos = end
+    if pos < size:
+        out.append(Run(pos, size - pos, ZERO))
+    return out
 
 
 def normalize(path: str) -> str:
