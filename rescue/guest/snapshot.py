@@ -9,6 +9,7 @@ from typing import Any, Callable
 
 from ..disk import DiskOptions, open_disk
 from ..errors import FilesystemError, RescueError, VolumeError
+from ..fs import open_filesystem
 from ..fs.base import FileSystem
 from ..source import open_source
 from ..units import human_size
@@ -94,9 +95,8 @@ class Snapshot:
             raise FilesystemError(f"volume {volume.id} is {kind}, not a filesystem", file=self.spec)
         if self._wants_guestfs(volume) or backend == "guestfs":
             return self._open_guestfs(volume)
-        from ..fs.tsk import TskFileSystem
         try:
-            return TskFileSystem(volume.source, name=f"{self.spec} volume {volume.id}")
+            return open_filesystem(volume.source, name=f"{self.spec} volume {volume.id}", backend=backend)
         except FilesystemError as exc:
             if backend == "auto" and kind and self._guestfs_ready():
                 if self.options.status:
