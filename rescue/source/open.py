@@ -6,9 +6,10 @@ from __future__ import annotations
 import os
 from typing import Callable
 
-from ..errors import SourceError
+from ..errors import SourceError, classify
 from .archive import open_archive
 from .base import ByteSource, FileSource
+from .block import BlockDeviceSource, is_block_device
 from .bundle import bundle_descriptor, open_bundle
 from .split import open_split
 
@@ -25,6 +26,7 @@ def _open_url(spec: str) -> ByteSource:
 # Where the bytes live, tried in order: (claims(spec), open(spec)).
 LOCATIONS: list[tuple[Callable, Callable]] = [
     (_is_url, _open_url),
+    (is_block_device, BlockDeviceSource),   # /dev/vdb, \\.\PhysicalDrive1: size from the device
     (bundle_descriptor, open_bundle),   # a Parallels .hdd folder or its empty stub
     (lambda spec: True, FileSource),
 ]
@@ -42,7 +44,8 @@ def open_source(spec: str | os.PathLike, *, member: str | None = None,
     Closing the returned source closes everything under it.
     """
     opener = next(open_ for claims, open_ in LOCATIONS if claims(spec))
-    source = opener(spec)
+    with classify(SourceError, "cannot be opened", file=str(spec)):
+        source = opener(spec)
     # Peel layers (a split set, a .qcow2.gz inside a .tar): `member` goes to
     # the first archive met; archives inside it must hold a single disk.
     for _ in range(MAX_NESTING):
@@ -65,10 +68,14 @@ MAX_NESTING = 3
 def _unwrap(source: ByteSource, member: str | None, progress) -> ByteSource | None:
     """The source inside `source` (closing it on failure), or None if it is a disk."""
     try:
-        for unwrap in UNWRAPPERS:
-            inner = unwrap(source, member=member, progress=progress)
-            if inner is not None:
-                return inner
+        # The layer's boundary: tarfile, zipfile, python-xz, zstandard... raise
+        # their own exceptions on damaged bytes; they become one SourceError.
+        with classify(SourceError, "damaged or truncated archive or compressed stream", file=source.name,
+                      hint="re-download the snapshot and compare its checksum"):
+            for unwrap in UNWRAPPERS:
+                inner = unwrap(source, member=member, progress=progress)
+                if inner is not None:
+                    return inner
     except BaseException:
         source.close()
         raise
