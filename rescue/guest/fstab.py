@@ -203,10 +203,3 @@ def match_volume(spec: str | Spec | FstabEntry, volumes: list[Volume]) -> Volume
             return next((v for v in volumes if v.id == "whole"), None)
         return next((v for v in volumes if v.id == str(spec.partition)), None)
     return None
-
-
-def build_mount_table(root_fs, volumes, open_fs):
-    """See `rescue.guest.merged.build_mount_table` (kept here for callers that import it from fstab)."""
-    from .merged import build_mount_table as build
-
-    return build(root_fs, volumes, open_fs)

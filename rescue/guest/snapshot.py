@@ -262,7 +262,7 @@ class Snapshot:
 
     def _stitch(self, root: FileSystem) -> FileSystem:
         try:
-            from .fstab import build_mount_table
+            from .merged import build_mount_table
         except ImportError:
             return root
         try:

@@ -32,6 +32,7 @@ from .cache import IndexCache, source_key
 from .compressed import (CompressedSource, Progress, deflate_as_gzip, detect_codec,
                          open_compressed)
 from .fileobj import SourceFile
+from .summary import ArchiveSummary
 
 # APPNOTE 4.3.7: the local header precedes each member's data; its name and
 # extra lengths may differ from the central directory's, so we read it.
@@ -206,28 +207,6 @@ def _read_zip_table(source: ByteSource) -> list[Member]:
     return members
 
 
-class ArchiveSummary(dict):
-    """What `inspect` shows about the archive around the disk: plain data for
-    --json, one readable line for the terminal."""
-
-    def __str__(self) -> str:
-        kind = self["format"] + (f".{CODEC_SUFFIX.get(self['compression'], self['compression'])}"
-                                 if self.get("compression") and self["format"] != "compressed"
-                                 else "")
-        if self["format"] == "compressed":
-            kind = f"{self['compression']}-compressed disk"
-        text = kind
-        if self.get("member"):
-            files = [m for m in self.get("members", []) if m["type"] in ("file", "sparse")]
-            text += f", member {self['member']} (of {len(files)} file{'s' if len(files) != 1 else ''})"
-        if self.get("inside"):
-            text += f", inside {self['inside']}"
-        for note in self.get("notes", []):
-            text += f"; note: {note}"
-        return text
-
-
-CODEC_SUFFIX = {"gzip": "gz", "zstd": "zst", "xz": "xz", "bzip2": "bz2"}
 
 
 

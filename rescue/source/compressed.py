@@ -38,6 +38,7 @@ from ..errors import DamagedRange, SourceError
 from .base import ByteSource, BytesSource, Window
 from .cache import IndexCache
 from .fileobj import SourceFile
+from .summary import ArchiveSummary
 
 log = logging.getLogger("rescue.source")
 
@@ -119,7 +120,6 @@ class CompressedSource:
 
     def archive_info(self):
         """For `inspect`: a bare compressed disk (or one inside an archive member)."""
-        from .archive import ArchiveSummary
         info = ArchiveSummary(format="compressed", compression=self.codec, size=self.size)
         if self.notes:
             info["notes"] = list(self.notes)
