@@ -77,3 +77,81 @@ class TargetError(RescueError):
 class DamagedRange(OSError):
     """Raised by byte sources for a damaged region only (bad compressed
     cluster, table pointing past the end); the caller skips what needs it."""
+
+
+# --- Classification of bad bytes --------------------------------------------
+#
+# A parser or a decoding library fed damaged bytes raises its own exception
+# (construct's StreamError, struct.error, IndexError from a short slice,
+# zlib.error, lzma/XZError, ZstdError, zipfile's NotImplementedError for a
+# "newer" version, OSError for a seek to a negative offset...). None of them
+# may reach the user as a traceback or an "internal error": each layer's
+# boundary (source openers and unwrappers, the disk FORMATS registry, volume
+# discovery, filesystem opening, archive readers) runs its parsing inside
+# `classify()`, which turns exactly these into that layer's RescueError,
+# naming the file and what was being read. Everything else (TypeError,
+# AttributeError, AssertionError, ...) is a bug in rescue and stays one.
+# DamagedRange passes through untouched: it already means "skip this range".
+
+def _library_errors() -> tuple[type[BaseException], ...]:
+    import lzma
+    import struct
+    import tarfile
+    import zipfile
+    import zlib
+
+    found: list[type[BaseException]] = [
+        struct.error, IndexError, KeyError, ValueError, EOFError, OverflowError, ZeroDivisionError,
+        NotImplementedError, RecursionError, OSError, zlib.error, lzma.LZMAError,
+        tarfile.TarError, zipfile.BadZipFile, zipfile.LargeZipFile,
+    ]
+    for module, name in (("construct", "ConstructError"), ("xz", "XZError"),
+                         ("zstandard", "ZstdError")):
+        try:
+            found.append(getattr(__import__(module), name))
+        except (ImportError, AttributeError):   # an optional decoder not installed
+            pass
+    return tuple(found)
+
+
+BAD_BYTES: tuple[type[BaseException], ...] = _library_errors()
+
+
+def describe(exc: BaseException) -> str:
+    """A library exception as a short phrase for one line: construct's
+    two-line 'Error in path (parsing) -> field / stream read less...' becomes
+    'field blocksize: stream read less than specified amount, ...'."""
+    text = " ".join(part.strip() for part in str(exc).splitlines() if part.strip())
+    if text.startswith("Error in path (parsing) -> "):
+        path, _, rest = text[len("Error in path (parsing) -> "):].partition(" ")
+        text = f"field {path}: {rest}" if rest else f"field {path}"
+    if not text:
+        text = "no details"
+    return f"{type(exc).__name__}: {text}" if type(exc).__module__ == "builtins" else text
+
+
+def is_bad_bytes(exc: BaseException) -> bool:
+    """True for what damaged input makes a parser raise (see BAD_BYTES);
+    False for RescueError and DamagedRange (already classified) and for bugs."""
+    return isinstance(exc, BAD_BYTES) and not isinstance(exc, (RescueError, DamagedRange))
+
+
+class classify:
+    """Context manager at a layer's boundary: a parser's or library's
+    exception on bad bytes becomes `error(f"{what}: {why}", file=file, hint=hint)`.
+
+        with classify(DiskFormatError, "qcow2 header", file=source.name):
+            header = Header.parse(raw)
+    """
+
+    def __init__(self, error: type[RescueError], what: str, *, file: str | None = None,
+                 hint: str | None = None) -> None:
+        self.error, self.what, self.file, self.hint = error, what, file, hint
+
+    def __enter__(self) -> "classify":
+        return self
+
+    def __exit__(self, kind, exc, tb) -> bool:
+        if exc is not None and is_bad_bytes(exc):
+            raise self.error(f"{self.what}: {describe(exc)}", file=self.file, hint=self.hint) from exc
+        return False
