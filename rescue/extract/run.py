@@ -15,6 +15,7 @@ from typing import Callable, Iterator
 from ..errors import GuestPathError, RescueError, TargetError
 from ..fs.base import DIR, FILE, SOCKET, Entry, FileReadError, FileSystem
 from .base import Content, Item, Sink
+from .manifest import ManifestWriter
 from .select import excluded, output_name, resolve_selection, unsafe_name
 
 # A file claiming more than this is not a real file (ext4's own limit is 16 TiB).
@@ -176,9 +177,12 @@ def _walk(fs: FileSystem, top: Entry, shown: str, options: ExtractOptions,
 
 def extract(fs: FileSystem, sink: Sink, options: ExtractOptions, *,
             users: dict[int, str] | None = None, groups: dict[int, str] | None = None,
-            progress: Progress | None = None, planned: Plan | None = None) -> Report:
+            progress: Progress | None = None, planned: Plan | None = None,
+            manifest: "ManifestWriter | None" = None, embed_manifest: bool = False) -> Report:
     """Write the selection into `sink`. TargetError ends the run (after
-    sink.abort()); damaged files are skipped and listed in the report."""
+    sink.abort()); damaged files are skipped and listed in the report.
+    With `manifest`, every item written is recorded with the SHA-256 of the
+    bytes the sink took; `embed_manifest` stores it in the target as well."""
     started = time.monotonic()
     users, groups = users or {}, groups or {}
     work = planned or plan(fs, options)
@@ -190,6 +194,8 @@ def extract(fs: FileSystem, sink: Sink, options: ExtractOptions, *,
             entry, name = planned_item.entry, planned_item.name
             if entry.kind == SOCKET:
                 report.skipped.append(Skipped(entry.path, "socket: sockets cannot be archived"))
+                if manifest is not None:
+                    manifest.skip(name, "socket: sockets cannot be archived")
                 continue
             item = Item(name=name, entry=entry, user=users.get(entry.uid), group=groups.get(entry.gid))
             key = (getattr(entry, "dev", 0), entry.inode)
@@ -206,13 +212,21 @@ def extract(fs: FileSystem, sink: Sink, options: ExtractOptions, *,
                 why = check_file(fs, entry)
                 if why:
                     report.skipped.append(Skipped(entry.path, why))
+                    if manifest is not None:
+                        manifest.skip(name, why)
                     continue
                 item.content = _content(fs, entry)
+            if manifest is not None:
+                manifest.wrap(item)
             try:
                 sink.add(item)
             except FileReadError as exc:
                 report.skipped.append(Skipped(entry.path, f"damaged: {exc}"))
+                if manifest is not None:
+                    manifest.skip(name, f"damaged: {exc}")
                 continue
+            if manifest is not None:
+                manifest.written(item)
             if entry.kind != DIR and entry.nlink > 1 and not is_repeat:
                 first_name[key] = name
             if is_repeat:
@@ -229,6 +243,8 @@ def extract(fs: FileSystem, sink: Sink, options: ExtractOptions, *,
                 report.others += 1
             if progress:
                 progress(done_bytes, report.entries, entry.path)
+        if manifest is not None and embed_manifest:
+            _embed(sink, manifest, work, report)
         result = sink.close()
     except (TargetError, KeyboardInterrupt):
         sink.abort()
@@ -241,10 +257,25 @@ def extract(fs: FileSystem, sink: Sink, options: ExtractOptions, *,
     # A remote target may accept a file into its batch and then fail to store it.
     for name, size in getattr(result, "not_arrived", []):
         report.skipped.append(Skipped(name, "did not arrive at the target"))
+        if manifest is not None:
+            manifest.not_arrived(name)
         report.files -= 1
         report.bytes -= size
     report.seconds = time.monotonic() - started
     return report
+
+
+def _embed(sink: Sink, manifest: "ManifestWriter", work: Plan, report: Report) -> None:
+    """Store the manifest as the target's last entry (a tar's last member)."""
+    from .manifest import MANIFEST_NAME
+    if any(p.name == MANIFEST_NAME for p in work.items):
+        report.warnings.append(f"the selection holds a file named {MANIFEST_NAME} at the top; "
+                               "the manifest was not stored inside the target")
+        return
+    try:
+        sink.add(manifest.as_item())
+    except FileReadError as exc:
+        report.warnings.append(f"the manifest could not be stored inside the target: {exc}")
 
 
 def check_file(fs: FileSystem, entry: Entry) -> str | None:
