@@ -315,6 +315,10 @@ def extract(snapshot: str = SnapshotArg,
             volume: Optional[str] = VolumeOpt, member: Optional[str] = MemberOpt,
             backing: Optional[str] = BackingOpt, qsnap: Optional[str] = QSnapOpt, backend: str = BackendOpt,
             partial: bool = PartialOpt, disk: List[str] = DiskOpt,
+            manifest: Optional[str] = typer.Option(None, "--manifest", metavar="FILE",
+                                                   help="Also write the manifest (every entry with its SHA-256) to FILE."),
+            embed_manifest: bool = typer.Option(False, "--embed-manifest",
+                                                help="Store the manifest inside the target as .rescue-manifest.jsonl."),
             as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON.")) -> None:
     """Copy directories out of the snapshot into a tarball, a folder, or a remote target.
 
@@ -348,7 +352,11 @@ def extract(snapshot: str = SnapshotArg,
                     update(done, files)
                     if list_:
                         err.print(_visible(path), markup=False)
-                report = run_extract(fs, sink, options, users=users, groups=groups, progress=progress, planned=work)
+                writer = _manifest_writer(snapshot, options) if (manifest or embed_manifest) else None
+                report = run_extract(fs, sink, options, users=users, groups=groups, progress=progress, planned=work,
+                                     manifest=writer, embed_manifest=embed_manifest)
+            if writer is not None and manifest:
+                _write_manifest(writer, manifest)
             from .source.stats import bytes_fetched
             fetched = bytes_fetched(snap.source)
             read_from_image = getattr(snap.source, "bytes_read", None)
@@ -373,6 +381,19 @@ def extract(snapshot: str = SnapshotArg,
                 line += f"; {len(report.skipped)} skipped (listed above)"
             err.print(line, markup=False)
         raise typer.Exit(EXIT_PARTIAL if report.skipped else EXIT_OK)
+
+
+def _manifest_writer(snapshot: str, options):
+    from .extract.manifest import ManifestWriter
+    return ManifestWriter.for_extract(snapshot, options.paths, options.excludes, options.strip_components)
+
+
+def _write_manifest(writer, path: str) -> None:
+    from .errors import TargetError
+    try:
+        writer.write_file(path)
+    except OSError as exc:
+        raise TargetError(f"cannot write the manifest: {exc.strerror or exc}", file=path) from None
 
 
 def _render_plan(work, list_: bool, as_json: bool) -> None:
@@ -422,6 +443,80 @@ def _progress(total: int, quiet: bool):
     finally:
         if bar is not None:
             bar.stop()
+
+
+# -- verify -----------------------------------------------------------------------
+
+@app.command()
+def verify(args: List[str] = typer.Argument(..., metavar="[SNAPSHOT] TARGET",
+                                            help="The snapshot (optional with --manifest) and what an extract wrote."),
+           manifest: Optional[str] = typer.Option(None, "--manifest", metavar="FILE",
+                                                  help="Compare with this manifest (from extract --manifest)."),
+           paths: List[str] = typer.Option([], "--path", "-p", metavar="PATH",
+                                           help="The --path the extract used (default: from the manifest, else /)."),
+           exclude: List[str] = typer.Option([], "--exclude", "-x", metavar="GLOB", help="The --exclude the extract used."),
+           strip_components: Optional[int] = typer.Option(None, "--strip-components", metavar="N"),
+           volume: Optional[str] = VolumeOpt, member: Optional[str] = MemberOpt,
+           backing: Optional[str] = BackingOpt, qsnap: Optional[str] = QSnapOpt, backend: str = BackendOpt,
+           partial: bool = PartialOpt, disk: List[str] = DiskOpt,
+           as_json: bool = typer.Option(False, "--json", help="Print the result as JSON.")) -> None:
+    """Check that a tarball, folder, rsync or rclone target holds exactly what the snapshot (or a manifest) does.
+
+    Lists what is missing, extra or different; exit 0 when equal, 1 otherwise.
+
+    \b
+    Examples:
+      rescue verify snapshot.qcow2 volumes.tar.zst --path /var/lib/docker/volumes
+      rescue verify --manifest volumes.manifest.jsonl rsync://backup/mod/volumes/
+    """
+    from .extract.manifest import read_manifest
+    from .extract.verify import verify_target
+    if len(args) not in (1, 2):
+        err.print("rescue: verify takes [SNAPSHOT] TARGET", markup=False)
+        raise typer.Exit(EXIT_ERROR)
+    snapshot, target = (args[0], args[1]) if len(args) == 2 else (None, args[0])
+    with _errors(snapshot):
+        given = None
+        if manifest:
+            try:
+                with open(manifest, "rb") as f:
+                    given = read_manifest(f, manifest)
+            except OSError as exc:
+                raise RescueError(f"cannot read the manifest: {exc.strerror or exc}", file=manifest,
+                                  layer="verify") from None
+        if snapshot is None:
+            report = verify_target(target, manifest=given)
+        else:
+            with _open(snapshot, volume, member, backing, qsnap, backend, partial, disk) as snap:
+                fs = snap.filesystem()
+
+                def expected(header):
+                    from .extract.run import ExtractOptions
+                    from .extract.verify import expected_from_snapshot
+                    header = header or {}
+                    options = ExtractOptions(paths=paths or header.get("paths") or ["/"],
+                                             excludes=exclude or header.get("excludes") or [],
+                                             strip_components=strip_components if strip_components is not None
+                                             else int(header.get("strip_components") or 0))
+                    return expected_from_snapshot(fs, options)
+
+                report = verify_target(target, manifest=given, snapshot_expected=expected)
+        if as_json:
+            _print_json(report.to_json())
+        else:
+            for name in report.missing:
+                out.print(f"missing:   {_visible(name)}", markup=False)
+            for name in report.extra:
+                out.print(f"extra:     {_visible(name)}", markup=False)
+            for name, fields in report.different:
+                out.print(f"different: {_visible(name)}: {_visible('; '.join(fields))}", markup=False)
+            for note in report.notes:
+                err.print(f"note: {_visible(note)}", markup=False)
+            verdict = "equal" if report.equal else (f"NOT equal: {len(report.missing)} missing, "
+                                                    f"{len(report.extra)} extra, {len(report.different)} different")
+            err.print(f"{report.target} ({report.kind}) vs {report.expected_from}: {report.compared} entries "
+                      f"compared, {verdict}", markup=False)
+        raise typer.Exit(EXIT_OK if report.equal else EXIT_PARTIAL)
 
 
 # -- convert ----------------------------------------------------------------------
