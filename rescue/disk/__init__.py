@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from importlib import import_module
 
+from ..errors import DiskFormatError, classify
 from ..source.base import ByteSource
 from .base import DiskImage, DiskInfo, DiskOptions, RawDisk
 
@@ -28,8 +29,13 @@ def open_disk(source: ByteSource, options: DiskOptions | None = None) -> DiskIma
     """Open the virtual disk stored in `source` (raw if no container is recognised)."""
     options = options or DiskOptions()
     for reader in _readers():
-        if reader.detect(source):
-            return reader.open(source, options)
+        # The layer's boundary: a reader's parser choking on damaged bytes
+        # (construct, struct, IndexError, plistlib, zlib...) is a DiskFormatError.
+        kind = reader.__name__.rsplit(".", 1)[-1]
+        with classify(DiskFormatError, f"{kind} image is damaged", file=source.name,
+                      hint="the file may be truncated or corrupt; re-download it and compare its checksum"):
+            if reader.detect(source):
+                return reader.open(source, options)
     return RawDisk(source)
 
 

@@ -29,7 +29,7 @@ from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Iterator, NamedTuple
 
-from ..errors import DamagedRange
+from ..errors import BAD_BYTES, DamagedRange, describe, is_bad_bytes
 from ..source.base import ByteSource, Run, runs as source_runs
 from .base import DiskImage
 
@@ -171,7 +171,28 @@ class MappedDisk(DiskImage):
         raise NotImplementedError
 
     def _table(self, index: int) -> tuple[list[int], list[Extent]]:
-        return self._tables.get(index, lambda: self._decode_table(index))
+        return self._tables.get(index, lambda: self._decode_table_checked(index))
+
+    # The read path's boundary: a table or a compressed unit that a reader's
+    # parser or a decompressor chokes on damages that range only (DamagedRange:
+    # the caller skips what needs it), never the whole command.
+
+    def _decode_table_checked(self, index: int) -> tuple[list[int], list[Extent]]:
+        try:
+            return self._decode_table(index)
+        except BAD_BYTES as exc:
+            if not is_bad_bytes(exc):
+                raise
+            raise DamagedRange(f"{self.name}: table {index} is damaged: {describe(exc)}") from None
+
+    def _inflate_checked(self, descriptor: Any, raw: bytes) -> bytes:
+        try:
+            return self._inflate(descriptor, raw)
+        except BAD_BYTES as exc:
+            if not is_bad_bytes(exc):
+                raise
+            raise DamagedRange(f"{self.name}: compressed data at offset {descriptor[0]} is damaged: "
+                               f"{describe(exc)}") from None
 
     def _map(self, offset: int, length: int) -> Iterator[Piece]:
         """The pieces of [offset, offset+length) (inside the disk), in order.
@@ -288,7 +309,7 @@ class MappedDisk(DiskImage):
                 out = self._inflate_many(missing)
         for u in units:
             if u not in out:
-                out[u] = self._clusters.get(u, lambda: self._inflate(u, self.source.read(u[0], u[1])))
+                out[u] = self._clusters.get(u, lambda: self._inflate_checked(u, self.source.read(u[0], u[1])))
         return out
 
     def _inflate_many(self, descriptors: list) -> dict[Any, bytes]:
@@ -314,7 +335,7 @@ class MappedDisk(DiskImage):
         batches = [descriptors[i:i + step] for i in range(0, len(descriptors), step)]
         out: dict[Any, bytes] = {}
         for batch, results in zip(batches, _pool().map(
-                lambda batch: [self._inflate(d, raw[d]) for d in batch], batches)):
+                lambda batch: [self._inflate_checked(d, raw[d]) for d in batch], batches)):
             out.update(zip(batch, results))
         for d in descriptors[-self._clusters.capacity:]:
             self._clusters.put(d, out[d])

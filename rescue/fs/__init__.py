@@ -13,12 +13,13 @@ from __future__ import annotations
 from importlib import import_module
 from typing import Iterator
 
-from ..errors import FilesystemError
+from ..errors import FilesystemError, classify
 from ..source.base import ByteSource
 from .base import FileSystem
 
 # Readers are imported only when a volume is opened (start-up stays small).
 FILESYSTEMS: list[str] = [
+    "ext:ExtFileSystem",
     "tsk:TskFileSystem",   # fallback: claims anything its library may read
 ]
 BACKENDS = ("auto", "tsk", "guestfs")   # --backend: the registry, TSK only, libguestfs only
@@ -38,10 +39,13 @@ def open_filesystem(source: ByteSource, name: str | None = None, backend: str = 
     for reader in readers():
         if backend not in ("auto", reader.backend):
             continue
-        if not reader.detect(source):
-            continue
         try:
-            return reader(source, name=name)
+            # The layer's boundary: a reader's parser choking on damaged
+            # metadata is a FilesystemError naming the reader, never a traceback.
+            with classify(FilesystemError, f"{reader.backend} metadata is damaged", file=name or source.name):
+                if not reader.detect(source):
+                    continue
+                return reader(source, name=name)
         except FilesystemError as exc:
             first = first or exc
     if first is not None:

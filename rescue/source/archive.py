@@ -25,7 +25,7 @@ from typing import Iterator
 
 from construct import Const, Int16ul, Int32ul, Struct
 
-from ..errors import SourceError
+from ..errors import BAD_BYTES, SourceError, classify, describe, is_bad_bytes
 from ..units import human_size
 from .base import ByteSource, Run, Window
 from .cache import IndexCache, source_key
@@ -156,10 +156,15 @@ def _read_tar_table(source: ByteSource, progress: Progress | None = None) -> lis
             members.append(Member(name=info.name, size=info.size, type=_tar_type(info),
                                   offset=info.offset_data, stored=stored if info.isreg() else 0,
                                   sparse=sparse, target=info.linkname or ""))
-    except (tarfile.TarError, EOFError, OSError, ValueError) as exc:
-        raise SourceError(f"tar archive is damaged after {len(members)} members: {exc}",
+    except BAD_BYTES as exc:
+        if not is_bad_bytes(exc) and not isinstance(exc, OSError):   # DamagedRange: the stream is damaged there
+            raise
+        raise SourceError(f"tar archive is damaged after {len(members)} members: {describe(exc)}",
                           file=source.name, hint="re-download the snapshot and compare its checksum") from None
     for m in members:
+        if m.size < 0 or m.offset < 0:   # base-256 header fields may be negative
+            raise SourceError(f"tar member {m.name!r} claims a negative size or offset ({m.size}, {m.offset})",
+                              file=source.name, hint="the archive is damaged")
         if m.type == "sparse" and not _sparse_map_ok(m):
             raise SourceError(f"tar member {m.name!r} has an inconsistent sparse map "
                               f"({len(m.sparse)} runs for a {m.size}-byte file)",
@@ -179,13 +184,20 @@ def _read_zip_table(source: ByteSource) -> list[Member]:
             if len(infos) > MAX_MEMBERS:
                 raise SourceError(f"zip holds {len(infos)} members; this is not a disk snapshot",
                                   file=source.name)
-            for info in infos:
+            for number, info in enumerate(infos, 1):
+                if not info.filename:
+                    raise SourceError(f"zip member {number} has an empty name", file=source.name,
+                                      hint="the zip is damaged; unpack what is readable with unzip or 7z")
                 kind = "dir" if info.is_dir() else "file"
                 offset = 0
                 if kind == "file":
                     if info.flag_bits & 0x1:
                         raise SourceError(f"zip member {info.filename!r} is encrypted",
                                           file=source.name, hint="unpack it with the password first")
+                    if info.header_offset < 0 or info.compress_size < 0:   # a central directory offset
+                        raise SourceError(f"zip member {info.filename!r} lies before the start of the "  # too large
+                                          f"file (local header at {info.header_offset})", file=source.name,
+                                          hint="the zip is damaged or truncated at its start")
                     raw = source.read(info.header_offset, ZIP_LOCAL_HEADER_SIZE)
                     try:
                         head = ZipLocalHeader.parse(raw)
@@ -201,8 +213,10 @@ def _read_zip_table(source: ByteSource) -> list[Member]:
                 members.append(Member(name=info.filename, size=info.file_size, type=kind,
                                       offset=offset, stored=info.compress_size,
                                       method=info.compress_type, crc=info.CRC))
-    except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, ValueError, EOFError) as exc:
-        raise SourceError(f"zip archive is damaged: {exc}", file=source.name,
+    except BAD_BYTES as exc:
+        if not is_bad_bytes(exc):
+            raise
+        raise SourceError(f"zip archive is damaged: {describe(exc)}", file=source.name,
                           hint="re-download the snapshot and compare its checksum") from None
     return members
 
@@ -474,7 +488,9 @@ def describe_archive(source: ByteSource, *, progress: Progress | None = None) ->
     """Format, compression and members of `source` (None when it is not an archive)."""
     if detect_codec(source) is None and not _is_tar(source) and not _is_zip(source):
         return None
-    archive = Archive(source, progress=progress)
+    with classify(SourceError, "damaged or truncated archive or compressed stream", file=source.name,
+                  hint="re-download the snapshot and compare its checksum"):
+        archive = Archive(source, progress=progress)
     try:
         return archive.info()
     finally:

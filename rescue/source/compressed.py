@@ -34,7 +34,7 @@ from typing import Callable
 
 from construct import BitsInteger, BitStruct, Flag
 
-from ..errors import DamagedRange, SourceError
+from ..errors import BAD_BYTES, DamagedRange, SourceError, describe, is_bad_bytes
 from .base import ByteSource, BytesSource, Window
 from .cache import IndexCache
 from .fileobj import SourceFile
@@ -379,28 +379,29 @@ class XzSource(CompressedSource):
     codec = "xz"
 
     def __init__(self, source: ByteSource, *, name: str | None = None, **_ignored) -> None:
-        import lzma
-
         import xz
         super().__init__(source, name)
         try:
             self._f = xz.open(SourceFile(source), "rb")
             self.size = len(self._f)
             blocks = len(self._f.block_boundaries)
-        except (xz.XZError, lzma.LZMAError, EOFError, ValueError) as exc:
-            raise self._error(f"xz data is damaged or truncated: {exc}",
+        except BAD_BYTES as exc:   # XZError, LZMAError, and OSError for a seek before the start
+            if not is_bad_bytes(exc):
+                raise
+            raise self._error(f"xz data is damaged or truncated: {describe(exc)}",
                               hint="re-download the snapshot and compare its checksum") from None
         if blocks <= 1 and self.size > 4 * CACHE_CHUNK * CACHE_CHUNKS:
             self._note_single_block("xz stream has a single block")
         self._cache = _ChunkCache(self._fetch)
 
     def _fetch(self, offset: int) -> bytes:
-        import lzma
         try:
             self._f.seek(offset)
             return self._f.read(CACHE_CHUNK)
-        except (lzma.LZMAError, EOFError, ValueError) as exc:
-            raise DamagedRange(f"{self.name}: xz data at {offset}: {exc}") from None
+        except BAD_BYTES as exc:   # XZError "Corrupt input data", LZMAError, EOFError...
+            if not is_bad_bytes(exc):
+                raise
+            raise DamagedRange(f"{self.name}: xz data at {offset}: {describe(exc)}") from None
 
     def _close_stream(self) -> None:
         try:

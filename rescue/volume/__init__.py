@@ -6,6 +6,7 @@ probed for its content (filesystem type, label, UUID).
 
 from __future__ import annotations
 
+from ..errors import BAD_BYTES, describe, is_bad_bytes
 from ..source.base import ByteSource, Window
 from .base import Volume, VolumeMap
 from .partitions import find_partitions
@@ -15,8 +16,10 @@ from .probe import probe
 def _probe_into(volume: Volume) -> None:
     try:
         found = probe(volume.source)
-    except OSError as exc:
-        volume.details["probe_error"] = str(exc)
+    except BAD_BYTES as exc:   # DamagedRange, or a superblock parser choking on damaged bytes
+        if not isinstance(exc, OSError) and not is_bad_bytes(exc):
+            raise
+        volume.details["probe_error"] = describe(exc)
         return
     volume.filesystem, volume.label, volume.uuid = found.type, found.label, found.uuid
     for key in ("used", "free"):
@@ -37,8 +40,10 @@ def discover(disks: list[ByteSource] | ByteSource) -> VolumeMap:
         # looks like an MBR to TSK.
         try:
             bare_type = probe(disk).type
-        except OSError as exc:   # DamagedRange in the first blocks: still look for a table
-            warnings.append(f"the start of disk {prefix or '0'} is damaged: {exc}")
+        except BAD_BYTES as exc:   # DamagedRange or damaged superblock bytes: still look for a table
+            if not isinstance(exc, OSError) and not is_bad_bytes(exc):
+                raise
+            warnings.append(f"the start of disk {prefix or '0'} is damaged: {describe(exc)}")
             bare_type = None
         kind, parts = (None, []) if bare_type else find_partitions(disk)
         tables.append(kind)
