@@ -236,3 +236,48 @@ def test_verify_needs_something_to_compare_with(tmp_path):
 def test_verify_of_a_missing_target_is_one_line(tmp_path):
     res = rescue("verify", str(SAMPLE), str(tmp_path / "nope.tar"), check_readonly=False)
     assert res.returncode == 2 and b"does not exist" in res.stderr, explain(res)
+
+
+# -- rsync and rclone targets (real servers on 127.0.0.1, see remote_servers.py) ----------
+
+def _remote_fixtures():
+    import remote_servers
+    return remote_servers
+
+
+@pytest.mark.skipif(not shutil.which("rsync"), reason="rsync is not installed")
+@pytest.mark.parametrize("damage", [None, "flipped byte", "changed symlink target"])
+def test_verify_rsync_daemon_target(tmp_path, damage):
+    rs = _remote_fixtures()
+    with rs.RsyncDaemon(tmp_path / "rsyncd") as daemon:
+        url = daemon.url("open", "v/")
+        man = tmp_path / "m.jsonl"
+        _extract(url, "--manifest", str(man), "--devices")
+        if damage:
+            _damage_dir(daemon.open_dir / "v", damage)
+        res, rep = _verify("--manifest", str(man), url)
+        if damage is None:
+            assert res.returncode == 0 and rep["equal"] and rep["kind"] == "rsync", explain(res) + json.dumps(rep)
+        else:
+            _, where, name, detail = TAR_DAMAGE[damage]
+            assert res.returncode == 1, explain(res)
+            _assert_found(rep, where, name, detail)
+
+
+@pytest.mark.skipif(not shutil.which("rclone"), reason="rclone is not installed")
+@pytest.mark.parametrize("damage", [None, "missing file", "flipped byte"])
+def test_verify_rclone_target(tmp_path, monkeypatch, damage):
+    rs = _remote_fixtures()
+    with rs.RcloneSftp(tmp_path / "rclone") as server:
+        server.use(monkeypatch)
+        url = f"rclone:{server.name}:v/"
+        _extract(url, "--embed-manifest")
+        if damage:
+            _damage_dir(server.root / "v", damage)
+        res, rep = _verify(str(SAMPLE), url)
+        if damage is None:
+            assert res.returncode == 0 and rep["equal"] and rep["kind"] == "rclone", explain(res) + json.dumps(rep)
+        else:
+            _, where, name, detail = TAR_DAMAGE[damage]
+            assert res.returncode == 1, explain(res)
+            _assert_found(rep, where, name, detail)
