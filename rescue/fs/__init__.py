@@ -20,6 +20,7 @@ from .base import FileSystem
 # Readers are imported only when a volume is opened (start-up stays small).
 FILESYSTEMS: list[str] = [
     "ext:ExtFileSystem",
+    "xfs:XfsFileSystem",
     "tsk:TskFileSystem",   # fallback: claims anything its library may read
 ]
 BACKENDS = ("auto", "tsk", "guestfs")   # --backend: the registry, TSK only, libguestfs only
