@@ -47,6 +47,8 @@ XfsSuperblock = Struct(
     "uuid" / Bytes(16),
     Padding(0x6C - 0x30),
     "fname" / Bytes(12),
+    Padding(0x90 - 0x78),
+    "fdblocks" / Int64ub,            # free data blocks (xfs_format.h sb_fdblocks)
 )
 
 BtrfsSuperblock = Struct(  # at 64 KiB
@@ -120,9 +122,10 @@ def _probe_ext(head: bytes) -> Probe | None:
 def _probe_xfs(head: bytes) -> Probe | None:
     if head[:4] != b"XFSB":
         return None
-    sb = XfsSuperblock.parse(head[:0x78])
+    sb = XfsSuperblock.parse(head[:0x98])
+    size, free = sb.dblocks * sb.blocksize, sb.fdblocks * sb.blocksize
     return Probe("xfs", _text(sb.fname), str(uuid_mod.UUID(bytes=sb.uuid)),
-                 size=sb.dblocks * sb.blocksize, block_size=sb.blocksize)
+                 size=size, used=max(0, size - free), free=free, block_size=sb.blocksize)
 
 
 def _probe_fat(head: bytes) -> Probe | None:
