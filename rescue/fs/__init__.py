@@ -21,6 +21,7 @@ from .base import FileSystem
 FILESYSTEMS: list[str] = [
     "ext:ExtFileSystem",
     "xfs:XfsFileSystem",
+    "btrfs:BtrfsFileSystem",
     "tsk:TskFileSystem",   # fallback: claims anything its library may read
 ]
 BACKENDS = ("auto", "tsk", "guestfs")   # --backend: the registry, TSK only, libguestfs only

@@ -21,7 +21,7 @@ from .valuables import find_valuables
 # Filesystems that hold no files to rescue.
 NOT_FILESYSTEMS = {"swap", "LVM2_member", "crypto_LUKS", "jbd", "BitLocker"}
 # What The Sleuth Kit cannot read; libguestfs can (Linux only).
-GUESTFS_ONLY = {"btrfs", "f2fs", "reiserfs", "jfs", "zfs_member"}
+GUESTFS_ONLY = {"f2fs", "reiserfs", "jfs", "zfs_member"}
 
 
 @dataclass
