@@ -9,15 +9,18 @@ created as links and never followed, and device nodes need root and --devices.
 from __future__ import annotations
 
 import errno
+import hashlib
 import os
 import stat
 
 from ..errors import TargetError
 from ..fs.base import BLOCK, CHAR, DIR, FIFO, FILE, SYMLINK, FileReadError
 from .base import Item, Sink, SinkResult
+from .copy import copy_to_fd
 from .select import unsafe_name
 
 IS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
+TEMP_SUFFIX = ".rescue-part"   # a file being written: renamed to its real name when complete
 
 
 class DirectorySink(Sink):
@@ -43,6 +46,8 @@ class DirectorySink(Sink):
         self.bytes = 0
         self.warnings: list[str] = []
         self._warned: set[str] = set()
+        self._real_temp_like: set[str] = set()   # image files written here whose names end in TEMP_SUFFIX
+        self._temp_counter = 0
 
     def _warn_once(self, key: str, text: str) -> None:
         if key not in self._warned:
@@ -130,7 +135,8 @@ class DirectorySink(Sink):
             if e.kind == DIR:
                 self._mkdir(path)
             elif e.kind == FILE:
-                self._write_file(path, item)
+                self._write_file_into_place(path, item)
+                return
             elif e.kind == SYMLINK:
                 os.symlink(e.link_target or "", path)
                 self._dirs_ok.discard(path)
@@ -157,52 +163,56 @@ class DirectorySink(Sink):
             raise FileReadError(f"cannot create {item.name}: {exc.strerror or exc}") from None
         self._apply_metadata(path, item)
 
-    def _write_file(self, path: str, item: Item) -> None:
-        content = item.content
-        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_BINARY", 0)
-        fd = os.open(path, flags, 0o600)
+    def _write_file_into_place(self, path: str, item: Item) -> None:
+        """Write under a temporary name beside `path` and rename it into place
+        once complete, with its metadata: an interruption (Ctrl-C, SIGTERM,
+        SIGHUP; even SIGKILL or a power cut) never leaves a cut-off file under
+        its real name, only a `.NAME.rescue-part` that the next run replaces."""
+        temp, fd = self._open_temp(path)
         try:
-            if content is not None and content.size:
-                ranges = content.data_ranges()
-                if ranges is not None and content.read_range is not None and \
-                        sum(length for _, length in ranges) < content.size:
-                    for offset, length in ranges:   # holes stay holes
-                        pos = offset
-                        while pos < offset + length:
-                            n = min(1 << 20, offset + length - pos)
-                            data = content.read_range(pos, n)
-                            if len(data) != n:
-                                raise FileReadError(f"{item.entry.path}: short read at offset {pos}")
-                            self._pwrite(fd, data, pos, path)
-                            pos += n
-                    os.ftruncate(fd, content.size)
-                else:
-                    pos = 0
-                    for chunk in content.chunks():
-                        self._pwrite(fd, chunk, pos, path)
-                        pos += len(chunk)
-                    if pos != content.size:
-                        raise FileReadError(f"{item.entry.path}: read {pos} of {content.size} bytes")
+            self._write_file(temp, fd, item)
+            self._apply_metadata(temp, item)
+            os.replace(temp, path)
         except BaseException:
-            os.close(fd)
             try:
-                os.unlink(path)   # no half-written file under the real name
+                os.unlink(temp)
             except OSError:
                 pass
             raise
-        os.close(fd)
+        if path.endswith(TEMP_SUFFIX):   # an image's own file with our suffix: never taken for a stale one
+            self._real_temp_like.add(path)
         self.files += 1
-        self.bytes += content.size if content else 0
+        self.bytes += item.content.size if item.content else 0
 
-    def _pwrite(self, fd: int, data: bytes, pos: int, path: str) -> None:
-        view = memoryview(data)
-        while view:
+    def _open_temp(self, path: str) -> tuple[str, int]:
+        head, leaf = os.path.split(path)
+        if len(os.fsencode(leaf)) > 200:   # room for the affixes within NAME_MAX (255)
+            leaf = hashlib.sha1(os.fsencode(leaf)).hexdigest()
+        temp = os.path.join(head, f".{leaf}{TEMP_SUFFIX}")
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_BINARY", 0)
+        for attempt in range(3):
             try:
-                n = os.pwrite(fd, view, pos) if hasattr(os, "pwrite") else _seek_write(fd, view, pos)
-            except OSError as exc:
-                raise self._target_error(exc, path) from None
-            view = view[n:]
-            pos += n
+                return temp, os.open(temp, flags, 0o600)
+            except FileExistsError:
+                if temp in self._real_temp_like or attempt:   # the image's own file: another name
+                    self._temp_counter += 1
+                    temp = os.path.join(head, f".rescue-{os.getpid()}-{self._temp_counter}{TEMP_SUFFIX}")
+                else:   # left by an interrupted run: replaced
+                    self._clear(temp, FILE)
+        raise FileReadError(f"cannot create a temporary file beside {path!r}")
+
+    def _write_file(self, path: str, fd: int, item: Item) -> None:
+        content = item.content
+        try:
+            if content is not None and content.size:
+                try:
+                    copy_to_fd(content, fd, item.entry.path)
+                except FileReadError:
+                    raise
+                except OSError as exc:
+                    raise self._target_error(exc, path) from None
+        finally:
+            os.close(fd)
 
     def _apply_metadata(self, path: str, item: Item) -> None:
         e = item.entry
@@ -263,10 +273,4 @@ class DirectorySink(Sink):
         return SinkResult(target=self.root + os.sep, files=self.files, bytes=self.bytes, warnings=self.warnings)
 
     def abort(self) -> None:
-        pass   # what was written is complete file by file; nothing is half-written
-
-
-def _seek_write(fd: int, data, pos: int) -> int:
-    os.lseek(fd, pos, os.SEEK_SET)
-    return os.write(fd, data)
-
+        pass   # a file being written is removed by add(); every file under its real name is complete

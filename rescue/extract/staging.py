@@ -32,9 +32,9 @@ import tempfile
 from ..errors import TargetError
 from ..fs.base import BLOCK, CHAR, DIR, FIFO, FILE, SOCKET, SYMLINK, Entry
 from .base import Content, Item
+from .copy import copy_to_fd
 
 STAT_XATTR = "user.rsync.%stat"
-_CHUNK = 1 << 20
 _SPECIALS = (CHAR, BLOCK, FIFO, SOCKET)
 
 
@@ -211,41 +211,13 @@ class Staging:
     def _stage_file(self, pfd: int, leaf: str, entry: Entry, content: Content | None) -> int:
         fd = os.open(leaf, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600, dir_fd=pfd)
         try:
-            used = self._write_content(fd, content) if content is not None else 0
+            used = copy_to_fd(content, fd, entry.path, zero_chunks_as_holes=True) if content is not None else 0
             self._apply_meta(fd, entry)
         except BaseException:
             os.close(fd)
             os.unlink(leaf, dir_fd=pfd)      # no partial file ever reaches the target
             raise
         os.close(fd)
-        return used
-
-    @staticmethod
-    def _write_content(fd: int, content: Content) -> int:
-        """Copy the bytes, leaving holes where the source has none (sparse stays
-        sparse and costs no scratch). Returns the data bytes written."""
-        used = 0
-        ranges = content.data_ranges() if content.read_range is not None else None
-        if ranges is not None and content.read_range is not None:
-            for off, length in ranges:
-                pos, end = off, off + length
-                while pos < end:
-                    data = content.read_range(pos, min(_CHUNK, end - pos))
-                    if not data:
-                        from ..fs.base import FileReadError
-                        raise FileReadError(f"short read at offset {pos}")
-                    _pwrite_all(fd, data, pos)
-                    pos += len(data)
-                    used += len(data)
-            os.ftruncate(fd, content.size)
-            return used
-        pos = 0
-        for chunk in content.chunks():
-            if chunk.count(0) != len(chunk):     # all-zero chunks become holes
-                _pwrite_all(fd, chunk, pos)
-                used += len(chunk)
-            pos += len(chunk)
-        os.ftruncate(fd, pos)
         return used
 
     def _apply_meta(self, fd: int, entry: Entry, is_dir: bool = False) -> None:
@@ -387,11 +359,3 @@ class Staging:
 
     def lost_warnings(self, target: str) -> list[str]:
         return [f"{target}: {n} {what} not kept" for what, n in sorted(self.lost.items())]
-
-
-def _pwrite_all(fd: int, data: bytes, pos: int) -> None:
-    view = memoryview(data)
-    while view:
-        n = os.pwrite(fd, view, pos)
-        view = view[n:]
-        pos += n

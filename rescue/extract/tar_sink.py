@@ -19,6 +19,7 @@ from typing import BinaryIO
 from ..errors import TargetError
 from ..fs.base import BLOCK, CHAR, DIR, FIFO, FILE, SYMLINK, FileReadError
 from .base import Item, Sink, SinkResult
+from .copy import data_pieces, sparse_ranges
 
 BLOCKSIZE = tarfile.BLOCKSIZE
 _TYPES = {FILE: tarfile.REGTYPE, DIR: tarfile.DIRTYPE, SYMLINK: tarfile.SYMTYPE,
@@ -131,8 +132,8 @@ class TarSink(Sink):
             ti.size = 0
             self._header(ti)
             return
-        ranges = content.data_ranges()
-        if ranges is not None and _worth_sparse(ranges, content.size) and content.read_range is not None:
+        ranges = sparse_ranges(content)
+        if ranges is not None and _worth_sparse(ranges, content.size):
             self._add_sparse(ti, item, ranges)
         else:
             # The first chunk is read before the header is written: a file unreadable from
@@ -199,16 +200,9 @@ class TarSink(Sink):
         self._out.write(sparse_map + bytes(map_size - len(sparse_map)))
         written = 0
         try:
-            for offset, length in ranges:
-                pos = offset
-                while pos < offset + length:
-                    n = min(1 << 20, offset + length - pos)
-                    data = item.content.read_range(pos, n)  # type: ignore[union-attr,misc]
-                    if len(data) != n:
-                        raise FileReadError(f"{item.entry.path}: short read at offset {pos}")
-                    self._out.write(data)
-                    written += n
-                    pos += n
+            for _, data in data_pieces(item.content, item.entry.path, ranges):  # type: ignore[arg-type]
+                self._out.write(data)
+                written += len(data)
         except FileReadError:
             self._pad_member(data_size - written, map_size + written)
             raise
