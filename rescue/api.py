@@ -155,12 +155,13 @@ def extract(snapshot: str | Snapshot, output: str | None, *, paths: list[str] | 
     snap = snapshot if isinstance(snapshot, Snapshot) else open_snapshot(snapshot, options)
     try:
         fs = snap.filesystem()
+        users, groups = snap.user_names(), snap.group_names()
         work = plan(fs, chosen)
         if dry_run or output is None:
             return ExtractReport(report=Report(skipped=list(work.skipped)), plan=work,
                                  warnings=list(snap.warnings), dry_run=True)
         sink = open_sink(output, target)
-        report = run_extract(fs, sink, chosen, users=snap.user_names(), groups=snap.group_names(),
+        report = run_extract(fs, sink, chosen, users=users, groups=groups,
                              progress=progress, planned=work)
         return ExtractReport(report=report, plan=work, warnings=list(snap.warnings),
                              bytes_read=getattr(snap.source, "bytes_read", None),
