@@ -105,7 +105,9 @@ class TarSink(Sink):
         ti.mtime = e.mtime_ns // 1_000_000_000
         pax: dict[str, str] = {}
         if e.mtime_ns % 1_000_000_000:
-            pax["mtime"] = f"{e.mtime_ns // 1_000_000_000}.{e.mtime_ns % 1_000_000_000:09d}"
+            # sign and magnitude, as GNU tar writes it: -1.5 s is "-1.500000000", not "-2.500000000"
+            sign, mag = ("-" if e.mtime_ns < 0 else ""), abs(e.mtime_ns)
+            pax["mtime"] = f"{sign}{mag // 1_000_000_000}.{mag % 1_000_000_000:09d}"
         if item.hardlink_to is not None:
             ti.type = tarfile.LNKTYPE
             ti.linkname = item.hardlink_to
