@@ -72,10 +72,20 @@ def _write_at(path: Path, pieces: list[tuple[int, bytes]], size: int | None = No
             f.truncate(size)
 
 
+def text_bytes(rnd: random.Random, n: int) -> bytes:
+    """Compressible but position-unique bytes (committed fixtures stay small): a misplaced
+    sector still shows."""
+    start = rnd.randrange(1 << 40)
+    tag = b"%015x\n" + bytes(512 - 16)   # every 512-byte sector names itself
+    return b"".join(tag % (start + i) for i in range(n // 512 + 1))[:n]
+
+
 def populate(root: Path, *, block_size: int = 4096, bigtime: bool = True, big_dirs: tuple[int, ...] = (),
-             fragments: int = 300, seed: int = 1) -> None:
+             fragments: int = 300, seed: int = 1, compressible: bool = False) -> None:
     """Fill a mounted XFS with every shape the reader must handle."""
     rnd = random.Random(seed)
+    if compressible:
+        rnd.randbytes = lambda n: text_bytes(rnd, n)  # type: ignore[method-assign]
     # directories in each form: shortform (5), block (40), leaf/node (500), more on request
     for n in (0, 5, 40, 500, *big_dirs):
         d = root / f"dir{n}"
@@ -247,3 +257,50 @@ def from_json(data: dict) -> dict[str, tuple]:
         rec[11] = {k: bytes.fromhex(v) for k, v in rec[11].items()}
         out[path] = tuple(rec)
     return out
+
+
+def proto_tree(workdir: Path) -> tuple[str, dict[str, tuple]]:
+    """A mkfs.xfs -p prototype file (for v4 images, which this kernel may refuse to
+    mount) and the view it must produce; fields mkfs chooses (times, inode
+    numbers, nlink) are None. Names in a prototype cannot hold spaces."""
+    rnd = random.Random(4)
+    lines = ["/dev/null", "0 0", "d--755 0 0"]
+    view: dict[str, tuple] = {"/": ("dir", 0o755, 0, 0, None, None, None, None, None, None, None, {}, None)}
+    workdir.mkdir(parents=True, exist_ok=True)
+
+    def file(path: str, name: str, data: bytes, mode: str = "---644", uid: int = 0, gid: int = 0) -> None:
+        src = workdir / f"src{len(view)}"
+        src.write_bytes(data)
+        lines.append(f"{name} -{mode[1:]} {uid} {gid} {src}")
+        perm = int(mode[3:], 8) | (0o4000 if mode[1] == "u" else 0) | (0o2000 if mode[2] == "g" else 0)
+        view[f"{path}/{name}".replace("//", "/")] = ("file", perm, uid, gid, len(data), None, None, None, None,
+                                                     None, None, {}, hashlib.sha256(data).hexdigest())
+
+    def directory(path: str, name: str, mode: int = 0o755) -> str:
+        lines.append(f"{name} d--{mode:03o} 0 0")
+        full = f"{path}/{name}".replace("//", "/")
+        view[full] = ("dir", mode, 0, 0, None, None, None, None, None, None, None, {}, None)
+        return full
+
+    for n in (5, 40, 500, 1000):
+        d = directory("/", f"dir{n}")
+        for i in range(n):
+            file(d, f"entry-{i:06d}-{'x' * (i % 37)}", b"%d\n" % i if i % 50 == 0 else b"")
+        lines.append("$")
+    d = directory("/", "files")
+    file(d, "empty", b"")
+    file(d, "data", text_bytes(rnd, 300_000))
+    file(d, "setuid", b"s", "-u-755")
+    file(d, "setgid", b"g", "--g750", 1000, 50)
+    file(d, "owned", b"o", "---600", 4_000_000_000, 3_999_999_999)
+    for kind, name, extra, rdev in (("c", "chardev", "4 64", (4, 64)), ("b", "blockdev", "259 3", (259, 3)),
+                                    ("p", "fifo", "", None)):
+        lines.append(f"{name} {kind}--640 0 6 {extra}".rstrip())
+        view[f"{d}/{name}"] = ({"c": "char", "b": "block", "p": "fifo"}[kind], 0o640, 0, 6, 0, None, None,
+                               None, None, None, rdev, {}, None)
+    for n in (1, 60, 200, 1023):
+        lines.append(f"len{n} l--777 0 0 {'t' * n}")
+        view[f"{d}/len{n}"] = ("symlink", 0o777, 0, 0, n, None, None, None, None, "t" * n, None, {}, None)
+    lines.append("$")
+    lines.append("$")
+    return "\n".join(lines) + "\n", view

@@ -109,6 +109,8 @@ def parse_superblock(raw: bytes, name: str) -> XfsSuper:
         needsrepair = False
         nlink_v2 = bool(sb.versionnum & VERSION_NLINKBIT)
         features.append("v4")
+        if ftype:
+            features.append("ftype")
     else:
         if not crc_ok(raw[:sb.sectsize if 512 <= sb.sectsize <= len(raw) else SB_SIZE], SB_CRC_OFF):
             # The kernel refuses such a superblock; we read on and say so, since it may be all we have.
