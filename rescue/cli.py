@@ -19,7 +19,7 @@ from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, Time
                            TransferSpeedColumn)
 from rich.table import Table
 
-from .errors import EXIT_ERROR, EXIT_OK, EXIT_PARTIAL, DamagedRange, RescueError
+from .errors import EXIT_ERROR, EXIT_OK, EXIT_PARTIAL, DamagedRange, RescueError, install_signal_handlers
 from .fs.base import DIR, FILE, SYMLINK, FileReadError
 from .units import human_size
 
@@ -120,9 +120,10 @@ def _errors(snapshot: Optional[str] = None) -> Iterator[None]:
                                        "read and rescues the rest")
         err.print(f"rescue: {damaged.one_line()}", markup=False)
         raise typer.Exit(EXIT_ERROR)
-    except KeyboardInterrupt:
-        err.print("rescue: interrupted", markup=False)
-        raise typer.Exit(130)
+    except KeyboardInterrupt as exc:   # Ctrl-C, or SIGTERM/SIGHUP (errors.Interrupted): already cleaned up
+        name = getattr(exc, "name", "SIGINT")
+        err.print(f"rescue: interrupted ({name})", markup=False)
+        raise typer.Exit(getattr(exc, "exit_code", 130))
     except Exception as exc:  # a bug or an unforeseen input: still one line
         if _state["debug"]:
             err.print_exception()
@@ -715,6 +716,7 @@ def _download_bar(quiet: bool):
 
 
 def main() -> None:
+    install_signal_handlers()   # SIGTERM and SIGHUP clean up like Ctrl-C
     try:
         app()
     except BrokenPipeError:   # `rescue cat ... | head`

@@ -155,3 +155,47 @@ class classify:
         if exc is not None and is_bad_bytes(exc):
             raise self.error(f"{self.what}: {describe(exc)}", file=self.file, hint=self.hint) from exc
         return False
+
+
+# --- Interruption -------------------------------------------------------------
+
+class Interrupted(KeyboardInterrupt):
+    """SIGINT, SIGTERM or SIGHUP (`timeout`, systemd, `docker stop`, a closing
+    terminal): raised in the main thread so every `except KeyboardInterrupt` /
+    `finally` clean-up runs exactly as for Ctrl-C (partial files removed, temporary
+    names cleaned); the process then exits 128 + the signal number."""
+
+    def __init__(self, signum: int, name: str) -> None:
+        super().__init__(name)
+        self.signum = signum
+        self.name = name
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum
+
+
+def install_signal_handlers() -> None:
+    """SIGTERM and SIGHUP handled like SIGINT. The first signal raises
+    Interrupted; the handlers then go back to the default action, so a second
+    signal during clean-up ends the process at once (a file being written is
+    then left under its temporary name only, never under its final name)."""
+    import signal
+
+    wanted = [getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name)]
+
+    def handler(signum, frame) -> None:
+        for sig in wanted:
+            try:
+                signal.signal(sig, signal.SIG_DFL)
+            except (OSError, ValueError):
+                pass
+        raise Interrupted(signum, signal.Signals(signum).name)
+
+    for sig in wanted:
+        try:
+            if signal.getsignal(sig) is signal.SIG_IGN and sig != signal.SIGINT:
+                continue   # `nohup rescue ...`: SIGHUP stays ignored as asked
+            signal.signal(sig, handler)
+        except (OSError, ValueError):   # not the main thread (an embedding program)
+            pass
