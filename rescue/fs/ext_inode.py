@@ -42,7 +42,7 @@ Superblock = Struct(
     Padding(0x14 - 0x08),
     "s_first_data_block" / Int32ul,      # 0x14
     "s_log_block_size" / Int32ul,        # 0x18
-    Padding(0x20 - 0x1C),
+    "s_log_cluster_size" / Int32ul,      # 0x1C (bigalloc)
     "s_blocks_per_group" / Int32ul,      # 0x20
     Padding(0x28 - 0x24),
     "s_inodes_per_group" / Int32ul,      # 0x28
@@ -172,14 +172,20 @@ INCOMPAT_META_BG = 0x10
 INCOMPAT_64BIT = 0x80
 INCOMPAT_EA_INODE = 0x400
 RO_COMPAT_SPARSE_SUPER = 0x1
+RO_COMPAT_HUGE_FILE = 0x8
+RO_COMPAT_BIGALLOC = 0x200
 COMPAT_SPARSE_SUPER2 = 0x200
 BG_INODE_UNINIT = 0x1
 
 EXTENTS_FL = 0x80000
 INLINE_DATA_FL = 0x10000000
+HUGE_FILE_FL = 0x40000
+EA_INODE_FL = 0x200000
+MAX_SYMLINK = 65536             # longer targets are damage (PATH_MAX is 4096)
 INLINE_DATA_SIZE = 60            # i_block holds the first 60 bytes of inline data
 MAX_MAPPED_BLOCKS = 1 << 22      # block_runs() refuses longer files (metadata use only)
 EXTENT_MAGIC = 0xF30A
+EXT_INIT_MAX_LEN = 32768       # ee_len above this: an unwritten extent
 MAX_EXTENT_DEPTH = 5
 
 ExtentHeader = Struct(
@@ -310,6 +316,8 @@ class ExtInodeReader:
         self.group_count = -(-(self.blocks_count - sb.s_first_data_block) // sb.s_blocks_per_group)
         self.descs_per_block = self.block_size // self.desc_size
         self.ea_inode = bool(sb.s_feature_incompat & INCOMPAT_EA_INODE)
+        self.cluster_size = (1024 << min(sb.s_log_cluster_size, 30) if sb.s_feature_ro_compat & RO_COMPAT_BIGALLOC
+                             else self.block_size)
         self._desc_blocks: dict[int, bytes] = {}   # descriptor block number -> bytes
         self._warned_ea_inode = False
 
@@ -502,31 +510,47 @@ class ExtInodeReader:
         and unwritten extents are left out. For metadata-sized files (directories,
         EA values): raises FileReadError for a damaged map or more than
         MAX_MAPPED_BLOCKS blocks."""
+        return [(lblk, pblk, count) for lblk, pblk, count, unwritten in self.mapped_runs(ino, size, what)
+                if not unwritten]
+
+    def mapped_runs(self, ino: int, size: int | None = None, what: str | None = None,
+                    metadata: bool = True) -> list[tuple[int, int, int, bool]]:
+        """(first logical block, first physical block, count, unwritten) of every
+        mapped block below i_size (or `size`), in logical order, neighbours that
+        continue each other merged; holes left out, unwritten (preallocated)
+        extents flagged. `metadata=False` maps files of any length (file data);
+        the number of runs stays bounded by MAX_MAPPED_BLOCKS either way.
+        Raises FileReadError for a damaged map."""
         inode = self.inode(ino)
         what = what or f"{self.name}: inode {ino}"
         size = self.size_of(inode) if size is None else size
         nblocks = -(-size // self.block_size)
-        if nblocks > MAX_MAPPED_BLOCKS:
+        if metadata and nblocks > MAX_MAPPED_BLOCKS:
             raise FileReadError(f"{what}: {size} bytes are too many to map")
-        if inode.i_flags & INLINE_DATA_FL:
+        if inode.i_flags & INLINE_DATA_FL or not nblocks:
             return []
-        runs: list[tuple[int, int, int]] = []
+        runs: list[tuple[int, int, int, bool]] = []
         if inode.i_flags & EXTENTS_FL:
             self._extent_runs(self._parse(ino)[0][0x28:0x28 + 60], MAX_EXTENT_DEPTH, nblocks, runs, what, [0])
             runs.sort()
         else:
             self._map_runs(inode.i_block, nblocks, runs, what)
-        merged: list[tuple[int, int, int]] = []
-        for lblk, pblk, count in runs:
-            if pblk == 0 or pblk + count > self.blocks_count:
+        merged: list[tuple[int, int, int, bool]] = []
+        last_end = 0
+        for run in runs:
+            lblk, pblk, count, unwritten = run
+            if not unwritten and (pblk == 0 or pblk + count > self.blocks_count):
                 raise FileReadError(f"{what}: block {pblk}+{count} is outside the filesystem "
                                     f"({self.blocks_count} blocks)")
-            if merged and merged[-1][0] + merged[-1][2] > lblk:
+            if lblk < last_end:
                 raise FileReadError(f"{what}: logical block {lblk} is mapped twice")
-            if merged and merged[-1][0] + merged[-1][2] == lblk and merged[-1][1] + merged[-1][2] == pblk:
-                merged[-1] = (merged[-1][0], merged[-1][1], merged[-1][2] + count)
-            else:
-                merged.append((lblk, pblk, count))
+            last_end = lblk + count
+            if merged:
+                prev = merged[-1]
+                if prev[3] == unwritten and prev[0] + prev[2] == lblk and prev[1] + prev[2] == pblk:
+                    merged[-1] = (prev[0], prev[1], prev[2] + count, unwritten)
+                    continue
+            merged.append(run)
         return merged
 
     def read_head(self, ino: int, size: int, what: str) -> bytes:
@@ -562,11 +586,16 @@ class ExtInodeReader:
                 self._extent_runs(block, eh_depth - 1, nblocks, runs, what, visited)
                 continue
             ee_block, ee_len, ee_start_hi, ee_start_lo = _EXTENT_LEAF.unpack_from(node, 12 + i * 12)
-            if ee_len > 32768 or ee_block >= nblocks:
-                continue   # unwritten (reads as zeros) or past i_size
+            # ext4_ext_is_unwritten: a length above EXT_INIT_MAX_LEN (32768) marks a
+            # preallocated extent of ee_len - 32768 blocks that reads as zeros.
+            unwritten = ee_len > EXT_INIT_MAX_LEN
+            if unwritten:
+                ee_len -= EXT_INIT_MAX_LEN
+            if ee_block >= nblocks:
+                continue   # past i_size
             count = min(ee_len, nblocks - ee_block)
             if count:
-                runs.append((ee_block, ee_start_lo | (ee_start_hi << 32), count))
+                runs.append((ee_block, ee_start_lo | (ee_start_hi << 32), count, unwritten))
             if len(runs) > MAX_MAPPED_BLOCKS:
                 raise FileReadError(f"{what}: more than {MAX_MAPPED_BLOCKS} extents")
 
@@ -574,9 +603,7 @@ class ExtInodeReader:
         """Classic block map: 12 direct pointers, then single, double and triple
         indirect blocks (each a block of 32-bit pointers)."""
         per = self.block_size // 4
-        for i in range(min(12, nblocks)):
-            if i_block[i]:
-                runs.append((i, i_block[i], 1))
+        self._pointer_runs(i_block[:min(12, nblocks)], 0, runs, what)
         lblk = 12
         for level, top in ((1, i_block[12]), (2, i_block[13]), (3, i_block[14])):
             span = per ** level
@@ -586,6 +613,29 @@ class ExtInodeReader:
                 self._indirect_runs(top, level, lblk, nblocks, runs, what)
             lblk += span
 
+    @staticmethod
+    def _pointer_runs(ptrs, lblk: int, runs: list, what: str) -> None:
+        """Runs of a list of block pointers from logical block `lblk` (0 = a hole),
+        merged as they go. A fully contiguous list (the usual case: a file written
+        in one go) is one comparison in C, not a Python step per block."""
+        n = len(ptrs)
+        if not n:
+            return
+        first = ptrs[0]
+        if first and ptrs[-1] == first + n - 1 and tuple(ptrs) == tuple(range(first, first + n)):
+            pieces = (((lblk, first, n, False)),)
+        else:
+            pieces = ((lblk + i, p, 1, False) for i, p in enumerate(ptrs) if p)
+        for piece in pieces:
+            if runs:
+                prev = runs[-1]
+                if prev[0] + prev[2] == piece[0] and prev[1] + prev[2] == piece[1]:
+                    runs[-1] = (prev[0], prev[1], prev[2] + piece[2], False)
+                    continue
+            runs.append(piece)
+            if len(runs) > MAX_MAPPED_BLOCKS:
+                raise FileReadError(f"{what}: more than {MAX_MAPPED_BLOCKS} separate runs")
+
     def _indirect_runs(self, block: int, level: int, lblk: int, nblocks: int, runs: list, what: str) -> None:
         if block >= self.blocks_count:
             raise FileReadError(f"{what}: indirect block {block} is outside the filesystem")
@@ -593,17 +643,39 @@ class ExtInodeReader:
         if len(data) < self.block_size:
             raise FileReadError(f"{what}: indirect block {block} is past the end of the image")
         ptrs = _u32s(data)
+        if level == 1:
+            self._pointer_runs(ptrs[:max(0, nblocks - lblk)], lblk, runs, what)
+            return
         span = (self.block_size // 4) ** (level - 1)
         for i, ptr in enumerate(ptrs):
             first = lblk + i * span
             if first >= nblocks:
                 return
-            if not ptr:
-                continue
-            if level == 1:
-                runs.append((first, ptr, 1))
-            else:
+            if ptr:
                 self._indirect_runs(ptr, level - 1, first, nblocks, runs, what)
+
+    def symlink_target(self, ino: int, limit: int = MAX_SYMLINK) -> bytes:
+        """A symlink's target as stored: in i_block (a fast symlink), in inline
+        data, or in its data block(s) (a slow one), at most `limit` bytes.
+        ext4_inode_is_fast_symlink: no blocks besides an EA block means i_block
+        holds the text (an EA inode: i_size below 60)."""
+        raw, inode, _, _ = self._parse(ino)
+        size = min(self.size_of(inode), limit)
+        if inode.i_flags & INLINE_DATA_FL:
+            return self.inline_data(ino)[:size]
+        if inode.i_flags & EA_INODE_FL:
+            fast = size < INLINE_DATA_SIZE
+        else:
+            blocks = inode.i_blocks_lo
+            if self.sb.s_feature_ro_compat & RO_COMPAT_HUGE_FILE:
+                blocks |= inode.l_i_blocks_high << 32
+                if inode.i_flags & HUGE_FILE_FL:
+                    blocks *= self.block_size >> 9
+            has_ea = inode.i_file_acl_lo or inode.l_i_file_acl_high
+            fast = blocks - (self.cluster_size >> 9 if has_ea else 0) == 0
+        if fast:
+            return raw[0x28:0x28 + min(size, INLINE_DATA_SIZE)]
+        return self.read_head(ino, size, f"{self.name}: symlink inode {ino}")
 
     def inline_data(self, ino: int) -> bytes:
         """An inline-data inode's bytes: the 60 bytes of i_block, then the value

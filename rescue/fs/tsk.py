@@ -1,29 +1,29 @@
-"""The Sleuth Kit backend: ext2/3/4, FAT, exFAT, NTFS, HFS+, ISO9660 through pytsk3.
+"""The Sleuth Kit backend: FAT, exFAT, NTFS, HFS+, ISO9660 through pytsk3, and
+the registry's fallback for anything else its library reads.
 
 TSK reads from our byte source through an `Img_Info` subclass, so it sees
 whatever the layers below produce (a partition of a qcow2 inside a tar.gz).
-What TSK leaves out for ext filesystems (xattrs, device numbers, nanosecond
-times) comes from `ext_inode.ExtInodeReader` when that reader is present.
+ext2/3/4 has its own reader (fs/ext.py), which hands damaged directories to
+this class (TSK's scan recovers names after the damage); for ext, what TSK
+leaves out (xattrs, device numbers, nanosecond times) comes from
+`ext_inode.ExtInodeReader`, so both views of an inode agree.
 """
 
 from __future__ import annotations
 
 import logging
 import re
-import struct
-from collections import OrderedDict
 from types import MappingProxyType
 from typing import Iterator
 
 import pytsk3
 
 from ..errors import FilesystemError, GuestPathError
-from ..source.base import ByteSource
+from ..source.base import COMPRESSED, DATA, HOLE_KINDS, ZERO, ByteSource, Run
 from ..volume.probe import probe
 from ..volume.tsk_image import TskImage
-from .base import (BLOCK, CHAR, DIR, FIFO, FILE, SOCKET, SYMLINK, Entry, FileReadError, FileSystem, FsInfo,
-                   normalize)
-from .ext_dir import FT_KIND, DirectoryDamaged, ExtDirReader
+from .base import (BLOCK, CHAR, DIR, FIFO, FILE, READ_CHUNK, SOCKET, SYMLINK, Entry, FileReadError, FileSystem,
+                   FsInfo, cover, normalize)
 from .ext_inode import ExtInodeReader
 
 log = logging.getLogger(__name__)
@@ -46,8 +46,6 @@ _NAME_KIND = {
     pytsk3.TSK_FS_NAME_TYPE_BLK: BLOCK,
     pytsk3.TSK_FS_NAME_TYPE_SOCK: SOCKET,
 }
-_EXT_KIND = {0o100000: FILE, 0o040000: DIR, 0o120000: SYMLINK, 0o010000: FIFO, 0o020000: CHAR,
-             0o060000: BLOCK, 0o140000: SOCKET}   # i_mode & S_IFMT
 _VIRTUAL_META = (int(pytsk3.TSK_FS_META_TYPE_VIRT), int(pytsk3.TSK_FS_META_TYPE_VIRT_DIR))
 # Entries TSK shows in a FAT/exFAT root that are directory records, not files.
 _FAT_LABEL_SUFFIX = " (Volume Label Entry)"
@@ -56,12 +54,8 @@ _ATTR_TRANSFORMED = int(pytsk3.TSK_FS_ATTR_COMP) | int(pytsk3.TSK_FS_ATTR_ENC)
 # Filesystems whose data runs are plain byte ranges of the volume (block
 # address x block size), so file data can be read without TSK in the way.
 DIRECT_READ_TYPES = {"ext2", "ext3", "ext4", "vfat", "exfat", "ntfs"}
-DIRECT_CHUNK = 4 << 20
 _NO_XATTRS: dict[str, bytes] = MappingProxyType({})  # type: ignore[assignment]  # shared, read-only
 MAX_DIR_CACHE = 1_000_000   # directory paths remembered (metadata-sized)
-DIR_LISTINGS_CACHED = 4     # parsed ext directories kept for name lookups
-MAX_WARNED = 10_000         # damage warnings remembered (each printed once)
-EXT_ROOT_INO = 2
 _RUN_HOLE = int(pytsk3.TSK_FS_ATTR_RUN_FLAG_SPARSE) | int(pytsk3.TSK_FS_ATTR_RUN_FLAG_FILLER)
 _DATA_ATTRS = (pytsk3.TSK_FS_ATTR_TYPE_DEFAULT, pytsk3.TSK_FS_ATTR_TYPE_NTFS_DATA,
                pytsk3.TSK_FS_ATTR_TYPE_HFS_DATA)
@@ -87,14 +81,11 @@ class TskFileSystem(FileSystem):
     def detect(cls, source: ByteSource) -> bool:
         return True   # the fallback: TSK itself says whether it can read the volume
 
-    def __init__(self, source: ByteSource, name: str | None = None, native_dirs: bool = True) -> None:
-        """`native_dirs=False` lists ext directories with TSK too (the reference
-        the native reader is tested against)."""
+    def __init__(self, source: ByteSource, name: str | None = None) -> None:
         self.source = source
         self.name = name or source.name
         self._img = TskImage(source)
-        self._last_handle = None
-        self._last_ranges = None
+        self._last_handle = None   # (inode, TSK file): mapping and reading ask for one file in a row
         self._dir_inodes: dict[str, int] = {}   # directory path -> inode, filled by listdir
         try:
             self._fs = pytsk3.FS_Info(self._img)
@@ -106,18 +97,13 @@ class TskFileSystem(FileSystem):
         self.info = FsInfo(type=_fs_type_name(int(self._fs.info.ftype), found.type), label=found.label,
                            uuid=found.uuid, block_size=self.block_size,
                            size=found.size or self.block_size * self.block_count, used=found.used,
-                           free=found.free)
-        self._ext = None
-        self._dirs = None   # native ext directory reader (TSK lists in O(n^2))
-        self._warned: set[str] = set()
-        self._damaged_dirs: dict[str, str] = {}   # path -> what was wrong (see listing_damage)
-        self._listings: OrderedDict[int, dict[bytes, tuple[int, int]]] = OrderedDict()   # for lookups
+                           free=found.free, details={"backend": self.backend})
+        self._ext = None   # ext inode extras TSK does not give (xattrs, rdev, ns times)
         if self.info.type.startswith("ext"):
             try:
                 self._ext = ExtInodeReader(source)
-                self._dirs = ExtDirReader(self._ext) if native_dirs else None
             except Exception:   # a damaged superblock copy: TSK's view still works
-                self._ext = self._dirs = None
+                self._ext = None
         if self.info.type == "ntfs" and not self.info.label:
             self.info.label = self._ntfs_label()
         if self.info.type in ("vfat", "exfat"):
@@ -133,15 +119,6 @@ class TskFileSystem(FileSystem):
 
     def stat(self, path: str) -> Entry:
         path = normalize(path)
-        if self._dirs is not None:
-            found = self._ext_lookup(path)
-            if found is not None:
-                entry = self._ext_entry(path, found[0], found[1])
-                if entry is None:
-                    raise GuestPathError(f"no such file or directory: {path}", file=self.name)
-                if path == "/" and entry.kind != DIR:   # a damaged root: listdir says what is wrong
-                    entry.kind, entry.size, entry.link_target, entry.rdev = DIR, 0, None, None
-                return entry
         handle = self._open(path)
         name_info = handle.info.name
         entry = self._entry(path, handle.info.meta, _NAME_KIND.get(name_info.type) if name_info else None)
@@ -149,162 +126,23 @@ class TskFileSystem(FileSystem):
             raise GuestPathError(f"no such file or directory: {path}", file=self.name)
         return entry
 
-    # -- native ext directories ------------------------------------------------
-
-    def _ext_names(self, ino: int) -> dict[bytes, tuple[int, int]]:
-        """name -> (inode, file type) of an ext directory, parsed natively (a few kept: stat
-        after listdir, and lookups through a huge directory, ask again)."""
-        names = self._listings.get(ino)
-        if names is not None:
-            self._listings.move_to_end(ino)
-            return names
-        names = {}
-        for e in self._dirs.entries(ino):
-            names.setdefault(e.name, (e.inode, e.file_type))   # twin names: the first, as a lookup finds it
-        self._listings[ino] = names
-        if len(self._listings) > DIR_LISTINGS_CACHED:
-            self._listings.popitem(last=False)
-        return names
-
-    def _ext_lookup(self, path: str) -> tuple[int, str | None] | None:
-        """(inode, kind from the directory entry) of `path`, found through native
-        directory reads from the nearest directory already seen; None when a
-        directory on the way is damaged or unsupported (TSK then resolves it).
-        Raises GuestPathError when the path does not exist."""
-        if path == "/":
-            return EXT_ROOT_INO, DIR
-        parts = path[1:].split("/")
-        depth = len(parts) - 1
-        while depth > 0 and "/" + "/".join(parts[:depth]) not in self._dir_inodes:
-            depth -= 1
-        ino = self._dir_inodes["/" + "/".join(parts[:depth])] if depth else EXT_ROOT_INO
-        found: tuple[int, int] | None = None
-        try:
-            for i in range(depth, len(parts)):
-                if i > depth and not self._dirs.may_be_dir(ino):
-                    raise GuestPathError(f"no such file or directory: {path}", file=self.name)
-                found = self._ext_names(ino).get(parts[i].encode("utf-8", "surrogateescape"))
-                if found is None:
-                    raise GuestPathError(f"no such file or directory: {path}", file=self.name)
-                ino = found[0]
-        except (FileReadError, ValueError, struct.error) as exc:
-            log.debug("%s: %s: native lookup failed (%s); asking TSK", self.name, path, exc)
-            return None
-        assert found is not None
-        return found[0], FT_KIND.get(found[1])
-
-    def _ext_entry(self, path: str, ino: int, name_kind: str | None) -> Entry | None:
-        """The Entry `_entry` makes from TSK's inode view, made from our own parse
-        of the inode (TSK's open_meta and attribute access cost 20 us a name);
-        a differential test holds the two equal. An inode our parser rejects
-        is left to TSK, which shows what it can (or nothing, as its listing does)."""
-        ext = self._ext
-        try:
-            inode = ext.inode(ino)
-            times = ext.times(ino)
-        except (FileReadError, ValueError, struct.error) as exc:
-            log.debug("%s: %s: inode %d: %s; asking TSK", self.name, path, ino, exc)
-            return self._meta_entry(path, ino, name_kind)
-        kind = _EXT_KIND.get(inode.i_mode & 0o170000) or name_kind
-        if kind is None:
-            return None
-        entry = Entry(
-            path=path, kind=kind, mode=inode.i_mode & 0o7777, uid=inode.i_uid | (inode.l_i_uid_high << 16),
-            gid=inode.i_gid | (inode.l_i_gid_high << 16),
-            size=inode.i_size_lo | (inode.i_size_high << 32) if kind in (FILE, SYMLINK) else 0,
-            mtime_ns=times.mtime_ns, atime_ns=times.atime_ns, ctime_ns=times.ctime_ns,
-            nlink=inode.i_links_count, inode=ino,
-        )
-        if kind == SYMLINK:
-            try:
-                entry.link_target = self._link_target(self._fs.open_meta(inode=ino).info.meta, path)
-            except OSError:
-                entry.link_target = ""
-        elif kind in (CHAR, BLOCK):
-            entry.rdev = ext.rdev(ino)
-        try:   # the inode is parsed now anyway: its xattrs cost nothing more
-            found = ext.xattrs(ino)
-            entry.xattrs = found if found else _NO_XATTRS
-        except Exception:
-            pass   # left unloaded: xattrs() asks again and reports the damage
-        return entry
-
-    def _meta_entry(self, path: str, ino: int, name_kind: str | None) -> Entry | None:
+    def inode_entry(self, path: str, ino: int, name_kind: str | None) -> Entry | None:
+        """The Entry of inode `ino` seen as `path` (the ext reader asks for an
+        inode it cannot parse); None when TSK cannot load it either."""
         try:
             meta = self._fs.open_meta(inode=ino).info.meta
         except OSError:
             return None   # what TSK's own listing shows for an unloadable inode: nothing
         return self._entry(path, meta, name_kind)
 
-    def _ext_listdir(self, path: str, ino: int, problems: list[str] | None = None) -> list[Entry]:
-        entries = self._dirs.entries(ino, problems)
-        out = []
-        prefix = path.rstrip("/") + "/"
-        for e in entries:
-            entry = self._ext_entry(prefix + e.name.decode("utf-8", "surrogateescape"), e.inode,
-                                     FT_KIND.get(e.file_type))
-            if entry is not None:
-                out.append(entry)
-                if entry.kind == DIR and len(self._dir_inodes) < MAX_DIR_CACHE:
-                    self._dir_inodes.setdefault(entry.path, entry.inode)
-        return out
-
     def listdir(self, path: str) -> list[Entry]:
         path = normalize(path)
-        inode = self._dir_inodes.get(path)
-        damaged: tuple[int, DirectoryDamaged] | None = None
-        found = None
-        if self._dirs is not None:
-            found = (inode, DIR) if inode is not None else self._ext_lookup(path)
-            if found is not None:
-                self._check_ext_dir(path, found[0])
-                try:
-                    return self._ext_listdir(path, found[0])
-                except DirectoryDamaged as exc:
-                    damaged = found[0], exc
-                except (FileReadError, ValueError, struct.error) as exc:
-                    log.info("%s: %s: %s; listing it with The Sleuth Kit", self.name, path, exc)
-        try:
-            out = self._tsk_listdir(path, found[0] if found is not None else inode)
-        except FileReadError:
-            if damaged is None:
-                raise
-        else:
-            if damaged is not None:   # TSK's scan recovers names after the damage (and may add spurious ones)
-                self._damaged_dirs[path] = str(damaged[1])
-                self._warn_once(f"{damaged[1]} (directory {path}); listed by The Sleuth Kit's scan instead")
-            return out
-        # TSK cannot list it either: the entries before each damaged spot, as the kernel shows
-        assert damaged is not None
-        problems: list[str] = []
-        out = self._ext_listdir(path, damaged[0], problems)
-        for text in problems:
-            self._warn_once(f"{text} (directory {path}): the rest of that block skipped")
-        if problems:
-            self._damaged_dirs[path] = "; ".join(problems)
-        return out
+        return self._tsk_listdir(path, self._dir_inodes.get(path))
 
-    def _check_ext_dir(self, path: str, ino: int) -> None:
-        """GuestPathError when the inode's mode names another type than a directory."""
-        try:
-            if self._dirs.may_be_dir(ino):
-                return
-            mode = self._ext.inode(ino).i_mode
-        except (FileReadError, ValueError, struct.error):
-            return   # an unreadable inode: TSK has the last word
-        if path == "/":   # e2fsprogs f_badroot: say so rather than show an empty filesystem
-            raise FileReadError(f"cannot list /: root inode {ino} has i_mode={mode:#o}, not a directory")
-        raise GuestPathError(f"not a directory: {path}", file=self.name)
-
-    def listing_damage(self, path: str) -> str | None:
-        return self._damaged_dirs.get(path)
-
-    def _warn_once(self, text: str) -> None:
-        """Each damage once, though the guest layer and the walk list a directory twice."""
-        if text not in self._warned:
-            if len(self._warned) < MAX_WARNED:
-                self._warned.add(text)
-            log.warning("%s", text)
+    def listdir_inode(self, path: str, ino: int) -> list[Entry]:
+        """Directory inode `ino` listed as `path` (the ext reader's fallback for a
+        damaged directory: TSK's scan recovers names after the damage)."""
+        return self._tsk_listdir(normalize(path), ino)
 
     def _tsk_listdir(self, path: str, inode: int | None) -> list[Entry]:
         try:
@@ -312,7 +150,8 @@ class TskFileSystem(FileSystem):
             # the root every time (4 ms a directory on NTFS).
             directory = self._fs.open_dir(inode=inode) if inode is not None else self._fs.open_dir(path)
         except OSError as exc:
-            if self.stat(path).kind != DIR:
+            entry = self.stat(path) if inode is None else self.inode_entry(path, inode, None)
+            if entry is not None and entry.kind != DIR:
                 raise GuestPathError(f"not a directory: {path}", file=self.name) from None
             raise FileReadError(f"cannot list {path}: {_tsk_reason(exc)}") from None
         out = []
@@ -402,7 +241,7 @@ class TskFileSystem(FileSystem):
     # -- content -------------------------------------------------------------
 
     def _handle(self, entry: Entry):
-        # check, map and read all ask for the same file in a row: keep the last handle
+        # mapping and reading ask for the same file in a row: keep the last handle
         if self._last_handle is not None and self._last_handle[0] == entry.inode:
             return self._last_handle[1]
         try:
@@ -412,157 +251,93 @@ class TskFileSystem(FileSystem):
         self._last_handle = (entry.inode, handle)
         return handle
 
-    def read_chunks(self, entry: Entry, chunk_size: int = 1 << 20) -> Iterator[bytes]:
-        ranges = self.data_ranges(entry)   # also checks blocks against the fs end
-        extents = self._extents(entry)
-        if extents is None:
-            yield from self._read_chunks_tsk(entry, ranges, chunk_size)
-            return
-        # Fast path: the file's runs read straight from the volume, in large
-        # reads, without TSK's block-by-block copy.
-        chunk = max(chunk_size, DIRECT_CHUNK)
-        pos = 0
-        for file_offset, length, disk_offset in extents:
-            while pos < file_offset:   # a hole
-                n = min(chunk, file_offset - pos)
-                yield bytes(n)
-                pos += n
-            done = 0
-            while done < length:
-                n = min(chunk, length - done)
-                data = self._read_volume(entry, disk_offset + done, n, pos)
-                yield data
-                done += n
-                pos += n
-        while pos < entry.size:
-            n = min(chunk, entry.size - pos)
-            yield bytes(n)
-            pos += n
-
-    def _read_volume(self, entry: Entry, offset: int, length: int, file_pos: int) -> bytes:
-        try:
-            data = self.source.read(offset, length)
-        except OSError as exc:   # DamagedRange from a container, an I/O error
-            raise FileReadError(f"{entry.path}: unreadable at offset {file_pos}: {exc}") from None
-        if len(data) != length:
-            raise FileReadError(f"{entry.path}: data at offset {file_pos} lies past the end of the image "
-                                "(truncated?)")
-        return data
-
-    def _read_chunks_tsk(self, entry: Entry, ranges, chunk_size: int) -> Iterator[bytes]:
-        """TSK reads the file (resident data, compressed or encrypted NTFS, HFS+)."""
-        handle = self._handle(entry)
-        if ranges is None:
-            ranges = [(0, entry.size)]
-        pos = 0
-        for start, length in ranges:
-            while pos < start:   # a hole: zeros without asking TSK
-                n = min(chunk_size, start - pos)
-                yield bytes(n)
-                pos += n
-            end = start + length
-            while pos < end:
-                n = min(chunk_size, end - pos)
-                try:
-                    data = handle.read_random(pos, n)
-                except OSError as exc:
-                    raise FileReadError(f"{entry.path}: unreadable at offset {pos}: {_tsk_reason(exc)}") from None
-                if len(data) != n:
-                    raise FileReadError(f"{entry.path}: short read at offset {pos} ({len(data)} of {n} bytes)")
-                yield data
-                pos += n
-        while pos < entry.size:
-            n = min(chunk_size, entry.size - pos)
-            yield bytes(n)
-            pos += n
-
-    def read_range(self, entry: Entry, offset: int, length: int) -> bytes:
-        length = max(0, min(length, entry.size - offset))
-        if not length:
-            return b""
-        self.data_ranges(entry)
-        extents = self._extents(entry)
-        if extents is not None:
-            out = bytearray(length)   # holes stay zero
-            end = offset + length
-            for file_offset, run_length, disk_offset in extents:
-                lo, hi = max(offset, file_offset), min(end, file_offset + run_length)
-                if lo < hi:
-                    out[lo - offset:hi - offset] = self._read_volume(entry, disk_offset + lo - file_offset,
-                                                                     hi - lo, lo)
-            return bytes(out)
-        handle = self._handle(entry)
-        try:
-            return handle.read_random(offset, length)
-        except OSError as exc:
-            raise FileReadError(f"{entry.path}: unreadable at offset {offset}: {_tsk_reason(exc)}") from None
-
-    def _extents(self, entry: Entry) -> list[tuple[int, int, int]] | None:
-        """(file offset, length, byte offset in the volume) of each data run,
-        when reading the volume directly gives the file's bytes; else None."""
-        cached = self._last_ranges
-        if cached is not None and cached[0] == (entry.inode, entry.size):
-            return cached[2]
-        return None
-
-    def data_ranges(self, entry: Entry) -> list[tuple[int, int]] | None:
-        """Byte ranges of the file that hold data (holes left out).
+    def file_runs(self, entry: Entry) -> list[Run]:
+        """The file's runs from TSK's attribute runs. `where` is set where the
+        volume holds the bytes as they are (DIRECT_READ_TYPES); resident data,
+        HFS+/ISO runs and NTFS compressed or encrypted data are read through TSK.
 
         Raises FileReadError when a run points past the end of the filesystem:
         such a file cannot be read honestly, and finding out now keeps a
         half-written member out of the tar."""
         if entry.kind != FILE or entry.size == 0:
-            return [] if entry.kind == FILE else None
-        cached = self._last_ranges
-        if cached is not None and cached[0] == (entry.inode, entry.size):
-            return cached[1]
+            return []
         handle = self._handle(entry)
         bs = self.block_size
-        transformed = False
-        ranges: list[tuple[int, int]] = []
-        extents: list[tuple[int, int, int]] | None = [] if self.info.type in DIRECT_READ_TYPES else None
-        found = False
+        direct = self.info.type in DIRECT_READ_TYPES
+        runs: list[Run] = []
         try:
             for attr in handle:
                 info = attr.info
                 if info.type not in _DATA_ATTRS or (info.name and info.name not in (b"$Data", b"")):
                     continue
                 if not int(info.flags) & int(pytsk3.TSK_FS_ATTR_NONRES):
-                    return None   # resident (inline) data: no blocks to map
-                transformed = bool(int(info.flags) & _ATTR_TRANSFORMED)
-                if transformed:
+                    return [Run(0, entry.size, DATA)]   # resident (inline) data: TSK reads it
+                if int(info.flags) & _ATTR_TRANSFORMED:
                     # Compressed or encrypted: only TSK can decode it, and the
                     # "sparse" runs inside NTFS compression units are not holes.
-                    extents = None
-                found = True
+                    return [Run(0, entry.size, COMPRESSED)]
                 for run in attr:
                     start = int(run.offset) * bs
                     if start >= entry.size:
                         break
-                    length = min(int(run.len) * bs, entry.size - start)
+                    length = int(run.len) * bs
                     if int(run.flags) & _RUN_HOLE:
+                        runs.append(Run(start, length, ZERO))
                         continue
                     if int(run.addr) + int(run.len) > self.block_count:
                         raise FileReadError(
                             f"{entry.path}: data at block {int(run.addr)} lies past the end of the "
                             f"filesystem ({self.block_count} blocks): the image is damaged or truncated")
-                    if ranges and ranges[-1][0] + ranges[-1][1] == start:
-                        ranges[-1] = (ranges[-1][0], ranges[-1][1] + length)
-                    else:
-                        ranges.append((start, length))
-                    if extents is not None:
-                        disk = int(run.addr) * bs
-                        last = extents[-1] if extents else None
-                        if last and last[0] + last[1] == start and last[2] + last[1] == disk:
-                            extents[-1] = (last[0], last[1] + length, last[2])
-                        else:
-                            extents.append((start, length, disk))
+                    runs.append(Run(start, length, DATA, int(run.addr) * bs if direct else None))
                 break
+            else:
+                return [Run(0, entry.size, DATA)]   # no data attribute TSK maps: let it read
         except OSError as exc:
             raise FileReadError(f"{entry.path}: cannot map its blocks: {_tsk_reason(exc)}") from None
-        result = ranges if found and not transformed else None
-        self._last_ranges = ((entry.inode, entry.size), result, extents if found else None)
-        return result
+        return cover(runs, entry.size)
+
+    def read_chunks(self, entry: Entry, chunk_size: int = 1 << 20) -> Iterator[bytes]:
+        """Runs the volume holds as they are are read straight from it, in large
+        reads, without TSK's block-by-block copy; the rest TSK reads."""
+        chunk = max(chunk_size, READ_CHUNK)
+        handle = None
+        for run in self.file_runs(entry):
+            done = 0
+            while done < run.length:
+                n = min(chunk if run.where is not None else chunk_size, run.length - done)
+                if run.kind in HOLE_KINDS:
+                    yield bytes(n)
+                elif run.where is not None:
+                    yield self._read_run(entry, run, done, n)
+                else:
+                    handle = handle or self._handle(entry)
+                    yield self._tsk_read(entry, handle, run.offset + done, n)
+                done += n
+
+    def read_range(self, entry: Entry, offset: int, length: int) -> bytes:
+        length = max(0, min(length, entry.size - offset))
+        if not length:
+            return b""
+        out = bytearray(length)   # holes stay zero
+        end = offset + length
+        for run in self.file_runs(entry):
+            lo, hi = max(offset, run.offset), min(end, run.offset + run.length)
+            if lo >= hi or run.kind in HOLE_KINDS:
+                continue
+            if run.where is not None:
+                out[lo - offset:hi - offset] = self._read_run(entry, run, lo - run.offset, hi - lo)
+            else:
+                out[lo - offset:hi - offset] = self._tsk_read(entry, self._handle(entry), lo, hi - lo)
+        return bytes(out)
+
+    def _tsk_read(self, entry: Entry, handle, offset: int, length: int) -> bytes:
+        try:
+            data = handle.read_random(offset, length)
+        except OSError as exc:
+            raise FileReadError(f"{entry.path}: unreadable at offset {offset}: {_tsk_reason(exc)}") from None
+        if len(data) != length:
+            raise FileReadError(f"{entry.path}: short read at offset {offset} ({len(data)} of {length} bytes)")
+        return data
 
     def xattrs(self, entry: Entry) -> dict[str, bytes]:
         if entry.xattrs is not None:
@@ -609,4 +384,8 @@ def _tsk_reason(exc: Exception) -> str:
     text = re.sub(r"^\w+_Con: ", "", text)
     text = text.replace("Error opening FS_Info: ", "")
     text = re.sub(r"Unable to open the image as a filesystem at offset: 0x[0-9a-f]+ with error: ", "", text)
+    if "encryption detected" in text.lower():
+        # TSK's entropy guess reads as "your disk is encrypted" to a person; all
+        # it knows is that no filesystem it reads starts here.
+        return "unrecognised or unsupported filesystem content"
     return text.strip() or "unknown error"

@@ -1,0 +1,354 @@
+"""ext2/3/4, read natively: names, inodes, symlinks, device numbers, xattrs,
+nanosecond times and the runs of every file's data.
+
+The parsing lives in two readers: `ext_inode.ExtInodeReader` (superblock,
+group descriptors, inodes, extent trees and block maps, EAs and ACLs, inline
+data) and `ext_dir.ExtDirReader` (linear and htree directory blocks, inline
+directories). This class puts them behind the FileSystem interface.
+
+Where a directory is damaged the kernel would call it corrupt; The Sleuth
+Kit's scan then often recovers the names after the damage, so that one
+directory (or one lookup through it, or one unparseable inode) is handed to a
+TskFileSystem opened on first need. Everything else never touches TSK.
+
+References:
+- Linux fs/ext4/ext4.h, fs/ext4/inode.c (ext4_inode_is_fast_symlink,
+  ext4_map_blocks), fs/ext4/extents.c (ext4_ext_is_unwritten), fs/ext4/inline.c
+- https://www.kernel.org/doc/html/latest/filesystems/ext4/
+"""
+
+from __future__ import annotations
+
+import logging
+import struct
+from collections import OrderedDict
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Iterator
+
+from ..errors import FilesystemError, GuestPathError
+from ..source.base import DATA, UNWRITTEN, ByteSource, Run
+from ..volume.probe import probe
+from .base import BLOCK, CHAR, DIR, FIFO, FILE, SOCKET, SYMLINK, Entry, FileReadError, FileSystem, FsInfo, cover, \
+    normalize
+from .ext_dir import FT_KIND, DirectoryDamaged, ExtDirReader
+from .ext_inode import EXT_MAGIC, INLINE_DATA_FL, SUPERBLOCK_OFFSET, ExtInodeReader
+
+if TYPE_CHECKING:
+    from .tsk import TskFileSystem
+
+log = logging.getLogger(__name__)
+
+_EXT_KIND = {0o100000: FILE, 0o040000: DIR, 0o120000: SYMLINK, 0o010000: FIFO, 0o020000: CHAR,
+             0o060000: BLOCK, 0o140000: SOCKET}   # i_mode & S_IFMT
+_SB_MAGIC = struct.Struct("<H")      # s_magic at 0x38 of the superblock
+_SB_INCOMPAT = struct.Struct("<I")   # s_feature_incompat at 0x60
+INCOMPAT_JOURNAL_DEV = 0x8           # an external journal: no files in it
+_NO_XATTRS: dict[str, bytes] = MappingProxyType({})  # type: ignore[assignment]  # shared, read-only
+EXT_ROOT_INO = 2
+MAX_DIR_CACHE = 1_000_000   # directory paths remembered (metadata-sized)
+DIR_LISTINGS_CACHED = 4     # parsed directories kept for name lookups
+MAX_WARNED = 10_000         # damage warnings remembered (each printed once)
+_PARSE_ERRORS = (FileReadError, ValueError, struct.error)
+
+
+class ExtFileSystem(FileSystem):
+    backend = "ext"
+
+    @classmethod
+    def detect(cls, source: ByteSource) -> bool:
+        raw = source.read(SUPERBLOCK_OFFSET, 0x64)
+        if len(raw) < 0x64 or _SB_MAGIC.unpack_from(raw, 0x38)[0] != EXT_MAGIC:
+            return False
+        return not _SB_INCOMPAT.unpack_from(raw, 0x60)[0] & INCOMPAT_JOURNAL_DEV
+
+    def __init__(self, source: ByteSource, name: str | None = None) -> None:
+        self.source = source
+        self.name = name or source.name
+        self._ext = ExtInodeReader(source)   # FilesystemError for a superblock it cannot use
+        self._dirs = ExtDirReader(self._ext)
+        found = probe(source)
+        self.block_size = self._ext.block_size
+        self.block_count = self._ext.blocks_count
+        kind = found.type if found.type in ("ext2", "ext3", "ext4") else "ext4"
+        self.info = FsInfo(type=kind, label=found.label, uuid=found.uuid, block_size=self.block_size,
+                           size=found.size or self.block_size * self.block_count, used=found.used,
+                           free=found.free, details={"backend": self.backend})
+        self._tsk: TskFileSystem | None = None
+        self._tsk_problem: str | None = None      # why TSK cannot help (once known)
+        self._dir_inodes: dict[str, int] = {}     # directory path -> inode, filled by listdir
+        self._listings: OrderedDict[int, dict[bytes, tuple[int, int]]] = OrderedDict()   # for lookups
+        self._warned: set[str] = set()
+        self._damaged_dirs: dict[str, str] = {}   # path -> what was wrong (see listing_damage)
+
+    # -- The Sleuth Kit, for damaged spots only ----------------------------------
+
+    def _fallback(self) -> TskFileSystem | None:
+        """A TskFileSystem on the same volume, opened on first need; None when
+        TSK cannot open it either (the native reader's view is then all there is)."""
+        if self._tsk is None and self._tsk_problem is None:
+            from .tsk import TskFileSystem
+            try:
+                self._tsk = TskFileSystem(self.source, name=self.name)
+            except FilesystemError as exc:
+                self._tsk_problem = exc.problem
+                log.debug("%s: The Sleuth Kit cannot open it either: %s", self.name, exc.problem)
+        return self._tsk
+
+    # -- lookups -------------------------------------------------------------------
+
+    def stat(self, path: str) -> Entry:
+        path = normalize(path)
+        found = self._lookup(path)
+        if found is None:   # a directory on the way is damaged: TSK resolves the path
+            tsk = self._fallback()
+            if tsk is None:
+                raise FileReadError(f"cannot look up {path}: a directory on the way is damaged")
+            return tsk.stat(path)
+        entry = self._entry(path, found[0], found[1])
+        if entry is None:
+            raise GuestPathError(f"no such file or directory: {path}", file=self.name)
+        if path == "/" and entry.kind != DIR:   # a damaged root: listdir says what is wrong
+            entry.kind, entry.size, entry.link_target, entry.rdev = DIR, 0, None, None
+        return entry
+
+    def _names(self, ino: int) -> dict[bytes, tuple[int, int]]:
+        """name -> (inode, file type) of a directory (a few kept: stat after
+        listdir, and lookups through a huge directory, ask again)."""
+        names = self._listings.get(ino)
+        if names is not None:
+            self._listings.move_to_end(ino)
+            return names
+        names = {}
+        for e in self._dirs.entries(ino):
+            names.setdefault(e.name, (e.inode, e.file_type))   # twin names: the first, as a lookup finds it
+        self._listings[ino] = names
+        if len(self._listings) > DIR_LISTINGS_CACHED:
+            self._listings.popitem(last=False)
+        return names
+
+    def _lookup(self, path: str) -> tuple[int, str | None] | None:
+        """(inode, kind from the directory entry) of `path`, walked from the
+        nearest directory already seen; None when a directory on the way is
+        damaged or unsupported. Raises GuestPathError when the path does not exist."""
+        if path == "/":
+            return EXT_ROOT_INO, DIR
+        parts = path[1:].split("/")
+        depth = len(parts) - 1
+        while depth > 0 and "/" + "/".join(parts[:depth]) not in self._dir_inodes:
+            depth -= 1
+        ino = self._dir_inodes["/" + "/".join(parts[:depth])] if depth else EXT_ROOT_INO
+        found: tuple[int, int] | None = None
+        try:
+            for i in range(depth, len(parts)):
+                if i > depth and not self._dirs.may_be_dir(ino):
+                    raise GuestPathError(f"no such file or directory: {path}", file=self.name)
+                found = self._names(ino).get(parts[i].encode("utf-8", "surrogateescape"))
+                if found is None:
+                    raise GuestPathError(f"no such file or directory: {path}", file=self.name)
+                ino = found[0]
+        except _PARSE_ERRORS as exc:
+            log.debug("%s: %s: native lookup failed (%s); asking The Sleuth Kit", self.name, path, exc)
+            return None
+        assert found is not None
+        return found[0], FT_KIND.get(found[1])
+
+    def _entry(self, path: str, ino: int, name_kind: str | None) -> Entry | None:
+        """An Entry from our own parse of the inode (one struct unpack: the
+        per-file cost of a walk). An inode the parser rejects is left to TSK,
+        which shows what it can (or nothing, as its listing does)."""
+        ext = self._ext
+        try:
+            inode = ext.inode(ino)
+            times = ext.times(ino)
+        except _PARSE_ERRORS as exc:
+            log.debug("%s: %s: inode %d: %s; asking The Sleuth Kit", self.name, path, ino, exc)
+            tsk = self._fallback()
+            return tsk.inode_entry(path, ino, name_kind) if tsk is not None else None
+        kind = _EXT_KIND.get(inode.i_mode & 0o170000) or name_kind
+        if kind is None:
+            return None
+        entry = Entry(
+            path=path, kind=kind, mode=inode.i_mode & 0o7777, uid=inode.i_uid | (inode.l_i_uid_high << 16),
+            gid=inode.i_gid | (inode.l_i_gid_high << 16),
+            size=inode.i_size_lo | (inode.i_size_high << 32) if kind in (FILE, SYMLINK) else 0,
+            mtime_ns=times.mtime_ns, atime_ns=times.atime_ns, ctime_ns=times.ctime_ns,
+            nlink=inode.i_links_count, inode=ino,
+        )
+        if kind == SYMLINK:
+            try:
+                raw = ext.symlink_target(ino)
+            except _PARSE_ERRORS as exc:
+                log.debug("%s: %s: symlink target unreadable: %s", self.name, path, exc)
+                raw = b""
+            entry.link_target = raw.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+        elif kind in (CHAR, BLOCK):
+            entry.rdev = ext.rdev(ino)
+        try:   # the inode is parsed now anyway: its xattrs cost nothing more
+            found = ext.xattrs(ino)
+            entry.xattrs = found if found else _NO_XATTRS
+        except Exception:
+            pass   # left unloaded: xattrs() asks again and reports the damage
+        return entry
+
+    # -- directories ---------------------------------------------------------------
+
+    def _listdir_native(self, path: str, ino: int, problems: list[str] | None = None) -> list[Entry]:
+        entries = self._dirs.entries(ino, problems)
+        out = []
+        prefix = path.rstrip("/") + "/"
+        for e in entries:
+            entry = self._entry(prefix + e.name.decode("utf-8", "surrogateescape"), e.inode, FT_KIND.get(e.file_type))
+            if entry is not None:
+                out.append(entry)
+                if entry.kind == DIR and len(self._dir_inodes) < MAX_DIR_CACHE:
+                    self._dir_inodes.setdefault(entry.path, entry.inode)
+        return out
+
+    def listdir(self, path: str) -> list[Entry]:
+        path = normalize(path)
+        inode = self._dir_inodes.get(path)
+        found = (inode, DIR) if inode is not None else self._lookup(path)
+        damaged: DirectoryDamaged | None = None
+        if found is not None:
+            ino = found[0]
+            self._check_dir(path, ino)
+            try:
+                return self._listdir_native(path, ino)
+            except DirectoryDamaged as exc:
+                damaged = exc
+            except _PARSE_ERRORS as exc:   # unsupported (encrypted, huge) or an unreadable inode
+                log.info("%s: %s: %s; listing it with The Sleuth Kit", self.name, path, exc)
+                tsk = self._fallback()
+                if tsk is None:
+                    raise FileReadError(f"cannot list {path}: {exc}") from None
+                return tsk.listdir_inode(path, ino)
+        else:
+            tsk = self._fallback()
+            if tsk is None:
+                raise FileReadError(f"cannot list {path}: a directory on the way is damaged")
+            return tsk.listdir(path)
+        # A damaged directory: TSK's scan recovers names after the damage (and may add spurious ones)
+        tsk = self._fallback()
+        if tsk is not None:
+            try:
+                out = tsk.listdir_inode(path, ino)
+            except FileReadError:
+                pass
+            else:
+                self._damaged_dirs[path] = str(damaged)
+                self._warn_once(f"{damaged} (directory {path}); listed by The Sleuth Kit's scan instead")
+                return out
+        # TSK cannot list it either: the entries before each damaged spot, as the kernel shows
+        problems: list[str] = []
+        out = self._listdir_native(path, ino, problems)
+        for text in problems:
+            self._warn_once(f"{text} (directory {path}): the rest of that block skipped")
+        if problems:
+            self._damaged_dirs[path] = "; ".join(problems)
+        return out
+
+    def _check_dir(self, path: str, ino: int) -> None:
+        """GuestPathError when the inode's mode names another type than a directory."""
+        try:
+            if self._dirs.may_be_dir(ino):
+                return
+            mode = self._ext.inode(ino).i_mode
+        except _PARSE_ERRORS:
+            return   # an unreadable inode: listing it says what is wrong
+        if path == "/":   # e2fsprogs f_badroot: say so rather than show an empty filesystem
+            raise FileReadError(f"cannot list /: root inode {ino} has i_mode={mode:#o}, not a directory")
+        raise GuestPathError(f"not a directory: {path}", file=self.name)
+
+    def listing_damage(self, path: str) -> str | None:
+        return self._damaged_dirs.get(normalize(path))
+
+    def _warn_once(self, text: str) -> None:
+        """Each damage once, though the guest layer and the walk list a directory twice."""
+        if text not in self._warned:
+            if len(self._warned) < MAX_WARNED:
+                self._warned.add(text)
+            log.warning("%s", text)
+
+    # -- content -------------------------------------------------------------------
+
+    def file_runs(self, entry: Entry) -> list[Run]:
+        """The file's extents or block map as runs: DATA where the blocks are,
+        UNWRITTEN for preallocated extents, ZERO for holes. An inline-data file
+        is one DATA run without `where` (read_chunks serves it from the inode)."""
+        if entry.kind != FILE or entry.size == 0:
+            return []
+        ino = entry.inode
+        try:
+            inline = bool(self._ext.inode(ino).i_flags & INLINE_DATA_FL)
+        except _PARSE_ERRORS as exc:
+            tsk = self._fallback()   # the inode TSK listed for a damaged spot: TSK maps it
+            if tsk is None:
+                raise FileReadError(f"{entry.path}: inode {ino} unreadable: {exc}") from None
+            return tsk.file_runs(entry)
+        if inline:
+            if entry.size > self._ext.inode_size:
+                raise FileReadError(f"{entry.path}: i_size={entry.size} is more than an inode holds "
+                                    "as inline data")
+            return [Run(0, entry.size, DATA)]
+        bs = self.block_size
+        try:
+            mapped = self._ext.mapped_runs(ino, entry.size, entry.path, metadata=False)
+        except (ValueError, struct.error) as exc:
+            raise FileReadError(f"{entry.path}: cannot map its blocks: {exc}") from None
+        return cover([Run(lblk * bs, count * bs, UNWRITTEN) if unwritten else
+                      Run(lblk * bs, count * bs, DATA, pblk * bs)
+                      for lblk, pblk, count, unwritten in mapped], entry.size)
+
+    def _inline(self, entry: Entry) -> bytes:
+        """An inline-data file's bytes (i_block, then the system.data value)."""
+        try:
+            data = self._ext.inline_data(entry.inode)
+        except _PARSE_ERRORS as exc:
+            raise FileReadError(f"{entry.path}: inline data unreadable: {exc}") from None
+        if len(data) < entry.size:
+            raise FileReadError(f"{entry.path}: i_size={entry.size} but the inode holds only {len(data)} "
+                                "bytes of inline data")
+        return data[:entry.size]
+
+    def _stored_how(self, entry: Entry) -> str | TskFileSystem:
+        """"inline" for an inline-data file, the TskFileSystem for an inode only
+        TSK could parse (it was listed through TSK), else "runs"."""
+        if entry.kind != FILE or not entry.size:
+            return "runs"
+        try:
+            flags = self._ext.inode(entry.inode).i_flags
+        except _PARSE_ERRORS:
+            return self._fallback() or "runs"   # no TSK: file_runs says what is wrong
+        return "inline" if flags & INLINE_DATA_FL else "runs"
+
+    def read_chunks(self, entry: Entry, chunk_size: int = 1 << 20) -> Iterator[bytes]:
+        how = self._stored_how(entry)
+        if how == "inline":
+            yield self._inline(entry)
+        elif how == "runs":
+            yield from super().read_chunks(entry, chunk_size)
+        else:
+            yield from how.read_chunks(entry, chunk_size)
+
+    def read_range(self, entry: Entry, offset: int, length: int) -> bytes:
+        how = self._stored_how(entry)
+        if how == "inline":
+            return self._inline(entry)[max(0, offset):max(0, offset + length)]
+        if how == "runs":
+            return super().read_range(entry, offset, length)
+        return how.read_range(entry, offset, length)
+
+    def xattrs(self, entry: Entry) -> dict[str, bytes]:
+        if entry.xattrs is not None:
+            return entry.xattrs
+        try:
+            return self._ext.xattrs(entry.inode)
+        except FileReadError:
+            raise
+        except Exception as exc:
+            raise FileReadError(f"{entry.path}: extended attributes unreadable: {exc}") from None
+
+    def close(self) -> None:
+        if self._tsk is not None:
+            self._tsk.close()
+            self._tsk = None
