@@ -170,8 +170,8 @@ class BtrfsFileSystem(FileSystem):
                         gen_v2, uuid, parent_uuid = S.ROOT_ITEM_V2.unpack_from(data, 239)
                         if gen_v2 != f[0]:
                             uuid = parent_uuid = b""
-                        elif len(data) >= 351 + 12:
-                            sec, nsec = struct.unpack_from("<qI", data, 351)
+                        elif len(data) >= 339 + 12:
+                            sec, nsec = struct.unpack_from("<qI", data, 339)   # otime
                             otime = sec * 1_000_000_000 + nsec
                     self.roots[objectid] = RootInfo(objectid, f[2], f[12], f[0], f[1], f[6], uuid, parent_uuid, otime)
                 elif ktype == S.ROOT_BACKREF_KEY and len(data) >= S.ROOT_REF.size:
@@ -371,7 +371,8 @@ class BtrfsFileSystem(FileSystem):
 
     def _entry(self, path: str, loc: Loc, raw: bytes | None = None) -> Entry:
         if loc.ino < 0:   # a subvolume not reachable from this tree: the kernel shows an empty directory
-            return Entry(path=path, kind=DIR, mode=0o755, nlink=1,
+            born = self.roots[loc.tree].otime or 0   # the kernel says "now"; the snapshot's birth is stabler
+            return Entry(path=path, kind=DIR, mode=0o755, nlink=1, mtime_ns=born, atime_ns=born, ctime_ns=born,
                          inode=(1 << 128) | (loc.tree << 64) | -loc.ino)
         raw = raw if raw is not None else self._inode(loc)
         (_gen, _transid, size, _nbytes, _bg, nlink, uid, gid, mode, rdev, _flags, _seq,
