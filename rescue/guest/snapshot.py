@@ -16,6 +16,7 @@ from ..units import human_size
 from ..volume import Volume, VolumeMap, discover
 from .identity import id_names, os_release
 from .not_a_disk import refuse_non_disk
+from .apps import find_applications
 from .valuables import find_valuables
 
 # Filesystems that hold no files to rescue.
@@ -329,6 +330,10 @@ class Snapshot:
             if self.mounts:
                 out["mounts"] = self.mounts
             out["valuables"] = [f.to_json() for f in find_valuables(self.filesystem())]
+            apps = find_applications(self.filesystem())
+            if apps.engines or apps.containers or apps.volumes:
+                out["applications"] = apps.to_json()
+                self.warnings.extend(apps.warnings)
         except RescueError as exc:
             out["root_volume"] = None
             out["root_error"] = exc.one_line()
