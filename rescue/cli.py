@@ -221,11 +221,62 @@ def _render_inspect(data: dict) -> None:
     if data.get("valuables"):
         out.print("Worth rescuing (pass as --path):")
         for found in data["valuables"]:
-            size = _human(found["bytes"]) + ("" if found["sizes_complete"] else "+")
+            held = found.get("allocated_bytes", found["bytes"])   # holes of sparse files not counted
+            size = _human(held) + ("" if found["sizes_complete"] else "+")
+            if held != found["bytes"]:
+                size += f" ({_human(found['bytes'])} apparent)"
             files = f"{found['files']}{'' if found['sizes_complete'] else '+'} file" + ("" if found["files"] == 1 else "s")
             out.print(f"  {found['path']:<44} {found['what']}, {files}, {size}", markup=False)
+    if data.get("applications"):
+        _render_apps(data["applications"])
     for warning in data.get("warnings") or []:
         _warn(warning)
+
+
+def _render_apps(apps: dict) -> None:
+    """Containers, compose projects and volumes (rescue/guest/apps.py)."""
+    def size(s: Optional[dict]) -> str:
+        if not s:
+            return "empty"
+        more = "" if s.get("complete", True) else "+"
+        held = f" ({_human(s['allocated'])}{more} data)" if s["allocated"] != s["bytes"] else ""
+        return f"{s['files']}{more} files, {_human(s['bytes'])}{more}{held}"
+
+    for eng in apps.get("engines") or []:
+        where = eng["root"] + (f" -> {eng['real_root']}" if eng.get("real_root") not in (None, eng["root"]) else "")
+        state = "" if eng["found"] else " (not in this snapshot)"
+        out.print(f"{eng['engine'].capitalize()} data: {where} ({eng['why']}){state}", markup=False)
+    if apps.get("containers"):
+        out.print("Containers (rescue one with --container NAME):")
+    for c in apps.get("containers") or []:
+        proj = f", project {c['project']}/{c['service']}" if c.get("project") else ""
+        out.print(f"  {_visible(c['name']):<24} {_visible(c['image'])}, {c['state']}{proj}", markup=False)
+        for m in c.get("mounts") or []:
+            if m["kind"] == "tmpfs":
+                out.print(f"      tmpfs {m['destination']} (memory only: nothing to rescue)", markup=False)
+                continue
+            missing = "" if m["present"] else " (NOT in this snapshot)"
+            out.print(f"      {m['kind']} {_visible(m['source'])} -> {_visible(m['destination'])}"
+                      f"{'' if m['rw'] else ' (ro)'}{missing}", markup=False)
+        if c.get("layer"):
+            out.print(f"      writable layer: {size(c['layer'])} written inside the container "
+                      f"({c['layer_path']})", markup=False)
+    if apps.get("projects"):
+        out.print("Compose projects (rescue one with --app NAME):")
+    for p in apps.get("projects") or []:
+        files = ", ".join(p["config_files"] + p["env_files"]) or "no compose file recorded"
+        out.print(f"  {_visible(p['name'])}: {_visible(files)}", markup=False)
+        out.print(f"      services {', '.join(p['services']) or '-'}; volumes {', '.join(p['volumes']) or '-'}; "
+                  f"binds {', '.join(p['binds']) or '-'}", markup=False)
+        for gone in p.get("missing") or []:
+            out.print(f"      {_visible(gone)} is NOT in this snapshot", markup=False)
+    vols = apps.get("volumes") or []
+    if vols:
+        out.print("Volumes (rescue one with --docker-volume NAME):")
+    for v in vols:
+        users = ", ".join(v["used_by"]) if v["used_by"] else \
+            "UNUSED (no container)" if v.get("usage_known", True) else "users unknown"
+        out.print(f"  {_visible(v['name']):<24} {size(v['size'])}; {users}", markup=False)
 
 
 # -- ls and cat -----------------------------------------------------------------
