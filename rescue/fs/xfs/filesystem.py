@@ -127,11 +127,14 @@ class XfsFileSystem(FileSystem):
                 log.warning("%s: directory %s listed in part: %s", self.name, path, text)
             self._damage[path] = text
 
-    def _lookup(self, path: str) -> Inode:
+    def _lookup(self, path: str, chain: list[int] | None = None) -> Inode:
+        """The inode at `path`; `chain` collects the directories passed through."""
         path = normalize(path)
         inode = self._inode(self.sb.rootino, "/")
         cur = "/"
         for part in [p for p in path.split("/") if p]:
+            if chain is not None:
+                chain.append(inode.ino)
             if inode.kind != DIR:
                 raise GuestPathError(f"not a directory: {cur}", file=self.name)
             names = self._names(inode, cur)
@@ -202,9 +205,12 @@ class XfsFileSystem(FileSystem):
         return self._guard(path, lambda: self._listdir(path))
 
     def _listdir(self, path: str) -> list[Entry]:
-        inode = self._lookup(path)
+        chain: list[int] = []
+        inode = self._lookup(path, chain)
         if inode.kind != DIR:
             raise GuestPathError(f"not a directory: {path}", file=self.name)
+        # Directories cannot be hard-linked: one seen again above us is a damaged entry (a loop).
+        ancestors = set(chain) | {inode.ino}
         try:
             pairs, damage = read_directory(self.reader, inode)
         except XfsDamage as exc:
@@ -217,9 +223,14 @@ class XfsFileSystem(FileSystem):
                 problems.append(f"name {name!r} holds '/' or NUL")
                 continue
             try:
-                out.append(self._guard(child, lambda: self._entry(child, self.reader.inode(ino))))
+                entry = self._guard(child, lambda: self._entry(child, self.reader.inode(ino)))
             except (FileReadError, XfsDamage) as exc:
                 problems.append(f"{child}: {exc}")
+                continue
+            if entry.kind == DIR and ino in ancestors:
+                problems.append(f"{child}: names directory inode {ino}, which contains it (a loop)")
+                continue
+            out.append(entry)
         self._note_damage(path, problems)
         if not problems:
             self._damage.pop(path, None)
