@@ -29,6 +29,7 @@ VARIANTS: dict[str, tuple[list[str], int, str]] = {
     "nrext64": (["-i", "nrext64=1", "-m", "bigtime=1"], 64 * MiB, "64-bit extent counters"),
     "nobigtime": (["-m", "bigtime=0,reflink=0"], 64 * MiB, "classic timestamps, no reflink"),
     "b64k": (["-b", "size=65536"], 128 * MiB, "64 KiB blocks"),
+    "rmapbt": (["-m", "rmapbt=1"], 64 * MiB, "reverse-mapping btree"),
 }
 
 ODD_NAMES = [bytes(range(1, 47)), bytes(range(48, 128)), bytes(range(128, 256)),

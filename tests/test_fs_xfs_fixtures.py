@@ -193,3 +193,18 @@ def test_dirty_log_is_a_warning_not_a_refusal(images, tmp_path, caplog):
     assert fs.info.details["log"] == "dirty"
     assert "log is dirty" in caplog.text
     assert fs.stat("/files/tiny").size == 6
+
+
+REAL = S.REPO.parent / "shared" / "real-images"
+
+
+@pytest.mark.skipif(not (REAL / "e2fsprogs" / "f_detect_xfs.bz2").exists(), reason="../shared/real-images not present")
+def test_real_image_from_e2fsprogs_opens(tmp_path):
+    """e2fsprogs' f_detect_xfs: a real (v4, 2014) XFS with an empty root."""
+    import bz2
+    img = tmp_path / "detect.img"
+    img.write_bytes(bz2.decompress((REAL / "e2fsprogs" / "f_detect_xfs.bz2").read_bytes()))
+    fs = open_filesystem(FileSource(img))
+    assert isinstance(fs, XfsFileSystem)
+    assert fs.info.label == "test_filsys" and fs.info.details["version"] == 4
+    assert fs.listdir("/") == [] and fs.stat("/").kind == "dir"

@@ -164,3 +164,24 @@ def test_extract_equals_gnu_tar_of_the_mount(tmp_path):
         bad += [f"{name!r} {f}: gnu={a!r:.150} rescue={b!r:.150}"
                 for f, a, b in zip(fields, (*w[:7], wx, *w[8:]), g) if a != b]
     assert bad == []
+
+
+@pytest.mark.parametrize("args", [
+    ["-m", "crc=0", "-n", "ftype=0"],
+    ["-m", "crc=0", "-n", "ftype=1", "-b", "size=512"],
+    ["-m", "crc=0", "-i", "size=512", "-b", "size=2048", "-n", "size=8192"],
+], ids=["v4-noftype", "v4-512B-blocks", "v4-2k-dir8k"])
+def test_v4_prototype_images(tmp_path, args):
+    """v4 filled by mkfs.xfs -p (a real tool, no mount needed): the reader must
+    show the prototype's tree; times and inode numbers are mkfs's, not compared."""
+    proto, want = T.proto_tree(tmp_path / "src")
+    (tmp_path / "proto").write_text(proto)
+    image = tmp_path / "v4.img"
+    refused = T.mkfs(image, [*args, "-p", str(tmp_path / "proto")], 64 << 20)
+    if refused:
+        pytest.skip(f"mkfs.xfs {' '.join(args)} refused here: {refused}")
+    fs = XfsFileSystem(FileSource(image))
+    assert fs.info.details["version"] == 4
+    got = {p: tuple(None if w is None else g for g, w in zip(rec, want.get(p, rec)))
+           for p, rec in S.reader_view(fs).items()}
+    assert S.differences(want, got) == []
