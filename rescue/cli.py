@@ -588,7 +588,7 @@ def convert(snapshot: str = SnapshotArg,
     Example: rescue convert snapshot.qcow2 -o disk.raw
     """
     from .disk import DiskOptions, open_disk
-    from .disk.convert import convert as run_convert
+    from .extract.convert import convert as run_convert
     from .source import open_source
     with _errors():
         source = open_source(snapshot, member=member)

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Callable
 
 from .errors import RescueError, SourceError, TargetError
+from .extract.copy import write_all_at
 from .source.http_client import (ChangedError, Http, ProgressMade, TransientError, Validators,
                                  content_range, iter_body, release)
 
@@ -456,19 +457,10 @@ def _describe_change(meta: dict, new: Validators) -> str:
 
 
 def _write_all(fd: int, data: bytes, offset: int, job: _Download) -> None:
-    view = memoryview(data)
-    while view:
-        try:
-            n = os.pwrite(fd, view, offset) if hasattr(os, "pwrite") else _seek_write(fd, view, offset)
-        except OSError as e:
-            raise job.write_error(e, job.part) from None
-        view = view[n:]
-        offset += n
-
-
-def _seek_write(fd: int, data, offset: int) -> int:  # Windows has no pwrite
-    os.lseek(fd, offset, os.SEEK_SET)
-    return os.write(fd, data)
+    try:
+        write_all_at(fd, data, offset)
+    except OSError as e:
+        raise job.write_error(e, job.part) from None
 
 
 def _hash_range(fd: int, start: int, end: int, hashers: dict) -> None:

@@ -16,7 +16,7 @@ from disk_support import (LARGE, OWN_EXPECTED, QEMU_IMG, SAME_AS_BASE, RealImage
 from disk_support import images, no_big_leftovers, real  # noqa: F401 (fixtures)
 from rescue.disk import DiskOptions, open_disk
 from rescue.disk import qcow2
-from rescue.disk.convert import convert
+from rescue.extract.convert import convert
 from rescue.disk.mapping import COMPRESSED, DATA
 from rescue.errors import DamagedRange, DiskFormatError, RescueError, TargetError, UnsupportedFeature
 from rescue.source.base import FileSource
@@ -92,7 +92,7 @@ def test_backing_chain_inside_an_archive(images, tmp_path):
 
 @pytest.mark.parametrize("kernel_copy", [True, False], ids=["copy_file_range", "pread-pwrite"])
 def test_convert_writes_qemu_img_bytes_as_a_sparse_file(images, tmp_path, monkeypatch, kernel_copy):
-    from rescue.disk import convert as convert_module
+    from rescue.extract import convert as convert_module
     monkeypatch.setattr(convert_module, "_kernel_copy_works", kernel_copy)
     disk = open_path(images.path("chain-top2.qcow2"))
     out = tmp_path / "disk.raw"

@@ -16,7 +16,7 @@ from disk_support import (QEMU_IMG, RealImages, assert_like_qemu_img, assert_rea
 from disk_support import images, no_big_leftovers, real  # noqa: F401 (fixtures)
 from rescue.disk import vdi
 from rescue.disk.base import RawDisk
-from rescue.disk.convert import convert
+from rescue.extract.convert import convert
 from rescue.errors import DamagedRange, DiskFormatError, UnsupportedFeature
 
 MiB = 1 << 20
@@ -68,7 +68,7 @@ def test_out_of_order_free_and_zero_blocks(tmp_path):
     disk = open_path(path)
     assert disk.read(0, disk.size) == expect
     assert disk.read(MiB - 10, 20) == expect[MiB - 10:MiB + 10]
-    assert [tuple(r) for r in disk.runs(0, disk.size)] == [
+    assert [tuple(r[:3]) for r in disk.runs(0, disk.size)] == [
         (0, MiB, "data"), (MiB, MiB, "zero"), (2 * MiB, MiB, "data"), (3 * MiB, MiB, "zero"),
         (4 * MiB, MiB, "data"), (5 * MiB, MiB, "zero"), (6 * MiB, 4096, "data")]
     if QEMU_IMG:  # qemu-img agrees with what we built
@@ -130,7 +130,7 @@ def test_differencing_vdi_reads_its_own_blocks_over_the_parent(images, tmp_path)
         assert disk.info.subformat == "differencing" and disk.info.backing_chain == [str(base)]
         assert disk.read(0, size) == expect
         assert disk.read(MiB - 7, 3 * MiB) == expect[MiB - 7:4 * MiB - 7]
-        assert [tuple(r) for r in disk.runs(0, size)] == [
+        assert [tuple(r[:3]) for r in disk.runs(0, size)] == [
             (0, 2 * MiB, "data"), (2 * MiB, MiB, "zero"), (3 * MiB, size - 3 * MiB, "data")]
         where.unlink()
     # Alone: a clear error naming the parent's UUID; --backing supplies it.

@@ -1,4 +1,5 @@
-"""Write a whole virtual disk as a sparse raw file (`rescue convert`).
+"""Write a whole virtual disk as a sparse raw file (`rescue convert`): the
+output side of the disk layer, as the other writers are of the filesystem layer.
 
 Zero runs become holes (we seek over them and set the size at the end), data
 is copied in large reads, and the output appears under its name only once it
@@ -22,8 +23,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Optional, Union
 
+from ..disk.base import DiskImage
 from ..errors import DamagedRange, TargetError
-from .base import DiskImage
+from .copy import write_all_at
 
 CHUNK = 8 << 20          # bytes per read: large and few
 RETRY_CHUNK = 64 << 10   # granularity used to isolate a damaged range
@@ -217,16 +219,8 @@ def _kernel_copy(src_fd: int, host: int, fd: int, pos: int, n: int, name: str) -
 
 
 def _pwrite(fd: int, data: bytes, pos: int, name: str) -> None:
-    view = memoryview(data)
     try:
-        while view:
-            if hasattr(os, "pwrite"):
-                k = os.pwrite(fd, view, pos)
-            else:  # Windows
-                os.lseek(fd, pos, os.SEEK_SET)
-                k = os.write(fd, view)
-            view = view[k:]
-            pos += k
+        write_all_at(fd, data, pos)
     except OSError as exc:
         raise TargetError(f"writing at offset {pos} failed: {exc.strerror or exc}", file=name) from None
 
