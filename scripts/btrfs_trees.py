@@ -43,9 +43,12 @@ def _random(n: int, seed: int) -> bytes:
     return random.Random(seed).randbytes(n)
 
 
-def populate(root: Path, seed: int = 1) -> None:
-    """Everything a file tree can hold, written through the kernel."""
+def populate(root: Path, seed: int = 1, small: bool = False) -> None:
+    """Everything a file tree can hold, written through the kernel (`small`:
+    the same cases with less data, for committed fixtures)."""
     root = Path(root)
+    big = (600_000 if small else 3 << 20)
+    sparse_size = (8 << 20) if small else (64 << 20)
     d = root / "files"
     d.mkdir()
     _write(d / "empty", b"")
@@ -53,9 +56,10 @@ def populate(root: Path, seed: int = 1) -> None:
     _write(d / "inline", _text(1500, seed))                  # inline extent (max_inline 2048)
     _write(d / "sector", _text(4096, seed + 1))
     _write(d / "sector+1", _text(4097, seed + 2))
-    _write(d / "text-3m", _text(3 << 20, seed + 3))          # many compressed extents
-    _write(d / "random-1m", _random(1 << 20, seed + 4))      # incompressible: stored plain
-    _write(d / "mixed", _text(200_000, seed + 5) + _random(70_000, seed + 6) + _text(90_000, seed + 7))
+    _write(d / "text-3m", _text(big, seed + 3))          # many compressed extents
+    _write(d / "random-1m", _random(big // 8, seed + 4))      # incompressible: stored plain
+    _write(d / "mixed", _text(200_000, seed + 5) + _random(30_000 if small else 70_000, seed + 6)
+           + _text(90_000, seed + 7))
     # partial overwrite: the old extent stays referenced on both sides with an offset
     _write(d / "overwritten", _text(1 << 20, seed + 8))
     os.sync()
@@ -67,8 +71,8 @@ def populate(root: Path, seed: int = 1) -> None:
     os.truncate(d / "truncated", 333_333)
     # sparse: data islands in holes (NO_HOLES leaves the gaps implicit)
     with open(d / "sparse", "wb") as f:
-        f.truncate(64 << 20)
-        for off in (0, 5 << 20, (17 << 20) + 123, (64 << 20) - 10):
+        f.truncate(sparse_size)
+        for off in (0, sparse_size // 13, sparse_size // 4 + 123, sparse_size - 10):
             f.seek(off)
             f.write(_text(5000, off))
     with open(d / "sparse-tail", "wb") as f:
@@ -79,7 +83,7 @@ def populate(root: Path, seed: int = 1) -> None:
         f.seek(1 << 20)
         f.write(_text(10_000, seed + 11))
     subprocess.run(["fallocate", "-l", "1M", "--keep-size", str(d / "sparse-tail")], check=True)
-    _write(d / "reflink-src", _random(600_000, seed + 12))
+    _write(d / "reflink-src", _random(150_000 if small else 600_000, seed + 12))
     subprocess.run(["cp", "--reflink=always", str(d / "reflink-src"), str(d / "reflink-copy")], check=True)
     with open(d / "reflink-copy", "r+b") as f:
         f.seek(100_000)
@@ -124,7 +128,7 @@ def populate(root: Path, seed: int = 1) -> None:
     # a directory with enough names for a multi-leaf DIR_INDEX
     many = root / "many"
     many.mkdir()
-    for i in range(1500):
+    for i in range(120 if small else 1500):
         (many / f"entry-{i:05d}").write_bytes(b"%d\n" % i)
     # fixed times last (writes above moved directory mtimes)
     for i, path in enumerate(sorted(root.rglob("*"), key=lambda p: len(p.parts), reverse=True)):

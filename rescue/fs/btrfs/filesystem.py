@@ -161,28 +161,10 @@ class BtrfsFileSystem(FileSystem):
         damage: list[str] = []
         try:
             for key, data in vol.items(self.root_tree, (0, 0, 0), MAX_KEY, damage):
-                objectid, ktype, offset = key
-                if ktype == S.ROOT_ITEM_KEY and len(data) >= S.ROOT_ITEM_V1.size:
-                    f = S.ROOT_ITEM_V1.unpack_from(data)
-                    uuid = parent_uuid = b""
-                    otime = None
-                    if len(data) >= 239 + S.ROOT_ITEM_V2.size:
-                        gen_v2, uuid, parent_uuid = S.ROOT_ITEM_V2.unpack_from(data, 239)
-                        if gen_v2 != f[0]:
-                            uuid = parent_uuid = b""
-                        elif len(data) >= 339 + 12:
-                            sec, nsec = struct.unpack_from("<qI", data, 339)   # otime
-                            otime = sec * 1_000_000_000 + nsec
-                    self.roots[objectid] = RootInfo(objectid, f[2], f[12], f[0], f[1], f[6], uuid, parent_uuid, otime)
-                elif ktype == S.ROOT_BACKREF_KEY and len(data) >= S.ROOT_REF.size:
-                    dirid, _seq, nlen = S.ROOT_REF.unpack_from(data)
-                    self.backrefs[objectid] = (offset, dirid, data[S.ROOT_REF.size:S.ROOT_REF.size + nlen])
-                elif ktype == S.ROOT_REF_KEY:
-                    self.refs.add((objectid, offset))
-                elif ktype == S.DIR_ITEM_KEY and objectid == S.ROOT_TREE_DIR_OBJECTID:
-                    for name, location, _ft, _data in _dir_items(data):
-                        if name == b"default" and location[1] == S.ROOT_ITEM_KEY:
-                            self.default_id = location[0]
+                try:
+                    self._root_tree_item(key, data)
+                except PARSE_ERRORS as exc:   # one bad item costs that subvolume, not the filesystem
+                    damage.append(f"item {key}: {exc}")
         except TreeBlockError as exc:
             raise FilesystemError(f"the root tree is unreadable: {exc}", file=self.name) from None
         self.damage += [f"root tree damaged: {d}" for d in damage]
@@ -191,9 +173,32 @@ class BtrfsFileSystem(FileSystem):
         if self.default_id not in self.roots:
             self.damage.append(f"the default subvolume {self.default_id} is missing; using the top level")
             self.default_id = S.FS_TREE_OBJECTID
-        self._dir_caches: dict = {}
         self._inflated: OrderedDict = OrderedDict()
         self.subvolumes = self._list_subvolumes()
+
+    def _root_tree_item(self, key: tuple, data: bytes) -> None:
+        objectid, ktype, offset = key
+        if ktype == S.ROOT_ITEM_KEY and len(data) >= S.ROOT_ITEM_V1.size:
+            f = S.ROOT_ITEM_V1.unpack_from(data)
+            uuid = parent_uuid = b""
+            otime = None
+            if len(data) >= 239 + S.ROOT_ITEM_V2.size:
+                gen_v2, uuid, parent_uuid = S.ROOT_ITEM_V2.unpack_from(data, 239)
+                if gen_v2 != f[0]:
+                    uuid = parent_uuid = b""
+                elif len(data) >= 339 + 12:
+                    sec, nsec = struct.unpack_from("<qI", data, 339)   # otime
+                    otime = sec * 1_000_000_000 + nsec
+            self.roots[objectid] = RootInfo(objectid, f[2], f[12], f[0], f[1], f[6], uuid, parent_uuid, otime)
+        elif ktype == S.ROOT_BACKREF_KEY and len(data) >= S.ROOT_REF.size:
+            dirid, _seq, nlen = S.ROOT_REF.unpack_from(data)
+            self.backrefs[objectid] = (offset, dirid, data[S.ROOT_REF.size:S.ROOT_REF.size + nlen])
+        elif ktype == S.ROOT_REF_KEY:
+            self.refs.add((objectid, offset))
+        elif ktype == S.DIR_ITEM_KEY and objectid == S.ROOT_TREE_DIR_OBJECTID:
+            for name, location, _ft, _data in _dir_items(data):
+                if name == b"default" and location[1] == S.ROOT_ITEM_KEY:
+                    self.default_id = location[0]
 
     def _tree_root(self, tree: int) -> tuple:
         info = self.roots.get(tree)

@@ -29,6 +29,13 @@ def _copy_match(out: bytearray, dist: int, length: int) -> None:
 
 def lzo1x_decompress(src: bytes, limit: int) -> bytes:
     """Inflate one LZO1X stream; at most `limit` bytes (more is an error)."""
+    try:
+        return _decompress(src, limit)
+    except IndexError:
+        raise LzoError("stream ends in the middle of an instruction") from None
+
+
+def _decompress(src: bytes, limit: int) -> bytes:
     out = bytearray()
     n = len(src)
     if n < 3:

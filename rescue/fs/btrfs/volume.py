@@ -182,9 +182,9 @@ class BtrfsVolume:
             if best is None or sb.generation > best.generation:
                 best = sb
         if best is None:
-            raise FilesystemError("no valid btrfs superblock (" + "; ".join(problems) + ")", file=self.name)
-        if problems and best.bytenr == S.SUPER_INFO_OFFSET:
-            pass   # a missing mirror on a small filesystem is normal
+            why = "; ".join(problems) or (f"the volume is {source.size} bytes, too small to hold one "
+                                          f"(the first lies at {S.SUPER_INFO_OFFSET})")
+            raise FilesystemError(f"no valid btrfs superblock ({why})", file=self.name)
         for why in problems:
             if "no superblock magic" not in why and "past the end" not in why:
                 self.notes.append(why)
