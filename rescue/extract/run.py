@@ -178,11 +178,13 @@ def _walk(fs: FileSystem, top: Entry, shown: str, options: ExtractOptions,
 def extract(fs: FileSystem, sink: Sink, options: ExtractOptions, *,
             users: dict[int, str] | None = None, groups: dict[int, str] | None = None,
             progress: Progress | None = None, planned: Plan | None = None,
-            manifest: "ManifestWriter | None" = None, embed_manifest: bool = False) -> Report:
+            manifest: "ManifestWriter | None" = None, embed_manifest: bool = False,
+            trailer: list[Item] | None = None) -> Report:
     """Write the selection into `sink`. TargetError ends the run (after
     sink.abort()); damaged files are skipped and listed in the report.
     With `manifest`, every item written is recorded with the SHA-256 of the
-    bytes the sink took; `embed_manifest` stores it in the target as well."""
+    bytes the sink took; `embed_manifest` stores it in the target as well.
+    `trailer` items (a README) are written after the selection, before the manifest."""
     started = time.monotonic()
     users, groups = users or {}, groups or {}
     work = planned or plan(fs, options)
@@ -243,6 +245,11 @@ def extract(fs: FileSystem, sink: Sink, options: ExtractOptions, *,
                 report.others += 1
             if progress:
                 progress(done_bytes, report.entries, entry.path)
+        for extra in trailer or []:
+            if any(p.name == extra.name for p in work.items):
+                report.warnings.append(f"the selection holds {extra.name} already; ours was not written")
+                continue
+            sink.add(extra)
         if manifest is not None and embed_manifest:
             _embed(sink, manifest, work, report)
         result = sink.close()

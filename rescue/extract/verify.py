@@ -36,10 +36,10 @@ from typing import Any, BinaryIO, Callable, Iterator
 
 from ..errors import RescueError, TargetError
 from ..fs.base import BLOCK, CHAR, DIR, FIFO, FILE, SOCKET, SYMLINK, FileReadError, FileSystem
+from .app_select import README_NAME
 from .manifest import MANIFEST_NAME, Manifest, read_manifest
 from .tar_sink import compression_for
 
-README_NAME = "README-rescue.txt"
 _OURS = {MANIFEST_NAME, README_NAME}
 _CHUNK = 1 << 20
 _TAR_KINDS = {tarfile.REGTYPE: FILE, tarfile.AREGTYPE: FILE, tarfile.CONTTYPE: FILE, tarfile.DIRTYPE: DIR,
