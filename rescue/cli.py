@@ -349,7 +349,13 @@ def cat(snapshot: str = SnapshotArg, path: str = typer.Argument(..., help="File 
 
 @app.command()
 def extract(snapshot: str = SnapshotArg,
-            paths: List[str] = typer.Option(["/"], "--path", "-p", metavar="PATH", help="Guest path to rescue (repeatable)."),
+            paths: List[str] = typer.Option([], "--path", "-p", metavar="PATH",
+                                            help="Guest path to rescue (repeatable; default / unless an application is chosen)."),
+            app: List[str] = typer.Option([], "--app", metavar="PROJECT",
+                                          help="A compose project: its compose/.env files, volumes, bind mounts, layers."),
+            container: List[str] = typer.Option([], "--container", metavar="NAME",
+                                                help="A container: its volumes, bind mounts and writable layer."),
+            docker_volume: List[str] = typer.Option([], "--docker-volume", metavar="NAME", help="A named volume."),
             output: Optional[str] = typer.Option(None, "-o", "--output", metavar="OUT",
                                                  help="OUT.tar, OUT.tar.gz, OUT.tar.zst, - (stdout), DIR/, "
                                                       "rsync://..., USER@HOST:PATH/, rclone:REMOTE:PATH/"),
@@ -386,12 +392,20 @@ def extract(snapshot: str = SnapshotArg,
         if output == "-" and sys.stdout.isatty():
             raise RescueError("refusing to write a tar archive to the terminal", layer="extract",
                               hint="redirect it (`-o - > out.tar`, `-o - | tar tvf -`) or name a file with -o")
-        options = ExtractOptions(paths=paths, excludes=exclude, strip_components=strip_components,
-                                 xattrs=not no_xattrs)
+        app_mode = bool(app or container or docker_volume)
+        options = ExtractOptions(paths=paths or ([] if app_mode else ["/"]), excludes=exclude,
+                                 strip_components=strip_components, xattrs=not no_xattrs)
+        chosen = None
         with _open(snapshot, volume, member, backing, qsnap, backend, partial, disk) as snap:
             fs = snap.filesystem()
             users, groups = snap.user_names(), snap.group_names()
-            work = plan(fs, options)
+            if app_mode:
+                from .extract.app_select import plan_apps
+                chosen = plan_apps(fs, options, snapshot=snapshot, projects=app, containers=container,
+                                   volumes=docker_volume)
+                work = chosen.plan
+            else:
+                work = plan(fs, options)
             for warning in snap.warnings:
                 _warn(warning)
             if dry_run:
@@ -404,9 +418,13 @@ def extract(snapshot: str = SnapshotArg,
                     update(done, files)
                     if list_:
                         err.print(_visible(path), markup=False)
-                writer = _manifest_writer(snapshot, options) if (manifest or embed_manifest) else None
+                embed = embed_manifest or app_mode   # an application extract always carries its manifest
+                writer = _manifest_writer(snapshot, options) if (manifest or embed) else None
+                if writer is not None and chosen is not None:
+                    writer.header.update(chosen.selection.header())
                 report = run_extract(fs, sink, options, users=users, groups=groups, progress=progress, planned=work,
-                                     manifest=writer, embed_manifest=embed_manifest)
+                                     manifest=writer, embed_manifest=embed,
+                                     trailer=chosen.trailer if chosen else None)
             if writer is not None and manifest:
                 _write_manifest(writer, manifest)
             from .source.stats import bytes_fetched
@@ -418,6 +436,8 @@ def extract(snapshot: str = SnapshotArg,
                 data["bytes_read_from_snapshot"] = read_from_image
             if fetched is not None:
                 data["bytes_fetched"] = fetched
+            if chosen is not None:
+                data["restore"] = {"commands": chosen.commands, "notes": chosen.selection.notes}
             _print_json(data)
         else:
             for skip in report.skipped:
@@ -432,7 +452,19 @@ def extract(snapshot: str = SnapshotArg,
             if report.skipped:
                 line += f"; {len(report.skipped)} skipped (listed above)"
             err.print(line, markup=False)
+            if chosen is not None:
+                _render_restore(chosen)
         raise typer.Exit(EXIT_PARTIAL if report.skipped else EXIT_OK)
+
+
+def _render_restore(chosen) -> None:
+    from .extract.app_select import README_NAME
+    for note in chosen.selection.notes:
+        err.print(f"note: {_visible(note)}", markup=False)
+    err.print(f"To put it back on a new server (also in {README_NAME} in the output; R = the output, unpacked):",
+              markup=False)
+    for line in chosen.commands:
+        err.print(f"  {_visible(line)}", markup=False)
 
 
 def _manifest_writer(snapshot: str, options):
@@ -550,6 +582,12 @@ def verify(args: List[str] = typer.Argument(..., metavar="[SNAPSHOT] TARGET",
                                              excludes=exclude or header.get("excludes") or [],
                                              strip_components=strip_components if strip_components is not None
                                              else int(header.get("strip_components") or 0))
+                    if header.get("sources"):
+                        from .extract.app_select import plan_from_header
+                        if not paths:
+                            options.paths = list(header.get("paths") or [])
+                        return expected_from_snapshot(fs, options,
+                                                      plan_fn=lambda f, o: plan_from_header(f, o, header))
                     return expected_from_snapshot(fs, options)
 
                 report = verify_target(target, manifest=given, snapshot_expected=expected)
