@@ -10,6 +10,8 @@ Workloads are built once with the real tools and cached under bench/work/:
      streamOptimized, and raw inside a .tar.gz (the provider's archive).
   W2 "big empty disk": 64 GiB virtual, a few hundred MiB used.
   W3 "many tiny files": 200 000 files under one tree.
+  X1 "dead RHEL-like VPS": W1's tree on an XFS partition (filled through a loop
+     mount: root), raw and qcow2; read by the native XFS reader.
 --mode pipe times both sides writing the tar into a pipe that discards it
 (warm cache): what rescue itself costs, which a file + fsync hides.
 References: read-only loop mount + GNU tar (root only), `qemu-img convert -O raw`,
@@ -76,13 +78,26 @@ def _make_tree(root: str, big_file: int, small_files: int, small_size: int) -> N
             f.write(seed[i % 64:] + seed[:i % 64])
 
 
-def _make_disk(path: str, size: int, tree: str) -> int:
-    """GPT disk with one ext4 partition made by mkfs.ext4 -d; returns the partition offset."""
+def _make_disk(path: str, size: int, tree: str, fstype: str = "ext4") -> int:
+    """GPT disk with one partition: ext4 made by mkfs.ext4 -d, or XFS made by
+    mkfs.xfs and filled through a loop mount (root); returns the partition offset."""
     start = MiB
     part = path + ".part"
     with open(part, "wb") as f:
         f.truncate(size - 2 * MiB)
-    sh("mkfs.ext4", "-q", "-F", "-E", "lazy_itable_init=0", "-d", tree, part)
+    if fstype == "xfs":
+        sh("mkfs.xfs", "-q", "-f", part)
+        mnt = tempfile.mkdtemp(prefix="rescue-bench-fill-")
+        try:
+            sh("mount", "-o", "loop", part, mnt)
+            try:
+                sh("cp", "-a", os.path.join(tree, "."), mnt)
+            finally:
+                sh("umount", mnt)
+        finally:
+            os.rmdir(mnt)
+    else:
+        sh("mkfs.ext4", "-q", "-F", "-E", "lazy_itable_init=0", "-d", tree, part)
     with open(path, "wb") as f:
         f.truncate(size)
     sh("sgdisk", "-o", "-n", f"1:{start // 512}:0", "-t", "1:8300", path, stdout=subprocess.DEVNULL)
@@ -109,7 +124,11 @@ def build(name: str, log) -> Workload:
         "W1": ("dead VPS: 4 GiB disk, /srv = 1 GiB file + 20 000 small files", 4 * GiB, GiB, 20_000, 10_000),
         "W2": ("big empty disk: 64 GiB virtual, ~300 MiB used", 64 * GiB, 256 * MiB, 2_000, 10_000),
         "W3": ("many tiny files: 200 000 files", 4 * GiB, 0, 200_000, 100),
+        # W1's tree on XFS (RHEL family), read by the native XFS reader
+        "X1": ("dead RHEL-like VPS: W1's tree on XFS", 4 * GiB, GiB, 20_000, 10_000),
     }
+    if name == "X1" and not IS_ROOT:
+        raise SystemExit("bench: X1 fills its XFS through a loop mount: run as root")
     title, size, big, count, small = specs[name]
     w = Workload(name, title, "/srv")
     w.raw = os.path.join(WORK, f"{name}.raw")
@@ -117,7 +136,7 @@ def build(name: str, log) -> Workload:
         log(f"building {name} ({title}) ...")
         with tempfile.TemporaryDirectory(dir=WORK) as tmp:
             _make_tree(tmp, big, count, small)
-            _make_disk(w.raw + ".tmp", size, tmp)
+            _make_disk(w.raw + ".tmp", size, tmp, "xfs" if name == "X1" else "ext4")
         os.replace(w.raw + ".tmp", w.raw)
     w.images["raw"] = w.raw
     if name == "W1":
@@ -139,7 +158,7 @@ def build(name: str, log) -> Workload:
             sh("tar", "-C", WORK, "-Sczf", tgz + ".tmp", os.path.basename(w.raw))
             os.replace(tgz + ".tmp", tgz)
         w.images["tar.gz"] = tgz
-    if name == "W2":
+    if name in ("W2", "X1"):
         q = os.path.join(WORK, f"{name}.qcow2")
         if not os.path.exists(q):
             sh("qemu-img", "convert", "-O", "qcow2", w.raw, q + ".tmp")
@@ -389,7 +408,7 @@ def main() -> int:
             continue
         log(f"{w.name}: {w.title}")
         if args.mode in ("pipe", "both"):
-            paths = [w.path_in_guest] + (["/srv/files"] if w.name == "W1" else [])
+            paths = [w.path_in_guest] + (["/srv/files"] if w.name in ("W1", "X1") else [])
             rows += run_pipe(w, max(args.runs, 5), log, paths)
         if args.mode in ("file", "both"):
             rows += run_workload(w, args.runs, log)

@@ -35,6 +35,7 @@ PARSER_ERRORS = (ConstructError, struct.error, IndexError, ValueError, KeyError,
                  RecursionError, ZeroDivisionError, TypeError)
 MAX_SYMLINK = 1024               # XFS_SYMLINK_MAXLEN
 DIRS_CACHED = 8                  # name maps kept for path lookups
+RUNS_CACHED = 64                 # file maps kept (a big fragmented file's map can be large)
 T = TypeVar("T")
 
 
@@ -79,6 +80,7 @@ class XfsFileSystem(FileSystem):
         self.log_state = state
         self.reader = InodeReader(source, sb, self.name)
         self._dirs: OrderedDict[int, dict[bytes, int]] = OrderedDict()
+        self._runs: OrderedDict[int, list[Run]] = OrderedDict()
         self._damage: dict[str, str] = {}
         free = sb.fdblocks << sb.block_log
         size = sb.dblocks << sb.block_log
@@ -240,7 +242,15 @@ class XfsFileSystem(FileSystem):
         return self._damage.get(normalize(path))
 
     def file_runs(self, entry: Entry) -> list[Run]:
-        return self._guard(entry.path, lambda: self._file_runs(entry))
+        # The map of an inode on a read-only volume never changes: keep the last few
+        # (extract asks for a file's runs for its sparse map, its data and its manifest).
+        runs = self._runs.get(entry.inode)
+        if runs is None:
+            runs = self._guard(entry.path, lambda: self._file_runs(entry))
+            self._runs[entry.inode] = runs
+            if len(self._runs) > RUNS_CACHED:
+                self._runs.popitem(last=False)
+        return list(runs)
 
     def _file_runs(self, entry: Entry) -> list[Run]:
         inode = self._inode(entry.inode, entry.path)

@@ -26,6 +26,7 @@ from .superblock import XfsSuper
 
 INODE_CHUNK = 64 * 1024          # inode table read in aligned pieces this large
 INODE_CHUNKS_CACHED = 256        # 16 MiB
+INODES_CACHED = 4096             # decoded inodes (<= 8 MiB with 2 KiB inodes)
 MAX_BMBT_LEVELS = 10             # 64-bit counts and 16-byte records cannot need more
 MAX_EXTENTS = 1 << 24            # a fork claiming more is damage (16 M extents ~ 1 GiB of Python objects)
 
@@ -107,6 +108,7 @@ class InodeReader:
         self.sb = sb
         self.name = name
         self._chunks: OrderedDict[int, bytes] = OrderedDict()
+        self._inodes: OrderedDict[int, Inode] = OrderedDict()
         self._agino_bits = sb.agblklog + sb.inopblog
 
     # -- raw reads -------------------------------------------------------------------------
@@ -157,6 +159,18 @@ class InodeReader:
 
     # -- inode core -------------------------------------------------------------------------
     def inode(self, ino: int) -> Inode:
+        """The decoded inode (cached: extract asks for each file's several times)."""
+        cached = self._inodes.get(ino)
+        if cached is not None:
+            self._inodes.move_to_end(ino)
+            return cached
+        inode = self._decode(ino)
+        self._inodes[ino] = inode
+        if len(self._inodes) > INODES_CACHED:
+            self._inodes.popitem(last=False)
+        return inode
+
+    def _decode(self, ino: int) -> Inode:
         raw = self._raw_inode(ino)
         (magic, mode, version, fmt, onlink, uid, gid, nlink, _plo, _phi, big_nextents, atime, mtime,
          ctime, size, _nblocks, _extsize, nextents, anextents, forkoff, aformat, _dmev, _dmst, flags,
