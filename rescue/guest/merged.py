@@ -182,6 +182,26 @@ def _subvol(entry: FstabEntry) -> str | None:
     return None
 
 
+def _subvolid(entry: FstabEntry) -> int | None:
+    """The btrfs subvolume an fstab entry names by id (subvolid=256)."""
+    for opt in entry.options:
+        if opt.startswith("subvolid=") and opt[len("subvolid="):].isdigit():
+            return int(opt[len("subvolid="):])
+    return None
+
+
+def _open_subvolume(fs: FileSystem, entry: FstabEntry) -> FileSystem | None:
+    """The subvolume `entry` mounts, through a reader that opens subvolumes by
+    path or id from the top level (the native btrfs reader: subvol=, subvolid=,
+    whichever subvolume the reader was opened at); None when `fs` cannot.
+    Raises RescueError naming the subvolume when it does not exist."""
+    opener = getattr(fs, "subvolume", None)
+    subvol, subvolid = _subvol(entry), _subvolid(entry)
+    if opener is None or (subvol is None and subvolid is None):
+        return None
+    return opener(subvol if subvol is not None else subvolid)
+
+
 def _is_dir(fs: FileSystem, path: str) -> bool:
     try:
         return fs.stat(path).kind == DIR
@@ -212,7 +232,15 @@ def _find_fstab(root_fs: FileSystem) -> tuple[str | None, FileSystem]:
         if text is None:
             continue
         for e in parse_fstab(text):
-            if e.mountpoint == "/" and _subvol(e) == normalize(top.path):
+            if e.mountpoint != "/":
+                continue
+            try:
+                view = _open_subvolume(root_fs, e)
+            except RescueError:
+                view = None
+            if view is not None and _read_fstab(view, "/etc/fstab") == text:
+                return text, view
+            if _subvol(e) == normalize(top.path):
                 return text, SubtreeFileSystem(root_fs, top.path)
     return None, root_fs
 
@@ -252,7 +280,7 @@ def build_mount_table(root_fs: FileSystem, volumes: list[Volume],
             continue
         subvol = _subvol(e)
         same_as_root = root_volume is not None and vol is root_volume
-        if same_as_root and subvol is None:
+        if same_as_root and subvol is None and _subvolid(e) is None:
             row.status = "skipped: same volume as /"
             continue
         if vol.details.get("unsupported"):
@@ -266,7 +294,14 @@ def build_mount_table(root_fs: FileSystem, volumes: list[Volume],
         except Exception as exc:   # one unreadable volume must not cost the rest of the tree
             row.status = f"failed: {type(exc).__name__}: {exc}"
             continue
-        if subvol is not None and subvol != "/":
+        try:
+            view = _open_subvolume(fs, e)
+        except RescueError as exc:
+            row.status = f"not found: btrfs subvolume {subvol or _subvolid(e)} ({exc.problem})"
+            continue
+        if view is not None:
+            fs = view
+        elif subvol is not None and subvol != "/":
             if not _is_dir(fs, subvol):
                 row.status = f"not found: btrfs subvolume {subvol} (not visible from the subvolume opened)"
                 continue

@@ -272,8 +272,9 @@ class Snapshot:
             self.warnings.append(f"/etc/fstab could not be applied: {exc}")
             return root
         self.mounts = [row.to_json() if hasattr(row, "to_json") else dict(row.__dict__) for row in rows]
-        if not any(m.get("status") == "mounted" and m.get("mountpoint") != "/" for m in self.mounts):
-            return root   # nothing stitched in: skip the routing layer
+        if not any(m.get("status") == "mounted" and m.get("mountpoint") != "/" for m in self.mounts) \
+                and getattr(merged, "root", root) is root:
+            return root   # nothing stitched in (and / is not a btrfs subvolume): skip the routing layer
         return merged
 
     # -- what the guest is ---------------------------------------------------

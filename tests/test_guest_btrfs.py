@@ -1,0 +1,162 @@
+"""A server installed on btrfs, as Ubuntu and Fedora lay it out: a GPT disk with
+an EFI FAT partition, /boot on ext4, and a btrfs whose subvolumes ('@' and
+'@home', or 'root' and 'home') /etc/fstab mounts by UUID with subvol= (or
+subvolid=). `rescue extract --path /home/alice --path /etc` must equal GNU tar
+of the kernel's mounts of the same subvolumes; `inspect` finds the OS inside
+the subvolume. Needs root, sgdisk, mkfs.* and loop devices."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from btrfs_support import why_no_kernel
+
+REPO = Path(__file__).resolve().parent.parent
+RESCUE = REPO / ".venv" / "bin" / "rescue"
+
+
+def _why_not() -> str | None:
+    why = why_no_kernel()
+    if why is None:
+        for tool in ("sgdisk", "sfdisk", "mkfs.vfat", "mkfs.ext4", "blkid"):
+            if shutil.which(tool) is None:
+                return f"{tool} is not installed"
+    return why
+
+
+pytestmark = pytest.mark.skipif(_why_not() is not None, reason=f"btrfs guest: {_why_not()}")
+
+LAYOUTS = {
+    # name: (root subvolume, home subvolume, how fstab names /home)
+    "ubuntu": ("@", "@home", "subvol=@home"),
+    "fedora": ("root", "home", "subvolid"),
+}
+
+
+def _run(*cmd: str) -> str:
+    return subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+
+
+class Partitions:
+    """Loop devices over the partitions of a disk image (by offset: containers
+    often have no udev to make /dev/loopNpM nodes)."""
+
+    def __init__(self, disk: Path, read_only: bool = False) -> None:
+        table = json.loads(_run("sfdisk", "--json", str(disk)))["partitiontable"]
+        self.devs = {}
+        for i, part in enumerate(table["partitions"], 1):
+            cmd = ["losetup", "-f", "--show", "-o", str(part["start"] * 512), "--sizelimit", str(part["size"] * 512)]
+            self.devs[i] = _run(*cmd, *(["-r"] if read_only else []), str(disk)).strip()
+
+    def __getitem__(self, number: int) -> str:
+        return self.devs[number]
+
+    def close(self) -> None:
+        for dev in self.devs.values():
+            subprocess.run(["losetup", "-d", dev], capture_output=True)
+
+
+def _build(disk: Path, mnt: Path, layout: str) -> None:
+    root_sv, home_sv, home_how = LAYOUTS[layout]
+    subprocess.run(["truncate", "-s", "400M", str(disk)], check=True)
+    _run("sgdisk", "-n1:1M:+16M", "-t1:ef00", "-n2:0:+48M", "-t2:8300", "-n3:0:0", "-t3:8300", str(disk))
+    parts = Partitions(disk)
+    try:
+        _run("mkfs.vfat", parts[1])
+        _run("mkfs.ext4", "-q", parts[2])
+        _run("mkfs.btrfs", "-q", "-f", parts[3])
+        uuid = _run("blkid", "-s", "UUID", "-o", "value", parts[3]).strip()
+        boot_uuid = _run("blkid", "-s", "UUID", "-o", "value", parts[2]).strip()
+        mnt.mkdir(parents=True, exist_ok=True)
+        _run("mount", "-o", "compress=zstd", parts[3], str(mnt))
+        try:
+            _run("btrfs", "subvolume", "create", str(mnt / root_sv))
+            _run("btrfs", "subvolume", "create", str(mnt / home_sv))
+            home_id = _run("btrfs", "subvolume", "show", str(mnt / home_sv))
+            home_id = next(line.split()[-1] for line in home_id.splitlines() if "Subvolume ID" in line)
+            home_opt = home_how if home_how != "subvolid" else f"subvolid={home_id}"
+            r = mnt / root_sv
+            for d in ("etc/ssh", "home", "boot", "var/www/html", "usr/lib"):
+                (r / d).mkdir(parents=True)
+            (r / "etc" / "os-release").write_text(f'ID={layout}\nNAME="{layout.title()} Linux"\n')
+            (r / "etc" / "fstab").write_text(
+                f"UUID={uuid} / btrfs defaults,subvol={root_sv},compress=zstd:1 0 0\n"
+                f"UUID={uuid} /home btrfs defaults,{home_opt} 0 0\n"
+                f"UUID={boot_uuid} /boot ext4 defaults 0 2\n"
+                "/swapfile none swap sw 0 0\n")
+            (r / "etc" / "passwd").write_text("root:x:0:0::/root:/bin/bash\nalice:x:1000:1000::/home/alice:/bin/bash\n")
+            (r / "etc" / "group").write_text("root:x:0:\nalice:x:1000:\n")
+            (r / "etc" / "ssh" / "sshd_config").write_text("PermitRootLogin no\n" * 50)
+            os.chmod(r / "etc" / "ssh" / "sshd_config", 0o600)
+            os.symlink("/usr/lib/os-release", r / "etc" / "os-release-link")
+            (r / "var" / "www" / "html" / "index.html").write_text("<h1>hi</h1>\n")
+            h = mnt / home_sv / "alice"
+            (h / ".ssh").mkdir(parents=True)
+            (h / ".ssh" / "authorized_keys").write_text("ssh-ed25519 AAAA alice\n")
+            (h / "photos").mkdir()
+            (h / "photos" / "big.bin").write_bytes(os.urandom(700_000))
+            (h / "notes.txt").write_text("remember the milk\n" * 1000)
+            os.setxattr(h / "notes.txt", "user.tag", b"important")
+            subprocess.run(["setfacl", "-m", "u:1001:r", str(h / "notes.txt")], check=True)
+            for p in [h, *h.rglob("*")]:
+                os.chown(p, 1000, 1000, follow_symlinks=False)
+        finally:
+            _run("umount", str(mnt))
+        _run("mount", parts[2], str(mnt))
+        try:
+            (mnt / "vmlinuz").write_bytes(b"kernel" * 1000)
+        finally:
+            _run("umount", str(mnt))
+    finally:
+        parts.close()
+
+
+def _members(path: Path) -> dict:
+    out = {}
+    with tarfile.open(path) as tf:
+        for m in tf.getmembers():
+            xattrs = {k: v for k, v in m.pax_headers.items() if k.startswith("SCHILY.xattr.user.")}
+            out[m.name.rstrip("/")] = (m.type, m.mode, m.uid, m.gid, int(float(m.pax_headers.get("mtime", m.mtime))),
+                                       m.linkname, tf.extractfile(m).read() if m.isfile() else None, xattrs)
+    return out
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_extract_home_and_etc_equals_the_mounted_system(tmp_path, layout):
+    disk, mnt = tmp_path / "disk.img", tmp_path / "mnt"
+    _build(disk, mnt, layout)
+    root_sv, home_sv, _how = LAYOUTS[layout]
+    out = tmp_path / "rescue.tar"
+    res = subprocess.run([str(RESCUE), "extract", str(disk), "--path", "/home/alice", "--path", "/etc",
+                          "-o", str(out)], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    inspect = subprocess.run([str(RESCUE), "inspect", str(disk), "--json"], capture_output=True, text=True,
+                             timeout=300)
+    assert inspect.returncode == 0, inspect.stderr
+    info = json.loads(inspect.stdout)
+    assert info["root_volume"] == "3" and info["os"]["id"] == layout
+    mounts = {m["mountpoint"]: m["status"] for m in info["mounts"]}
+    assert mounts["/"] == mounts["/home"] == mounts["/boot"] == "mounted"
+    gnu = tmp_path / "gnu.tar"
+    parts = Partitions(disk, read_only=True)
+    try:
+        _run("mount", "-o", f"ro,subvol={root_sv}", parts[3], str(mnt))
+        _run("mount", "-o", f"ro,subvol={home_sv}", parts[3], str(mnt / "home"))
+        try:
+            subprocess.run(["tar", "--xattrs", "--xattrs-include=user.*", "--numeric-owner", "-cf", str(gnu),
+                            "-C", str(mnt), "home/alice", "etc"], check=True, capture_output=True)
+        finally:
+            _run("umount", str(mnt / "home"))
+            _run("umount", str(mnt))
+    finally:
+        parts.close()
+    ours, theirs = _members(out), _members(gnu)
+    assert set(ours) == set(theirs) and "home/alice/notes.txt" in ours and "etc/fstab" in ours
+    assert {n: v for n, v in ours.items() if theirs[n] != v} == {}
