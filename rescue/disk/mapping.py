@@ -25,11 +25,11 @@ import os
 import sys
 from array import array
 from bisect import bisect_right
-from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Iterator, NamedTuple
 
 from ..errors import BAD_BYTES, DamagedRange, describe, is_bad_bytes
+from ..lru import LRU
 from ..source.base import ByteSource, Run, runs as source_runs
 from .base import DiskImage
 
@@ -102,37 +102,6 @@ class ExtentBuilder:
     def done(self) -> tuple[list[int], list[Extent]]:
         self._flush()
         return [e.start for e in self.extents], self.extents
-
-
-class LRU:
-    """A small bounded cache (metadata tables, sector bitmaps, inflated clusters)."""
-
-    def __init__(self, capacity: int) -> None:
-        self.capacity = max(1, capacity)
-        self._items: OrderedDict[Any, Any] = OrderedDict()
-
-    def get(self, key: Any, load: Callable[[], Any]) -> Any:
-        """The cached value, else `load()`'s (then cached)."""
-        try:
-            self._items.move_to_end(key)
-            return self._items[key]
-        except KeyError:
-            pass
-        value = load()
-        self.put(key, value)
-        return value
-
-    def __contains__(self, key: Any) -> bool:
-        return key in self._items
-
-    def put(self, key: Any, value: Any) -> None:
-        self._items[key] = value
-        self._items.move_to_end(key)
-        if len(self._items) > self.capacity:
-            self._items.popitem(last=False)
-
-    def clear(self) -> None:
-        self._items.clear()
 
 
 class MappedDisk(DiskImage):

@@ -22,11 +22,12 @@ from urllib.parse import unquote, urlparse
 from construct import Bytes, Int8ub, Int16ub, Int32ub, Int64ub, Struct
 
 from ..errors import DiskFormatError
+from ..lru import LRU
 from ..source.base import ByteSource
 from .base import DiskImage, DiskInfo, DiskOptions
 from .bitmaps import bitmap_pieces, bitmap_runs
 from .chain import open_in_chain, open_parent
-from .mapping import BACKING, DAMAGED, DATA, LRU, ZERO, MappedDisk, Piece
+from .mapping import BACKING, DAMAGED, DATA, ZERO, MappedDisk, Piece
 
 # Hard disk footer (spec "Hard Disk Footer Format").
 Footer = Struct(

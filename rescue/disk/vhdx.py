@@ -25,11 +25,12 @@ from typing import Iterator
 from construct import Bytes, Int16ul, Int32ul, Int64ul, Struct
 
 from ..errors import DiskFormatError, UnsupportedFeature
+from ..lru import LRU
 from ..source.base import ByteSource
 from .base import DiskImage, DiskInfo, DiskOptions
 from .bitmaps import bitmap_pieces, bitmap_runs
 from .chain import open_in_chain, open_parent
-from .mapping import BACKING, DAMAGED, DATA, LRU, ZERO, MappedDisk, Piece
+from .mapping import BACKING, DAMAGED, DATA, ZERO, MappedDisk, Piece
 
 KiB, MiB = 1 << 10, 1 << 20
 

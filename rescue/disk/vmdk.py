@@ -26,10 +26,11 @@ from typing import Any, Iterator
 from construct import Bytes, Const, Int8ul, Int16ul, Int32ul, Int64ul, Struct
 
 from ..errors import DamagedRange, DiskFormatError, UnsupportedFeature
+from ..lru import LRU
 from ..source.base import ByteSource
 from .base import DiskImage, DiskInfo, DiskOptions
 from .chain import open_in_chain, open_parent, open_sibling
-from .mapping import BACKING, COMPRESSED, DAMAGED, DATA, LRU, ZERO, MappedDisk, Piece
+from .mapping import BACKING, COMPRESSED, DAMAGED, DATA, ZERO, MappedDisk, Piece
 
 # Virtual Disk Format 5.0, "Hosted Sparse Extent Header" (little-endian).
 SparseExtentHeader = Struct(

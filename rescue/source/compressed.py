@@ -29,12 +29,12 @@ import bisect
 import io
 import logging
 import threading
-from collections import OrderedDict
 from typing import Callable
 
 from construct import BitsInteger, BitStruct, Flag
 
 from ..errors import BAD_BYTES, DamagedRange, SourceError, describe, is_bad_bytes
+from ..lru import LRU
 from .base import ByteSource, BytesSource, Window
 from .cache import IndexCache
 from .fileobj import SourceFile
@@ -76,7 +76,7 @@ class _ChunkCache:
 
     def __init__(self, fetch: Callable[[int], bytes]) -> None:
         self._fetch = fetch
-        self._chunks: OrderedDict[int, bytes] = OrderedDict()
+        self._chunks: LRU[int, bytes] = LRU(CACHE_CHUNKS)
 
     def read(self, offset: int, length: int, size: int) -> bytes:
         end = min(offset + length, size)
@@ -84,14 +84,7 @@ class _ChunkCache:
         pos = offset
         while pos < end:  # one step per MiB chunk, never per sector
             index = pos // CACHE_CHUNK
-            chunk = self._chunks.get(index)
-            if chunk is None:
-                chunk = self._fetch(index * CACHE_CHUNK)
-                self._chunks[index] = chunk
-                if len(self._chunks) > CACHE_CHUNKS:
-                    self._chunks.popitem(last=False)
-            else:
-                self._chunks.move_to_end(index)
+            chunk = self._chunks.get(index, lambda: self._fetch(index * CACHE_CHUNK))
             start = pos - index * CACHE_CHUNK
             piece = chunk[start:start + (end - pos)]
             if not piece:

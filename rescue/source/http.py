@@ -17,9 +17,9 @@ from __future__ import annotations
 
 import threading
 import urllib.parse
-from collections import OrderedDict
 
 from ..errors import SourceError
+from ..lru import LRU
 from .http_client import (ChangedError, Http, ProgressMade, TransientError, Validators,
                           content_range, iter_body, release)
 
@@ -59,8 +59,7 @@ class HttpSource:
         # Read-ahead never exceeds a quarter of the cache, so one request's
         # blocks are never evicted while it is being assembled.
         self.max_readahead = max(0, min(max_readahead, cache_size // 4))
-        self._cache: OrderedDict[int, bytes] = OrderedDict()
-        self._cached_bytes = 0
+        self._cache: LRU[int, bytes] = LRU(cache_size, weight=len)
         self._next = -1          # where a sequential reader would read next
         self._readahead = 0      # current read-ahead window, bytes
         self._lock = threading.RLock()
@@ -107,9 +106,8 @@ class HttpSource:
         got: dict[int, bytes] = {}
         b = first
         while b <= last:
-            hit = self._cache.get(b)
+            hit = self._cache.peek(b)
             if hit is not None:
-                self._cache.move_to_end(b)
                 got[b] = hit
                 b += 1
                 continue
@@ -123,21 +121,11 @@ class HttpSource:
             data = self._fetch(b * bs, min((end + 1) * bs, self.size))
             for i, blk in enumerate(range(b, end + 1)):
                 piece = data[i * bs:(i + 1) * bs]
-                self._put(blk, piece)
+                self._cache.put(blk, piece)
                 if blk <= last:
                     got[blk] = piece
             b = end + 1
         return got
-
-    def _put(self, block: int, data: bytes) -> None:
-        old = self._cache.pop(block, None)
-        if old is not None:
-            self._cached_bytes -= len(old)
-        self._cache[block] = data
-        self._cached_bytes += len(data)
-        while self._cached_bytes > self.cache_size and self._cache:
-            _, dropped = self._cache.popitem(last=False)
-            self._cached_bytes -= len(dropped)
 
     def _fetch(self, start: int, end: int) -> bytes:
         """Bytes [start, end) with one ranged GET, resumed after drops."""
@@ -203,7 +191,6 @@ class HttpSource:
     def close(self) -> None:
         with self._lock:
             self._cache.clear()
-            self._cached_bytes = 0
 
     def __repr__(self) -> str:
         return f"HttpSource({self.name!r}, size={self.size})"

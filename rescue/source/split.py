@@ -15,10 +15,10 @@ import os
 import re
 import threading
 from bisect import bisect_right
-from collections import OrderedDict
 from typing import Iterator, Sequence
 
 from ..errors import RescueError, SourceError
+from ..lru import LRU
 from .base import ByteSource, FileSource, Run, runs as source_runs
 
 MAX_SEGMENTS = 10000
@@ -103,7 +103,7 @@ class _Segment:
     a set may have more segments than the process may hold open files."""
 
     MAX_OPEN = 32
-    _open: "OrderedDict[_Segment, FileSource]" = OrderedDict()
+    _open: "LRU[_Segment, FileSource]" = LRU(MAX_OPEN, on_evict=lambda segment, f: f.close())
     _lock = threading.Lock()
 
     def __init__(self, path: str) -> None:
@@ -116,15 +116,7 @@ class _Segment:
         self.identity = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
 
     def _file(self) -> FileSource:
-        f = _Segment._open.get(self)
-        if f is None:
-            f = FileSource(self.path)
-            _Segment._open[self] = f
-            while len(_Segment._open) > self.MAX_OPEN:
-                _Segment._open.popitem(last=False)[1].close()
-        else:
-            _Segment._open.move_to_end(self)
-        return f
+        return _Segment._open.get(self, lambda: FileSource(self.path))
 
     def read(self, offset: int, length: int) -> bytes:
         with _Segment._lock:   # no thread may close a file another is reading
