@@ -19,7 +19,8 @@ from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, Time
                            TransferSpeedColumn)
 from rich.table import Table
 
-from .errors import EXIT_ERROR, EXIT_OK, EXIT_PARTIAL, DamagedRange, RescueError, install_signal_handlers
+from .errors import (EXIT_ERROR, EXIT_OK, EXIT_PARTIAL, DamagedRange, RescueError, install_signal_handlers,
+                     interruption)
 from .fs.base import DIR, FILE, SYMLINK, FileReadError
 from .units import human_size
 
@@ -123,6 +124,7 @@ def _errors(snapshot: Optional[str] = None) -> Iterator[None]:
     except KeyboardInterrupt as exc:   # Ctrl-C, or SIGTERM/SIGHUP (errors.Interrupted): already cleaned up
         name = getattr(exc, "name", "SIGINT")
         err.print(f"rescue: interrupted ({name})", markup=False)
+        exc.reported = True
         raise typer.Exit(getattr(exc, "exit_code", 130))
     except Exception as exc:  # a bug or an unforeseen input: still one line
         if _state["debug"]:
@@ -807,7 +809,17 @@ def _download_bar(quiet: bool):
 def main() -> None:
     install_signal_handlers()   # SIGTERM and SIGHUP clean up like Ctrl-C
     try:
-        app()
+        try:
+            app()
+        except SystemExit:
+            caught = interruption()   # a signal before a command's own handling (Typer says 130 or 1)
+            if caught is None or caught.reported:
+                raise
+            err.print(f"rescue: interrupted ({caught.name})", markup=False)
+            sys.exit(caught.exit_code)
+        except KeyboardInterrupt as exc:   # while Typer builds the command, before any work
+            err.print(f"rescue: interrupted ({getattr(exc, 'name', 'SIGINT')})", markup=False)
+            sys.exit(getattr(exc, "exit_code", 130))
     except BrokenPipeError:   # `rescue cat ... | head`
         try:
             sys.stdout = open(os.devnull, "w")
