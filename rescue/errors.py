@@ -169,10 +169,20 @@ class Interrupted(KeyboardInterrupt):
         super().__init__(name)
         self.signum = signum
         self.name = name
+        self.reported = False   # set once "interrupted" has been printed
 
     @property
     def exit_code(self) -> int:
         return 128 + self.signum
+
+
+_RAISED: list[Interrupted] = []
+
+
+def interruption() -> Interrupted | None:
+    """The signal that interrupted this process, if one did (for the CLI's
+    last word when it arrived before a command's own error handling)."""
+    return _RAISED[0] if _RAISED else None
 
 
 def install_signal_handlers() -> None:
@@ -190,7 +200,8 @@ def install_signal_handlers() -> None:
                 signal.signal(sig, signal.SIG_DFL)
             except (OSError, ValueError):
                 pass
-        raise Interrupted(signum, signal.Signals(signum).name)
+        _RAISED.append(Interrupted(signum, signal.Signals(signum).name))
+        raise _RAISED[-1]
 
     for sig in wanted:
         try:
