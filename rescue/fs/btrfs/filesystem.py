@@ -27,6 +27,7 @@ import os
 import posixpath
 import stat as stat_mod
 import struct
+import threading
 import uuid as uuid_mod
 import zlib
 from collections import OrderedDict
@@ -573,8 +574,7 @@ class BtrfsFileSystem(FileSystem):
         else:
             if zstandard is None:
                 raise FileReadError(f"{path}: zstd extent and no zstandard module")
-            with zstandard.ZstdDecompressor().stream_reader(io.BytesIO(stored), read_across_frames=False) as reader:
-                out = reader.read(ram)
+            out = _zstd_inflate(stored, ram)
         if len(out) < ram:   # the kernel zero-fills what a short stream leaves
             out = out + bytes(ram - len(out))
         if extent[0] != "inline":
@@ -620,6 +620,21 @@ class BtrfsFileSystem(FileSystem):
 
     def close(self) -> None:
         self._inflated.clear()
+
+
+_ZSTD = threading.local()   # one context per thread, reused: making one costs more than a 128 KiB extent
+
+
+def _zstd_inflate(stored: bytes, ram: int) -> bytes:
+    """A btrfs zstd extent: one frame (no content size), then zero padding."""
+    dctx = getattr(_ZSTD, "dctx", None)
+    if dctx is None:
+        dctx = _ZSTD.dctx = zstandard.ZstdDecompressor()
+    try:
+        return dctx.decompress(stored, max_output_size=ram)
+    except zstandard.ZstdError:   # trailing bytes a strict one-shot decode refuses: stream it
+        with dctx.stream_reader(io.BytesIO(stored), read_across_frames=False) as reader:
+            return reader.read(ram)
 
 
 def _dir_items(data: bytes) -> list[tuple[bytes, tuple, int, bytes]]:
