@@ -86,7 +86,7 @@ class FileSystem:
     info: FsInfo
     backend: ClassVar[str] = "?"
     source: ByteSource
-    name: str = ""
+    name: str   # for messages; set by each reader ("snap.qcow2 volume 2")
 
     @classmethod
     def detect(cls, source: ByteSource) -> bool:
