@@ -135,7 +135,8 @@ def test_directory_of_100000_entries(work):
     assert fs.stat("/d/file-099999").kind == "file"
 
 
-@pytest.mark.parametrize("profile,count", [("raid1", 2), ("raid0", 2), ("raid10", 4), ("raid1c3", 3)])
+@pytest.mark.parametrize("profile,count", [("raid1", 2), ("raid0", 2), ("raid10", 4), ("raid1c3", 3),
+                                           ("raid5", 3), ("raid6", 4)])
 def test_multi_device_profiles(work, profile, count):
     images = [work / f"{profile}-{i}.img" for i in range(count)]
     mkfs(images[0], "300M", "-d", profile, "-m", "raid1" if profile != "raid1c3" else "raid1c3",
