@@ -160,3 +160,13 @@ def test_extract_home_and_etc_equals_the_mounted_system(tmp_path, layout):
     ours, theirs = _members(out), _members(gnu)
     assert set(ours) == set(theirs) and "home/alice/notes.txt" in ours and "etc/fstab" in ours
     assert {n: v for n, v in ours.items() if theirs[n] != v} == {}
+    # --volume 3:<subvolume>: one subvolume on its own, as `mount -o subvol=` shows it
+    alone = tmp_path / "home.tar"
+    res = subprocess.run([str(RESCUE), "extract", str(disk), "--volume", f"3:{home_sv}", "--path", "/alice",
+                          "-o", str(alone)], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    home = {"home/" + n: v for n, v in _members(alone).items()}
+    assert home == {n: v for n, v in theirs.items() if n.startswith("home/alice")}
+    res = subprocess.run([str(RESCUE), "extract", str(disk), "--volume", "3:nope", "--path", "/", "-o",
+                          str(tmp_path / "x.tar")], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 2 and "no subvolume 'nope'" in res.stderr and "Traceback" not in res.stderr

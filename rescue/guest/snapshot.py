@@ -181,6 +181,8 @@ class Snapshot:
         wanted = self.options.volume
         if wanted:
             volume = self.volumes.find(wanted)
+            if volume is None and ":" in wanted:   # "2:@home": a btrfs subvolume (or snapshot) of volume 2
+                volume = self.volumes.find(wanted.split(":", 1)[0])
             if volume is None:
                 ids = ", ".join(v.id for v in self.volumes.volumes) or "none"
                 raise VolumeError(f"there is no volume {wanted!r} (volumes: {ids})", file=self.spec,
@@ -232,6 +234,9 @@ class Snapshot:
         volume = self.root_volume()
         root = self.open_filesystem(volume)
         self._check_complete(volume, root)
+        wanted = self.options.volume
+        if wanted and ":" in wanted and self.volumes.find(wanted) is None:
+            root = _subvolume(root, wanted.split(":", 1)[1], self.spec)
         self._tree = root
         if not self.options.volume:
             self._tree = self._stitch(root)
@@ -365,6 +370,16 @@ class Snapshot:
 
 def open_snapshot(spec: str, options: SnapshotOptions | None = None) -> Snapshot:
     return Snapshot(spec, options)
+
+
+def _subvolume(fs: FileSystem, spec: str, name: str) -> FileSystem:
+    """`--volume 2:@home`: the subvolume (or snapshot) `spec` of a btrfs, by
+    path from its top level or by id."""
+    opener = getattr(fs, "subvolume", None)
+    if opener is None:
+        raise VolumeError(f"--volume ...:{spec}: this volume holds {fs.info.type}, which has no subvolumes",
+                          file=name)
+    return opener(spec)
 
 
 def _guestfs_hint() -> str:
