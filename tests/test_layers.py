@@ -10,9 +10,9 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parent.parent / "rescue"
 # Bottom to top. units/errors are shared by all; download and providers are
 # commands beside the stack, under the CLI (and the Python API it calls).
-LAYERS = ["units", "errors", "lru", "source", "disk", "volume", "fs", "guest", "extract", "download", "providers",
+LAYERS = ["units", "errors", "lru", "crc32c", "source", "disk", "volume", "fs", "guest", "extract", "download", "providers",
           "api", "cli", "__main__"]
-SHARED = {"units", "errors", "lru"}
+SHARED = {"units", "errors", "lru", "crc32c"}
 
 
 def _modules() -> dict[str, Path]:

@@ -24,6 +24,7 @@ from typing import Iterator
 
 from construct import Bytes, Int16ul, Int32ul, Int64ul, Struct
 
+from ..crc32c import crc32c
 from ..errors import DiskFormatError, UnsupportedFeature
 from ..lru import LRU
 from ..source.base import ByteSource
@@ -115,29 +116,6 @@ SB_PRESENT = 6
 STATE_MASK = 7
 BAT_PAGE = 4096                       # entries per cached BAT page
 MAX_VIRTUAL_SIZE = 64 << 40           # 64 TiB, the spec's limit
-
-
-def _crc32c_table() -> list[int]:
-    table = []
-    for i in range(256):
-        c = i
-        for _ in range(8):
-            c = (c >> 1) ^ 0x82F63B78 if c & 1 else c >> 1
-        table.append(c)
-    return table
-
-
-_CRC_TABLE = _crc32c_table()
-
-
-def crc32c(data: bytes) -> int:
-    """CRC-32C (Castagnoli). Pure Python: only ~136 KiB of headers and region
-    tables are checksummed per open, so no compiled dependency is needed."""
-    crc = 0xFFFFFFFF
-    table = _CRC_TABLE
-    for b in data:
-        crc = table[(crc ^ b) & 0xFF] ^ (crc >> 8)
-    return crc ^ 0xFFFFFFFF
 
 
 def _checked(raw: bytes) -> bool:
