@@ -18,6 +18,15 @@ def _is_url(spec: str | os.PathLike) -> bool:
     return isinstance(spec, str) and spec[:8].lower().startswith(("http://", "https://"))
 
 
+def _open_ssh(spec: str) -> ByteSource:
+    from .ssh import SshSource  # the ssh client runs only for ssh:// addresses
+    return SshSource(spec)
+
+
+def _is_ssh(spec: str | os.PathLike) -> bool:
+    return isinstance(spec, str) and spec[:6].lower() == "ssh://"
+
+
 def _open_url(spec: str) -> ByteSource:
     from .http import HttpSource  # urllib3 is imported only for URLs
     return HttpSource(spec)
@@ -26,6 +35,7 @@ def _open_url(spec: str) -> ByteSource:
 # Where the bytes live, tried in order: (claims(spec), open(spec)).
 LOCATIONS: list[tuple[Callable, Callable]] = [
     (_is_url, _open_url),
+    (_is_ssh, _open_ssh),               # ssh://[user@]host[:port]/dev/vda: read in place over SSH
     (is_block_device, BlockDeviceSource),   # /dev/vdb, \\.\PhysicalDrive1: size from the device
     (bundle_descriptor, open_bundle),   # a Parallels .hdd folder or its empty stub
     (lambda spec: True, FileSource),
