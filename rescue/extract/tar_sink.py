@@ -119,11 +119,16 @@ class TarSink(Sink):
                 ti.devmajor, ti.devminor = e.rdev
         for key, value in (e.xattrs or {}).items():
             pax["SCHILY.xattr." + key] = value.decode("utf-8", "surrogateescape")
+            if key in ACL_RECORDS:   # also as the text GNU tar and bsdtar restore with --acls
+                text = acl_text(value)
+                if text:
+                    pax[ACL_RECORDS[key]] = text
         ti.pax_headers = pax
         return ti
 
     def _header(self, ti: tarfile.TarInfo) -> None:
-        self._out.write(fast_header(ti) or ti.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape"))
+        self._out.write(fast_header(ti) or without_hdrcharset(ti.tobuf(tarfile.PAX_FORMAT, "utf-8",
+                                                                        "surrogateescape")))
 
     # -- items ---------------------------------------------------------------
 
@@ -239,6 +244,104 @@ class TarSink(Sink):
                     os.unlink(self._part)
         except OSError:
             pass
+
+
+# POSIX.1e ACLs as the Linux kernel stores them in xattrs (include/uapi/linux/posix_acl_xattr.h):
+# u32 version 2, then entries of (u16 tag, u16 perm, u32 id). The text form is
+# what GNU tar (xattrs.c: acl_to_text, extra fields removed) writes and reads as
+# SCHILY.acl.access/.default: "user::rw-,user:1000:r--,group::r--,mask::r--,other::r--".
+ACL_RECORDS = {"system.posix_acl_access": "SCHILY.acl.access",
+               "system.posix_acl_default": "SCHILY.acl.default"}
+_ACL_TAGS = {0x01: "user", 0x02: "user", 0x04: "group", 0x08: "group", 0x10: "mask", 0x20: "other"}
+_ACL_QUALIFIED = (0x02, 0x08)
+
+
+def acl_text(blob: bytes) -> str | None:
+    """The short text form of a Linux ACL xattr; None when it is not one."""
+    if len(blob) < 4 or (len(blob) - 4) % 8 or int.from_bytes(blob[:4], "little") != 2:
+        return None
+    entries = []
+    for pos in range(4, len(blob), 8):
+        tag = int.from_bytes(blob[pos:pos + 2], "little")
+        perm = int.from_bytes(blob[pos + 2:pos + 4], "little")
+        if tag not in _ACL_TAGS:
+            return None
+        who = str(int.from_bytes(blob[pos + 4:pos + 8], "little")) if tag in _ACL_QUALIFIED else ""
+        rwx = "".join(c if perm & bit else "-" for c, bit in (("r", 4), ("w", 2), ("x", 1)))
+        entries.append(f"{_ACL_TAGS[tag]}:{who}:{rwx}")
+    return ",".join(entries) or None
+
+
+_HDRCHARSET = b"21 hdrcharset=BINARY\n"
+_USTAR_FIELDS = {b"path": (0, 100), b"linkpath": (157, 100)}   # where a short raw name can go instead
+
+
+def _utf8(value: bytes) -> bool:
+    try:
+        value.decode("utf-8")
+        return True
+    except UnicodeDecodeError:
+        return False
+
+
+def _checksum(head: bytearray) -> None:
+    head[148:156] = b"        "
+    head[148:155] = b"%06o\0" % sum(head)
+
+
+def without_hdrcharset(buf: bytes) -> bytes:
+    """tarfile marks a PAX header holding non-UTF-8 bytes (a binary xattr or
+    ACL, an undecodable name) with 'hdrcharset=BINARY', which GNU tar (1.34 too)
+    warns about for every member ("Ignoring unknown extended header keyword").
+    GNU tar and tarfile take xattr values as raw bytes without it; bsdtar does
+    too, but wants names in PAX records to be UTF-8. So the record is dropped,
+    and an undecodable name or link target moves to the ustar field (up to 100
+    bytes) or a GNU long-name record before the member, both raw bytes that all
+    three read as they are. Only an undecodable user/group name keeps it."""
+    if _HDRCHARSET not in buf[:BLOCKSIZE * 64] or buf[156:157] != tarfile.XHDTYPE:
+        return buf
+    size = int(buf[124:136].rstrip(b"\0 ") or b"0", 8)
+    data = buf[BLOCKSIZE:BLOCKSIZE + size]
+    member = bytearray(buf[BLOCKSIZE + size + (-size) % BLOCKSIZE:])
+    records: list[bytes] = []
+    pos = 0
+    while pos < len(data):   # "LEN key=value\n", LEN counting the whole record
+        length = int(data[pos:data.index(b" ", pos)])
+        records.append(data[pos:pos + length])
+        pos += length
+    keep: list[bytes] = []
+    long_names = b""
+    binary_names = False
+    for record in records:
+        key, _, value = record[record.index(b" ") + 1:-1].partition(b"=")
+        if key == b"hdrcharset":
+            continue
+        if key in _USTAR_FIELDS or key in (b"uname", b"gname"):
+            if not _utf8(value):
+                field = _USTAR_FIELDS.get(key)
+                if field and b"\0" not in value:
+                    if len(value) <= field[1]:
+                        member[field[0]:field[0] + field[1]] = value.ljust(field[1], b"\0")
+                    else:   # GNU long-name record: raw bytes for GNU tar, bsdtar and tarfile alike
+                        long_names += tarfile.TarInfo._create_gnu_long_header(
+                            os.fsdecode(value), tarfile.GNUTYPE_LONGNAME if key == b"path"
+                            else tarfile.GNUTYPE_LONGLINK, "utf-8", "surrogateescape")
+                    continue
+                binary_names = True   # a user or group name: only the marker says it is raw
+        keep.append(record)
+    if binary_names:
+        keep.insert(0, _HDRCHARSET)
+    if len(member) >= BLOCKSIZE:
+        head_block = bytearray(member[:BLOCKSIZE])
+        _checksum(head_block)
+        member[:BLOCKSIZE] = head_block
+    if not keep:
+        return long_names + bytes(member)
+    records_out = b"".join(keep)
+    head = bytearray(buf[:BLOCKSIZE])
+    head[124:136] = b"%011o\0" % len(records_out)
+    _checksum(head)
+    return bytes(head) + records_out + bytes((-len(records_out)) % BLOCKSIZE) + long_names + bytes(member)
 
 
 def _worth_sparse(ranges: list[tuple[int, int]], size: int) -> bool:
