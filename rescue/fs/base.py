@@ -7,6 +7,7 @@ stream file content; the extract layer never knows which backend it talks to.
 
 from __future__ import annotations
 
+import functools
 import posixpath
 import stat as stat_mod
 from dataclasses import dataclass, field
@@ -87,6 +88,11 @@ class FileSystem:
     backend: ClassVar[str] = "?"
     source: ByteSource
     name: str   # for messages; set by each reader ("snap.qcow2 volume 2")
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        if "file_runs" in cls.__dict__:
+            cls.file_runs = _last_runs_kept(cls.__dict__["file_runs"])  # type: ignore[method-assign]
 
     @classmethod
     def detect(cls, source: ByteSource) -> bool:
@@ -235,6 +241,22 @@ class FileSystem:
 
     def close(self) -> None:
         pass
+
+
+def _last_runs_kept(file_runs):
+    """file_runs remembering its last answer: extract asks for one file's runs
+    three times in a row (the damage check, the sparse map, the read), and
+    mapping a file costs an inode parse and an extent walk. Keyed by the Entry
+    object itself (held, so its identity cannot be reused) and its size."""
+    @functools.wraps(file_runs)
+    def kept(self, entry: Entry) -> list[Run]:
+        last = self.__dict__.get("_last_runs")
+        if last is not None and last[0] is entry and last[1] == entry.size:
+            return list(last[2])
+        runs = file_runs(self, entry)
+        self._last_runs = (entry, entry.size, runs)
+        return list(runs)
+    return kept
 
 
 def cover(runs: list[Run], size: int) -> list[Run]:
