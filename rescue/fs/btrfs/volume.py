@@ -295,20 +295,30 @@ class BtrfsVolume:
         what = f"device {devid}" + (f" (uuid {uuid_mod.UUID(bytes=uuid)})" if uuid else "")
         return f"{what} of this multi-device btrfs is missing: add its disk with --disk"
 
-    def read_logical(self, logical: int, length: int, mirror: int = 0) -> bytes:
-        """`length` bytes at a logical address; copy number `mirror` where
-        there are copies (the first present copy when that one is missing)."""
+    def read_logical(self, logical: int, length: int, mirror: int | None = None) -> bytes:
+        """`length` bytes at a logical address: copy number `mirror` where
+        there are copies, or (None) the first copy that reads, then the next
+        one when a copy is cut off by a truncated image or unreadable."""
         parts = []
         for n, copies in self.map(logical, length):
             present = [c for c in copies if c[0] in self.devices]
             if not present:
                 raise MappingError(self.missing(copies[0][0]))
-            devid, phys = present[mirror % len(present)]
-            data = self.devices[devid].read(phys, n)
-            if len(data) != n:
-                raise MappingError(f"logical {logical}: physical {phys} on device {devid} is past the end of the "
-                                   "image (truncated?)")
-            parts.append(data)
+            order = [present[mirror % len(present)]] if mirror is not None else present
+            problem = ""
+            for devid, phys in order:
+                try:
+                    data = self.devices[devid].read(phys, n)
+                except OSError as exc:   # DamagedRange from a container below
+                    problem = f"logical {logical}: physical {phys} on device {devid}: {exc}"
+                    continue
+                if len(data) == n:
+                    parts.append(data)
+                    break
+                problem = (f"logical {logical}: physical {phys} on device {devid} is past the end of the "
+                           "image (truncated?)")
+            else:
+                raise MappingError(problem)
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
     def physical_runs(self, logical: int, length: int) -> list[tuple[int, int | None]]:
