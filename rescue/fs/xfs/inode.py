@@ -26,7 +26,7 @@ from .superblock import XfsSuper
 
 INODE_CHUNK = 64 * 1024          # inode table read in aligned pieces this large
 INODE_CHUNKS_CACHED = 256        # 16 MiB
-INODES_CACHED = 4096             # decoded inodes (<= 8 MiB with 2 KiB inodes)
+INODES_CACHED = 16384            # decoded inodes (extract lists a tree, then reads it: ~10 MiB)
 MAX_BMBT_LEVELS = 10             # 64-bit counts and 16-byte records cannot need more
 MAX_EXTENTS = 1 << 24            # a fork claiming more is damage (16 M extents ~ 1 GiB of Python objects)
 
@@ -47,7 +47,7 @@ class Extent:
     unwritten: bool
 
 
-@dataclass
+@dataclass(slots=True)
 class Inode:
     ino: int
     kind: str
