@@ -12,10 +12,28 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from pathlib import Path
 
 from .base import ByteSource
+
+log = logging.getLogger("rescue.source")
+_warned: set[str] = set()
+
+
+def _unusable(where: Path, exc: OSError, doing: str) -> None:
+    """The cache is an optimisation, never a failure: one warning per process
+    and per problem, saying how to fix it; the run goes on without it."""
+    root = cache_root()
+    key = f"{doing}:{root}"
+    if key in _warned:
+        return
+    _warned.add(key)
+    why = exc.strerror or str(exc)
+    log.warning("the index cache %s cannot be %s (%s: %s), so large archives are indexed again on every "
+                "open; make it %s for you, or set XDG_CACHE_HOME (or RESCUE_CACHE_DIR) to a directory you "
+                "can write", root, doing, why, where, "readable and writable" if doing == "read" else "writable")
 
 
 def cache_root() -> Path:
@@ -81,12 +99,14 @@ class IndexCache:
 
     def __init__(self, source: ByteSource) -> None:
         key = source_key(source)
-        self.dir = cache_root() / "archives" / key if key else None
-        if self.dir is not None and self.dir.is_dir():
-            try:
+        try:
+            self.dir = cache_root() / "archives" / key if key else None
+            if self.dir is not None and self.dir.is_dir():
                 os.utime(self.dir)  # mark as recently used
-            except OSError:
-                pass
+        except OSError as exc:   # HOME not ours (sudo -u, setpriv), a cache dir we cannot enter
+            if self.dir is not None:
+                _unusable(Path(exc.filename or self.dir), exc, "read")
+            self.dir = None
 
     @property
     def enabled(self) -> bool:
@@ -98,13 +118,25 @@ class IndexCache:
         return self.dir / name
 
     def load_json(self, name: str):
-        p = self.path(name)
-        if p is None or not p.is_file():
+        data = self.read_bytes(name)
+        if data is None:
             return None
         try:
-            return json.loads(p.read_text())
-        except (OSError, ValueError):
+            return json.loads(data)
+        except ValueError:
             return None  # a damaged cache entry is rebuilt, never trusted
+
+    def read_bytes(self, name: str) -> bytes | None:
+        p = self.path(name)
+        if p is None:
+            return None
+        try:
+            return p.read_bytes()
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            _unusable(p, exc, "read")
+            return None
 
     def store_json(self, name: str, value) -> None:
         self.store_bytes(name, json.dumps(value, separators=(",", ":")).encode())
@@ -118,7 +150,14 @@ class IndexCache:
                 p.parent.mkdir(parents=True, exist_ok=True)
                 _prune(p.parent.parent)
             tmp = p.with_name(p.name + f".tmp{os.getpid()}")
-            tmp.write_bytes(data)
-            os.replace(tmp, p)
-        except OSError:
-            pass  # caching is an optimisation; a read-only home must not fail the rescue
+            try:
+                tmp.write_bytes(data)
+                os.replace(tmp, p)
+            except BaseException:
+                try:
+                    tmp.unlink()
+                except OSError:
+                    pass
+                raise
+        except OSError as exc:   # caching is an optimisation; a read-only home must not fail the rescue
+            _unusable(Path(exc.filename or p), exc, "written")

@@ -212,12 +212,12 @@ class GzipSource(CompressedSource):
     def _load_index(self) -> bool:
         cache = self._cache_store
         meta = cache.load_json(f"{self._cache_name}.json") if cache else None
-        path = cache.path(f"{self._cache_name}.gzidx.zst") if cache else None
-        if not meta or path is None or not path.is_file():
+        stored = cache.read_bytes(f"{self._cache_name}.gzidx.zst") if (cache and meta) else None
+        if not stored:
             return False
         try:
             import zstandard
-            data = zstandard.ZstdDecompressor().decompress(path.read_bytes())
+            data = zstandard.ZstdDecompressor().decompress(stored)
             self._f.import_index(fileobj=io.BytesIO(data))
             self.size = int(meta["size"])
             return True
