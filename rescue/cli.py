@@ -204,6 +204,14 @@ def _render_inspect(data: dict) -> None:
                       v.get("label") or "", v.get("uuid") or "", _human(details.get("used")),
                       _human(details.get("free")))
     out.print(table)
+    for v in data["volumes"]:
+        if v.get("subvolumes"):   # btrfs: what `--volume ID:PATH` can pick
+            out.print(f"btrfs subvolumes of volume {v['id']} (pick one with --volume {v['id']}:PATH):",
+                      markup=False)
+            for sv in v["subvolumes"]:
+                what = f"snapshot of {sv['snapshot_of']}" if sv.get("snapshot") else "subvolume"
+                out.print(f"  {sv['path']}  (id {sv['id']}, {what}{', read-only' if sv.get('readonly') else ''})",
+                          markup=False)
     for vg in data.get("volume_groups") or []:
         try:
             from .volume.lvm import vg_summary

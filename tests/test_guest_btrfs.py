@@ -142,6 +142,8 @@ def test_extract_home_and_etc_equals_the_mounted_system(tmp_path, layout):
     assert inspect.returncode == 0, inspect.stderr
     info = json.loads(inspect.stdout)
     assert info["root_volume"] == "3" and info["os"]["id"] == layout
+    volume = next(v for v in info["volumes"] if v["id"] == "3")
+    assert volume["backend"] == "btrfs" and {s["path"] for s in volume["subvolumes"]} == {root_sv, home_sv}
     mounts = {m["mountpoint"]: m["status"] for m in info["mounts"]}
     assert mounts["/"] == mounts["/home"] == mounts["/boot"] == "mounted"
     gnu = tmp_path / "gnu.tar"

@@ -320,6 +320,8 @@ class Snapshot:
                     row["backend"] = fs.backend
                     if fs.info.label and not row.get("label"):
                         row["label"] = fs.info.label
+                    if fs.info.details.get("subvolumes") is not None:   # btrfs: subvolumes and snapshots
+                        row["subvolumes"] = fs.info.details["subvolumes"]
                 except RescueError as exc:
                     row["error"] = exc.problem
             volumes.append(row)
