@@ -80,7 +80,8 @@ class _IndexProgress:
 
     def __call__(self, done: int, total: int) -> None:
         if self.bar is None:
-            if time.monotonic() - self.started < 1.0 or done >= total:
+            # Not a terminal (2>log, a pipe): a live bar would write only empty lines there.
+            if not err.is_terminal or time.monotonic() - self.started < 1.0 or done >= total:
                 return
             self.bar = Progress(TextColumn("indexing archive"), BarColumn(), DownloadColumn(),
                                 TransferSpeedColumn(), TimeRemainingColumn(), console=err, transient=True)
