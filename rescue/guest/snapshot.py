@@ -96,6 +96,10 @@ class Snapshot:
             raise FilesystemError(f"volume {volume.id} is {kind}, not a filesystem", file=self.spec)
         if self._wants_guestfs(volume) or backend == "guestfs":
             return self._open_guestfs(volume)
+        devices = self._btrfs_devices(volume)
+        if devices and backend in ("auto", "native", "btrfs"):   # a btrfs over several disks (--disk)
+            from ..fs.btrfs import BtrfsFileSystem
+            return BtrfsFileSystem(volume.source, name=f"{self.spec} volume {volume.id}", devices=devices)
         try:
             return open_filesystem(volume.source, name=f"{self.spec} volume {volume.id}", backend=backend)
         except FilesystemError as exc:
@@ -148,10 +152,26 @@ class Snapshot:
             return False
         return self.options.backend == "guestfs" or (self.options.backend == "auto" and kind in GUESTFS_ONLY)
 
+    def _btrfs_devices(self, volume: Volume) -> list:
+        """The other devices of a multi-device btrfs: volumes (of this disk or
+        a --disk) holding a btrfs with the same filesystem uuid."""
+        if volume.filesystem != "btrfs" or not volume.uuid:
+            return []
+        return [v.source for v in self.volumes.volumes
+                if v is not volume and v.filesystem == "btrfs" and v.uuid == volume.uuid]
+
+    def _btrfs_member(self, volume: Volume) -> bool:
+        """A second (third...) device of a multi-device btrfs: the first one stands for it."""
+        if volume.filesystem != "btrfs" or not volume.uuid:
+            return False
+        first = next(v for v in self.volumes.volumes if v.filesystem == "btrfs" and v.uuid == volume.uuid)
+        return first is not volume
+
     def _candidates(self) -> list[_Candidate]:
         out = []
         usable = [v for v in self.volumes.volumes
-                  if v.filesystem not in NOT_FILESYSTEMS and not v.details.get("unsupported")]
+                  if v.filesystem not in NOT_FILESYSTEMS and not v.details.get("unsupported")
+                  and not self._btrfs_member(v)]
         # Volumes whose content was recognised first; the rest only if nothing was.
         known = [v for v in usable if v.filesystem]
         for volume in known or usable:

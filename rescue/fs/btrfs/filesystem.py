@@ -296,6 +296,7 @@ class BtrfsFileSystem(FileSystem):
             "checksum": S.CSUM_NAMES.get(sb.csum_type, str(sb.csum_type)),
             "nodesize": sb.nodesize,
             "devices": sb.num_devices,
+            "total_bytes": sb.total_bytes,
             "profiles": profiles,
             "features": [S.INCOMPAT_NAMES.get(1 << b, f"bit {b}") for b in range(64) if sb.incompat_flags >> b & 1],
             "default_subvolume": self.default_id,
@@ -308,7 +309,9 @@ class BtrfsFileSystem(FileSystem):
             details["damage"] = list(self.damage)
         self.info = FsInfo(type="btrfs", label=sb.label.split(b"\0", 1)[0].decode("utf-8", "replace") or None,
                            uuid=str(uuid_mod.UUID(bytes=sb.fsid)), block_size=sb.sectorsize,
-                           size=sb.total_bytes, used=sb.bytes_used, free=max(0, sb.total_bytes - sb.bytes_used),
+                           # this device's size (what the volume must hold); all devices' total in details
+                           size=sb.dev_item.total_bytes, used=sb.bytes_used,
+                           free=max(0, sb.total_bytes - sb.bytes_used),
                            details=details)
 
     def subvolume(self, spec: str | int) -> "BtrfsFileSystem":
