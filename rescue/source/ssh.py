@@ -56,8 +56,8 @@ READ_CHUNK = 256 << 10                   # per READ, capped by the server's adve
 MIN_READ_CHUNK = 32 << 10                # every SFTP server serves at least this
 IN_FLIGHT = 64                           # READ requests outstanding at once
 BLOCK_SIZE = 256 << 10
-CACHE_SIZE = 64 << 20
-MAX_READAHEAD = 16 << 20
+CACHE_SIZE = 128 << 20
+MAX_READAHEAD = 32 << 20
 RECONNECTS = 6                           # consecutive reconnects without progress before giving up
 
 
