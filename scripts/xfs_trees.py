@@ -28,7 +28,7 @@ VARIANTS: dict[str, tuple[list[str], int, str]] = {
     "dir16k": (["-n", "size=16384"], 64 * MiB, "directory blocks 4x the block size"),
     "nrext64": (["-i", "nrext64=1", "-m", "bigtime=1"], 64 * MiB, "64-bit extent counters"),
     "nobigtime": (["-m", "bigtime=0,reflink=0"], 64 * MiB, "classic timestamps, no reflink"),
-    "b64k": (["-b", "size=65536"], 128 * MiB, "64 KiB blocks"),
+    "b64k": (["-b", "size=65536"], 512 * MiB, "64 KiB blocks (larger than the page)"),
     "rmapbt": (["-m", "rmapbt=1"], 64 * MiB, "reverse-mapping btree"),
 }
 

@@ -185,3 +185,71 @@ def test_v4_prototype_images(tmp_path, args):
     got = {p: tuple(None if w is None else g for g, w in zip(rec, want.get(p, rec)))
            for p, rec in S.reader_view(fs).items()}
     assert S.differences(want, got) == []
+
+
+def test_dirty_log_after_a_crash_is_read_with_a_warning(tmp_path, caplog):
+    """xfs_io's shutdown (the XFS_IOC_GOINGDOWN a dying server amounts to) leaves the
+    log dirty: the reader opens it, warns, and sees what the kernel's norecovery
+    mount sees: what reached its place on disk (here: what a freeze flushed)."""
+    import logging
+
+    if shutil.which("xfs_io") is None or shutil.which("xfs_freeze") is None:
+        pytest.skip("xfs_io and xfs_freeze are needed")
+    image = tmp_path / "crash.img"
+    refused = T.mkfs(image, [], 64 << 20)
+    if refused:
+        pytest.skip(refused)
+    mnt = tmp_path / "mnt"
+    with T.mounted(image, mnt):
+        (mnt / "before").mkdir()
+        for i in range(50):
+            (mnt / "before" / f"f{i}").write_bytes(b"flushed before the crash %d\n" % i)
+        subprocess.run(["xfs_freeze", "-f", str(mnt)], check=True)    # metadata written in place
+        subprocess.run(["xfs_freeze", "-u", str(mnt)], check=True)
+        (mnt / "after").write_bytes(b"written, then the server died\n")
+        subprocess.run(["sync"], check=True)
+        subprocess.run(["xfs_io", "-x", "-c", "shutdown", str(mnt)], check=True)
+    with caplog.at_level(logging.WARNING):
+        fs = XfsFileSystem(FileSource(image))
+    assert fs.info.details["log"] == "dirty"
+    assert "log is dirty" in caplog.text
+    with T.mounted(image, mnt, readonly=True):     # ro,norecovery: the log is not replayed
+        kernel = T.kernel_view(mnt)
+    assert len(kernel) > 50 and S.differences(kernel, S.reader_view(fs)) == []
+
+
+def test_realtime_file_is_skipped_with_the_reason(tmp_path):
+    """A file whose data lies on the realtime device: FileReadError naming it; the rest reads."""
+    from rescue.fs.base import FileReadError
+
+    if shutil.which("xfs_io") is None or shutil.which("losetup") is None:
+        pytest.skip("xfs_io and losetup are needed")
+    image, rt = tmp_path / "data.img", tmp_path / "rt.img"
+    with open(rt, "wb") as f:
+        f.truncate(32 << 20)
+    loop = subprocess.run(["losetup", "-f", "--show", str(rt)], capture_output=True, text=True)
+    if loop.returncode:
+        pytest.skip(f"no loop device for the realtime volume: {loop.stderr.strip()}")
+    dev = loop.stdout.strip()
+    try:
+        refused = T.mkfs(image, ["-r", f"rtdev={dev}"], 64 << 20)
+        if refused:
+            pytest.skip(refused)
+        mnt = tmp_path / "mnt"
+        mnt.mkdir()
+        mount = subprocess.run(["mount", "-o", f"loop,rtdev={dev}", str(image), str(mnt)],
+                               capture_output=True, text=True)
+        if mount.returncode:
+            pytest.skip(f"this kernel cannot mount a realtime XFS (CONFIG_XFS_RT?): {mount.stderr.strip()}")
+        try:
+            subprocess.run(["xfs_io", "-f", "-c", "chattr +r", "-c", "pwrite -S 0x61 0 65536", str(mnt / "rt")],
+                           check=True, stdout=subprocess.DEVNULL)
+            (mnt / "normal").write_bytes(b"on the data device\n")
+        finally:
+            subprocess.run(["umount", str(mnt)], check=True)
+    finally:
+        subprocess.run(["losetup", "-d", dev], check=True)
+    fs = XfsFileSystem(FileSource(image))
+    with pytest.raises(FileReadError, match="realtime"):
+        fs.file_runs(fs.stat("/rt"))
+    assert b"".join(fs.read_chunks(fs.stat("/normal"))) == b"on the data device\n"
