@@ -200,3 +200,27 @@ def test_rescue_extract_tar_equals_gnu_tar_of_the_mount(work, tmp_path):
         if int(float(ours[name]["mtime"])) != int(float(theirs[name]["mtime"])):
             diffs.append((name, "mtime", ours[name]["mtime"], theirs[name]["mtime"]))
     assert diffs == []
+
+
+def test_a_data_copy_failing_its_checksum_is_read_from_the_other(work):
+    """DUP data: a sector damaged in one copy is read from the other (plain and
+    zstd extents); damaged in both, the file is reported, as the kernel's EIO."""
+    from test_fs_btrfs import Patched
+
+    image = mkfs(work / "dup-data.img", "300M", "-d", "dup", "-m", "dup")
+    plain, text = os.urandom(500_000), b"text " * 100_000
+    with mounted(image, work / "mnt", "compress=zstd") as mnt:
+        (mnt / "plain").write_bytes(plain)
+        (mnt / "text").write_bytes(text)
+    source = FileSource(image)
+    fs = BtrfsFileSystem(source)
+    for name, want in (("plain", plain), ("text", text)):
+        ext = fs._file_extents(fs.stat(f"/{name}"))[0]
+        logical = ext.logical if ext.extent is None else ext.extent[0]
+        (_n, copies), = fs.vol.map(logical, 4096)
+        assert len(copies) == 2
+        one = BtrfsFileSystem(Patched(source, {copies[0][1] + 100: b"XXXX"}))
+        assert b"".join(one.read_chunks(one.stat(f"/{name}"))) == want
+        both = BtrfsFileSystem(Patched(source, {copies[0][1] + 100: b"XXXX", copies[1][1] + 100: b"XXXX"}))
+        with pytest.raises(FileReadError, match="data checksum mismatch .* in every copy"):
+            b"".join(both.read_chunks(both.stat(f"/{name}")))

@@ -567,7 +567,7 @@ class BtrfsFileSystem(FileSystem):
             _tag, stored, ram, comp = extent
         else:
             disk_bytenr, disk_len, ram, comp = extent
-            stored = self.vol.read_logical(disk_bytenr, disk_len)
+            stored = self._read_data(disk_bytenr, disk_len, path)
         if comp == S.COMPRESS_NONE:
             return stored
         if comp == S.COMPRESS_ZLIB:
@@ -586,11 +586,57 @@ class BtrfsFileSystem(FileSystem):
                 self._inflated.popitem(last=False)
         return out
 
+    def _read_data(self, logical: int, length: int, path: str) -> bytes:
+        """File data at a logical address. Where there is another copy (DUP,
+        RAID1*, RAID10), each sector is checked against the checksum tree and
+        a copy that fails is replaced by the next (as the kernel's read repair
+        reads); single copies are returned as they are (a rescue keeps them)."""
+        vol = self.vol
+        copies = vol.mirrors(logical)
+        if copies < 2 or S.CSUM_TREE_OBJECTID not in self.roots:
+            return vol.read_logical(logical, length)
+        ss = vol.sectorsize
+        start = logical - logical % ss
+        end = -(-(logical + length) // ss) * ss
+        csums = self._data_csums(start, end)
+        if not csums:   # nodatasum (chattr +C) or no checksums here
+            return vol.read_logical(logical, length)
+        summer, size = vol._csum, vol._csum_size
+        problem = ""
+        for mirror in range(copies):
+            try:
+                raw = vol.read_logical(start, end - start, mirror)
+            except MappingError as exc:
+                problem = str(exc)
+                continue
+            bad = next((at for at in range(start, end, ss)
+                        if at in csums and summer(raw[at - start:at - start + ss])[:size] != csums[at]), None)
+            if bad is None:
+                return raw[logical - start:logical - start + length]
+            problem = f"data checksum mismatch at logical {bad}"
+        raise FileReadError(f"{path}: {problem} in every copy")
+
+    def _data_csums(self, start: int, end: int) -> dict[int, bytes]:
+        """{sector logical address: stored checksum} for [start, end)."""
+        vol = self.vol
+        ss, size = vol.sectorsize, vol._csum_size
+        info = self.roots[S.CSUM_TREE_OBJECTID]
+        span = (vol.nodesize // size) * ss    # the most one item can cover
+        lo = (S.EXTENT_CSUM_OBJECTID, S.EXTENT_CSUM_KEY, max(0, start - span))
+        hi = (S.EXTENT_CSUM_OBJECTID, S.EXTENT_CSUM_KEY, end - 1)
+        out: dict[int, bytes] = {}
+        damage: list[str] = []
+        for key, data in vol.items((info.bytenr, info.level, None), lo, hi, damage):
+            first = key[2]
+            for i in range(max(0, (start - first) // ss), min(len(data) // size, (end - first + ss - 1) // ss)):
+                out[first + i * ss] = data[i * size:(i + 1) * size]
+        return out
+
     def _piece(self, ext: _Ext, inside: int, length: int, path: str) -> bytes:
         if ext.kind in (ZERO, UNWRITTEN):
             return bytes(length)
         if ext.kind == DATA and ext.extent is None:
-            return self.vol.read_logical(ext.logical + inside, length)
+            return self._read_data(ext.logical + inside, length, path)
         data = self._inflate(ext.extent, path)
         start = ext.skip + inside
         piece = data[start:start + length]
