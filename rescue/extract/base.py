@@ -22,6 +22,9 @@ class Content:
     chunks: Callable[[], Iterator[bytes]]          # whole file, in order; may raise FileReadError
     data_ranges: Callable[[], list[tuple[int, int]] | None] = lambda: None  # sparse map; None = dense
     read_range: Callable[[int, int], bytes] | None = None
+    # The bytes as (fd, offset, length) pieces of local image files, for a copy
+    # inside the kernel (extract/zerocopy.py); None when they are not stored so.
+    plain: Callable[[], list[tuple[int, int, int]] | None] | None = None
 
 
 @dataclass

@@ -17,6 +17,7 @@ from ..fs.base import DIR, FILE, SOCKET, Entry, FileReadError, FileSystem
 from .base import Content, Item, Sink
 from .manifest import ManifestWriter
 from .select import excluded, output_name, resolve_selection, unsafe_name
+from .zerocopy import plain_pieces
 
 # A file claiming more than this is not a real file (ext4's own limit is 16 TiB).
 ABSURD_SIZE = 1 << 44
@@ -302,4 +303,5 @@ def _content(fs: FileSystem, entry: Entry) -> Content:
         chunks=lambda: fs.read_chunks(entry),
         data_ranges=lambda: fs.data_ranges(entry),
         read_range=lambda offset, length: fs.read_range(entry, offset, length),
+        plain=lambda: plain_pieces(fs, entry),
     )

@@ -19,13 +19,16 @@ from typing import BinaryIO
 from ..errors import TargetError
 from ..fs.base import BLOCK, CHAR, DIR, FIFO, FILE, SYMLINK, FileReadError
 from .base import Item, Sink, SinkResult
-from .copy import data_pieces, sparse_ranges
+from . import zerocopy
+from .copy import CHUNK, data_pieces, sparse_ranges
 
 BLOCKSIZE = tarfile.BLOCKSIZE
 _TYPES = {FILE: tarfile.REGTYPE, DIR: tarfile.DIRTYPE, SYMLINK: tarfile.SYMTYPE,
           FIFO: tarfile.FIFOTYPE, CHAR: tarfile.CHRTYPE, BLOCK: tarfile.BLKTYPE}
 # Sparse members only pay off when the holes are big.
 SPARSE_MIN_HOLE = 64 * 1024
+# Smaller files are read and written: a kernel copy costs a flush of the buffered header.
+KERNEL_COPY_MIN = 64 * 1024
 
 
 def compression_for(path: str) -> str | None:
@@ -90,6 +93,7 @@ class TarSink(Sink):
         else:
             self._stream = self._file
         self._out = _Counting(self._stream, self.label)
+        self._out_fd = _fileno(self._file) if self._stream is self._file and zerocopy.SENDFILE else None
         self.files = 0
         self.bytes = 0
         self.warnings: list[str] = []
@@ -127,8 +131,10 @@ class TarSink(Sink):
         return ti
 
     def _header(self, ti: tarfile.TarInfo) -> None:
-        self._out.write(fast_header(ti) or without_hdrcharset(ti.tobuf(tarfile.PAX_FORMAT, "utf-8",
-                                                                        "surrogateescape")))
+        self._out.write(self._header_bytes(ti))
+
+    def _header_bytes(self, ti: tarfile.TarInfo) -> bytes:
+        return fast_header(ti) or without_hdrcharset(ti.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape"))
 
     # -- items ---------------------------------------------------------------
 
@@ -142,6 +148,13 @@ class TarSink(Sink):
         ranges = sparse_ranges(content)
         if ranges is not None and _worth_sparse(ranges, content.size):
             self._add_sparse(ti, item, ranges)
+        elif (pieces := self._plain(content)) is not None and content.size >= KERNEL_COPY_MIN:
+            ti.size = content.size   # stored as is in a local image file: the kernel copies it
+            self._header(ti)
+            self._send(item, pieces)
+        elif pieces is not None and (data := zerocopy.read_pieces(pieces)) is not None:
+            ti.size = content.size   # a small file: one pread, one write with its header
+            self._out.write(b"".join((self._header_bytes(ti), data, bytes(-len(data) % BLOCKSIZE))))
         else:
             # The first chunk is read before the header is written: a file unreadable from
             # its start (a damaged inode claiming 4 GiB) is skipped without a member, instead
@@ -154,8 +167,46 @@ class TarSink(Sink):
         self.files += 1
         self.bytes += content.size
 
-    def _copy(self, item: Item, chunks, size: int) -> None:
-        written = 0
+    def _plain(self, content) -> list[zerocopy.Piece] | None:
+        """The file as pieces of local image files: copied by the kernel when
+        big and the output is a plain fd, else read with one pread each."""
+        plain = getattr(content, "plain", None)
+        if plain is None or (content.size >= KERNEL_COPY_MIN and self._out_fd is None):
+            return None
+        return plain()
+
+    def _send(self, item: Item, pieces: list[zerocopy.Piece]) -> None:
+        """Copy the pieces with sendfile; where the kernel will not (EINVAL for
+        an O_APPEND output, EIO reading the image), the rest goes through the
+        buffered path, which reports a damaged file as such."""
+        size = item.content.size  # type: ignore[union-attr]
+        fd, written = self._out_fd, 0
+        try:
+            self._file.flush()   # the header first
+            for src, offset, length in pieces:
+                if src == zerocopy.HOLE:
+                    zerocopy.write_zeros(fd, length)
+                    done = length
+                else:
+                    done = zerocopy.send(fd, src, offset, length, item.entry.path)
+                written += done
+                self._out.written += done
+                if done < length:
+                    break
+        except FileReadError:
+            self._pad_member(size - written, written)
+            raise
+        except OSError as exc:   # only the output's errors get here (zerocopy.OUTPUT_ERRORS)
+            raise _output_error(exc, self.label) from None
+        if written < size:
+            self._out_fd = None   # the kernel would not: buffered from now on
+            rest = (item.content.read_range(pos, min(CHUNK, size - pos))  # type: ignore[union-attr,misc]
+                    for pos in range(written, size, CHUNK))
+            self._copy(item, rest, size, written)
+        else:
+            self._pad(size)
+
+    def _copy(self, item: Item, chunks, size: int, written: int = 0) -> None:
         try:
             for chunk in chunks:
                 if written + len(chunk) > size:
@@ -342,6 +393,22 @@ def without_hdrcharset(buf: bytes) -> bytes:
     head[124:136] = b"%011o\0" % len(records_out)
     _checksum(head)
     return bytes(head) + records_out + bytes((-len(records_out)) % BLOCKSIZE) + long_names + bytes(member)
+
+
+def _fileno(stream) -> int | None:
+    try:
+        return stream.fileno()
+    except (AttributeError, OSError, ValueError):   # io.UnsupportedOperation is both
+        return None
+
+
+def _output_error(exc: OSError, label: str) -> TargetError:
+    if exc.errno == errno.EPIPE:
+        return TargetError("the reader of the output went away (broken pipe)", file=label)
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return TargetError("no space left on device", file=label,
+                           hint="write to a disk with more free space, or extract less")
+    return TargetError(f"cannot write: {exc.strerror or exc}", file=label)
 
 
 def _worth_sparse(ranges: list[tuple[int, int]], size: int) -> bool:
