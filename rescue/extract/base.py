@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
-from ..fs.base import Entry
+from ..fs.base import Entry, FileReadError
 
 
 @dataclass
@@ -35,6 +35,12 @@ class Item:
     hardlink_to: str | None = None  # name of an earlier item that is the same inode
     user: str | None = None       # owner's name from the guest's /etc/passwd
     group: str | None = None      # group's name from the guest's /etc/group
+
+
+class NotWritten(FileReadError):
+    """An entry the target cannot hold (a device node in a directory without
+    root and --devices, a name the target filesystem refuses): the engine lists
+    it as skipped with this reason (exit 1), like a damaged file, but not as damage."""
 
 
 @dataclass

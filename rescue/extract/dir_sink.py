@@ -15,7 +15,7 @@ import stat
 
 from ..errors import TargetError
 from ..fs.base import BLOCK, CHAR, DIR, FIFO, FILE, SYMLINK, FileReadError
-from .base import Item, Sink, SinkResult
+from .base import Item, NotWritten, Sink, SinkResult
 from .copy import copy_to_fd
 from .select import unsafe_name
 
@@ -125,6 +125,12 @@ class DirectorySink(Sink):
 
     def add(self, item: Item) -> None:
         e = item.entry
+        if item.hardlink_to is None and e.kind in (CHAR, BLOCK) and not (self.devices and IS_ROOT):
+            # named in the report and exit 1: a silent skip would look like a complete rescue
+            raise NotWritten("device node not created (a directory target needs root and --devices; "
+                             "a tar target keeps it)")
+        if item.hardlink_to is None and e.kind == FIFO and not hasattr(os, "mkfifo"):
+            raise NotWritten("FIFO not created: this system cannot create them (a tar target keeps it)")
         path = self._path(item.name)
         try:
             self._clear(path, e.kind if item.hardlink_to is None else FILE)
@@ -141,15 +147,8 @@ class DirectorySink(Sink):
                 os.symlink(e.link_target or "", path)
                 self._dirs_ok.discard(path)
             elif e.kind == FIFO:
-                if not hasattr(os, "mkfifo"):
-                    self._warn_once("fifo", "FIFOs skipped: this system cannot create them")
-                    return
                 os.mkfifo(path, 0o600)
             elif e.kind in (CHAR, BLOCK):
-                if not (self.devices and IS_ROOT):
-                    self._warn_once("dev", "device nodes skipped (they need root and --devices); "
-                                           "a tar target keeps them")
-                    return
                 major, minor = e.rdev or (0, 0)
                 kind_bits = stat.S_IFCHR if e.kind == CHAR else stat.S_IFBLK
                 os.mknod(path, kind_bits | 0o600, os.makedev(major, minor))

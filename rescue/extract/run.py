@@ -14,7 +14,7 @@ from typing import Callable, Iterator
 
 from ..errors import GuestPathError, RescueError, TargetError
 from ..fs.base import DIR, FILE, SOCKET, Entry, FileReadError, FileSystem
-from .base import Content, Item, Sink
+from .base import Content, Item, NotWritten, Sink
 from .manifest import ManifestWriter
 from .select import excluded, output_name, resolve_selection, unsafe_name
 from .zerocopy import plain_pieces
@@ -224,9 +224,10 @@ def extract(fs: FileSystem, sink: Sink, options: ExtractOptions, *,
             try:
                 sink.add(item)
             except FileReadError as exc:
-                report.skipped.append(Skipped(entry.path, f"damaged: {exc}"))
+                why = str(exc) if isinstance(exc, NotWritten) else f"damaged: {exc}"
+                report.skipped.append(Skipped(entry.path, why))
                 if manifest is not None:
-                    manifest.skip(name, f"damaged: {exc}")
+                    manifest.skip(name, why)
                 continue
             if manifest is not None:
                 manifest.written(item)

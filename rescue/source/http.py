@@ -28,6 +28,16 @@ CACHE_SIZE = 64 << 20
 MAX_READAHEAD = 16 << 20
 
 
+def _download_name(url: str) -> str:
+    """The name `rescue download -o` should use: the URL's own file name (a
+    .tar.gz stays a .tar.gz, so it is then opened as the archive it is)."""
+    import posixpath
+    from urllib.parse import unquote, urlsplit
+    leaf = posixpath.basename(unquote(urlsplit(url).path))
+    safe = "".join(c for c in leaf if c.isalnum() or c in "._-+")
+    return safe if safe.strip(".") else "snapshot.img"
+
+
 class HttpSource:
     """A ByteSource over an http(s):// URL. `bytes_fetched` and `requests`
     count what it cost, for the end-of-command report."""
@@ -48,7 +58,7 @@ class HttpSource:
             raise SourceError(
                 "the server does not support Range requests, so the file cannot be read in place",
                 file=self.name,
-                hint=f"download it first: rescue download '{self.name}' -o snapshot.img")
+                hint=f"download it first: rescue download '{self.name}' -o {_download_name(url)}")
         if probe.size is None:
             raise SourceError("the server did not say how large the file is", file=self.name,
                               hint="download it first with rescue download")

@@ -1,0 +1,57 @@
+"""Every skip counts and crafted names are shown whole (issue 14): a device
+node a directory target cannot hold is named and makes the exit code 1; `ls`
+shows a name holding '/' whole (escaped as \\x2f in text, as is in JSON); the
+"no Range support" hint names the file as the URL does (.tar.gz stays .tar.gz)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from foundation_support import rescue
+from http_test_server import http_server  # noqa: F401 (fixture)
+from rescue.errors import SourceError
+
+ROOT = Path(__file__).resolve().parent.parent
+NAMES = ROOT / "fixtures" / "hostile" / "names.img"   # scripts/make-fixtures: crafted names and devices
+
+
+def test_a_device_node_skipped_in_a_directory_is_named_and_exit_1(tmp_path):
+    res = rescue("extract", str(NAMES), "-o", str(tmp_path / "out") + "/")
+    text = res.stderr.decode()
+    assert res.returncode == 1, text
+    skipped = [line for line in text.splitlines() if line.startswith("skipped: ")]
+    for dev in ("/mem", "/sda"):
+        assert any(line.startswith(f"skipped: {dev}: device node not created") for line in skipped), text
+    assert not (tmp_path / "out" / "mem").exists() and not (tmp_path / "out" / "sda").exists()
+    assert "damaged" not in " ".join(line for line in skipped if "device node" in line)
+
+
+def test_device_nodes_in_a_tar_are_kept_and_not_skipped(tmp_path):
+    res = rescue("extract", str(NAMES), "--path", "/mem", "-o", str(tmp_path / "x.tar"))
+    assert res.returncode == 0, res.stderr.decode()
+    assert b"skipped" not in res.stderr
+
+
+def test_ls_shows_names_holding_a_slash_whole():
+    res = rescue("ls", str(NAMES), "/")
+    assert res.returncode == 0, res.stderr.decode()
+    lines = res.stdout.decode().splitlines()
+    assert r"..\x2f..\x2f..\x2fesc" in lines and r"a\x2fb\x2fc\x2fd" in lines, lines
+    assert "esc" not in lines and "d" not in lines
+    listed = json.loads(rescue("ls", "--json", str(NAMES), "/").stdout)
+    names = {e["name"] for e in listed}
+    assert {"../../../esc", "a/b/c/d", "n\x00l"} <= names, names
+
+
+def test_the_no_range_hint_keeps_the_archive_name(http_server, tmp_path):  # noqa: F811
+    snap = tmp_path / "snapshot.tar.gz"
+    snap.write_bytes(b"\x1f\x8b" + bytes(4096))
+    http_server.modes.no_range = True
+    from rescue.source.http import HttpSource
+    with pytest.raises(SourceError) as caught:
+        HttpSource(http_server.serve("dl/snapshot.tar.gz", snap) + "?X-Signature=abc")
+    hint = caught.value.hint or ""
+    assert hint.endswith("-o snapshot.tar.gz") and "snapshot.img" not in hint, hint
