@@ -313,14 +313,16 @@ def ls(snapshot: str = SnapshotArg, path: str = typer.Argument("/", help="Direct
             users, groups = snap.user_names(), snap.group_names()
             _, entry = resolve_selection(fs, path)
             entries = sorted(fs.listdir(entry.path), key=lambda e: e.path) if entry.kind == DIR else [entry]
+        parent = entry.path if entry.kind == DIR else None
         if as_json:
-            _print_json([{"path": e.path, "name": e.name, "type": e.kind, "mode": f"{e.mode:04o}", "uid": e.uid,
+            _print_json([{"path": e.path, "name": _listed_name(parent, e), "type": e.kind, "mode": f"{e.mode:04o}", "uid": e.uid,
                           "gid": e.gid, "user": users.get(e.uid), "group": groups.get(e.gid), "size": e.size,
                           "mtime_ns": e.mtime_ns, "nlink": e.nlink, "link_target": e.link_target}
                          for e in entries])
             return
         for e in entries:
-            name = _visible(e.name)
+            # whole, with a '/' inside a crafted name shown as \x2f (not just the part after it)
+            name = _visible(_listed_name(parent, e)).replace("/", "\\x2f")
             if e.kind == SYMLINK:
                 name += f" -> {_visible(e.link_target or '')}"
             if long:
@@ -774,6 +776,15 @@ def snapshots(provider: str = typer.Argument(..., metavar="kiwivm", help="Provid
 
 def _warn(text: str) -> None:
     err.print(f"warning: {_visible(text)}", markup=False)
+
+
+def _listed_name(parent: str | None, e) -> str:
+    """An entry's name as its directory holds it: all of it after the parent's
+    path, so a crafted name holding '/' ('../../tmp/x') is shown whole."""
+    prefix = parent.rstrip("/") + "/" if parent is not None else None
+    if prefix is not None and e.path.startswith(prefix) and len(e.path) > len(prefix):
+        return e.path[len(prefix):]
+    return e.name
 
 
 def _visible(text: str) -> str:
