@@ -23,6 +23,7 @@ Entry.inode is the inode number in the top-level tree (5) and
 from __future__ import annotations
 
 import io
+import logging
 import os
 import posixpath
 import stat as stat_mod
@@ -43,6 +44,8 @@ from . import structs as S
 from .checksum import name_hash
 from .lzo import LzoError, btrfs_lzo_decompress
 from .volume import MAX_KEY, PROFILE_NAMES, BtrfsVolume, MappingError, TreeBlockError
+
+log = logging.getLogger(__name__)
 
 try:
     import zstandard
@@ -147,6 +150,12 @@ class BtrfsFileSystem(FileSystem):
             raise
         except (OSError, *PARSE_ERRORS) as exc:
             raise FilesystemError(f"btrfs: {type(exc).__name__}: {exc}", file=self.name) from None
+        # The layers' log warnings reach the user as 'warning: ...' lines.
+        for why in self.damage:
+            log.warning("%s: btrfs: %s", self.name, why)
+        if self.vol.sb.log_root:
+            log.warning("%s: btrfs has a tree log (not cleanly unmounted): read as a nologreplay mount would, "
+                        "so writes fsync'ed in the last seconds before the crash may be missing", self.name)
 
     # -- roots and subvolumes -------------------------------------------------
 
@@ -304,7 +313,7 @@ class BtrfsFileSystem(FileSystem):
             "subvolumes": [sv.to_json() for sv in self.subvolumes],
         }
         if sb.log_root:
-            details["log_tree"] = "present (not replayed: fsync'ed writes since the last commit are not shown)"
+            details["log_tree"] = "present (not replayed: writes fsync'ed since the last commit are not shown)"
         if self.damage:
             details["damage"] = list(self.damage)
         self.info = FsInfo(type="btrfs", label=sb.label.split(b"\0", 1)[0].decode("utf-8", "replace") or None,
@@ -444,6 +453,7 @@ class BtrfsFileSystem(FileSystem):
         if damage:
             why = "; ".join(damage[:3]) + (f" (+{len(damage) - 3} more)" if len(damage) > 3 else "")
             self._damaged_dirs[path] = why
+            log.warning("%s: directory %s listed in part: %s", self.name, path, why)
             if not out:
                 raise FileReadError(f"{path}: directory unreadable: {why}")
         return out
