@@ -7,6 +7,8 @@ as one line and exits 2; tracebacks appear only with --debug.
 
 from __future__ import annotations
 
+import sys
+
 # Exit codes (borg/restic style): 0 all rescued, 1 finished with warnings
 # (something was skipped and reported), 2 error (nothing or not all done).
 EXIT_OK = 0
@@ -93,28 +95,20 @@ class DamagedRange(OSError):
 # AttributeError, AssertionError, ...) is a bug in rescue and stays one.
 # DamagedRange passes through untouched: it already means "skip this range".
 
-def _library_errors() -> tuple[type[BaseException], ...]:
-    import lzma
-    import struct
-    import tarfile
-    import zipfile
-    import zlib
+# The libraries' classes are looked up when an exception is judged, among the
+# modules already imported: a library not imported cannot have raised, and
+# importing construct, xz, tarfile, zipfile, lzma and zstandard up front cost
+# every command (`rescue --help` too) a fifth of a second.
+_BUILTIN_BAD: tuple[type[BaseException], ...] = (
+    IndexError, KeyError, ValueError, EOFError, OverflowError, ZeroDivisionError,
+    NotImplementedError, RecursionError, OSError)
+_LIBRARY_BAD = (("struct", "error"), ("zlib", "error"), ("lzma", "LZMAError"), ("tarfile", "TarError"),
+                ("zipfile", "BadZipFile"), ("zipfile", "LargeZipFile"), ("construct", "ConstructError"),
+                ("xz", "XZError"), ("zstandard", "ZstdError"))
 
-    found: list[type[BaseException]] = [
-        struct.error, IndexError, KeyError, ValueError, EOFError, OverflowError, ZeroDivisionError,
-        NotImplementedError, RecursionError, OSError, zlib.error, lzma.LZMAError,
-        tarfile.TarError, zipfile.BadZipFile, zipfile.LargeZipFile,
-    ]
-    for module, name in (("construct", "ConstructError"), ("xz", "XZError"),
-                         ("zstandard", "ZstdError")):
-        try:
-            found.append(getattr(__import__(module), name))
-        except (ImportError, AttributeError):   # an optional decoder not installed
-            pass
-    return tuple(found)
-
-
-BAD_BYTES: tuple[type[BaseException], ...] = _library_errors()
+# What a boundary's `except` catches; is_bad_bytes() then tells damage from a bug
+# (every `except BAD_BYTES` re-raises what it is not).
+BAD_BYTES: tuple[type[BaseException], ...] = (Exception,)
 
 
 def describe(exc: BaseException) -> str:
@@ -133,7 +127,16 @@ def describe(exc: BaseException) -> str:
 def is_bad_bytes(exc: BaseException) -> bool:
     """True for what damaged input makes a parser raise (see BAD_BYTES);
     False for RescueError and DamagedRange (already classified) and for bugs."""
-    return isinstance(exc, BAD_BYTES) and not isinstance(exc, (RescueError, DamagedRange))
+    if isinstance(exc, (RescueError, DamagedRange)):
+        return False
+    if isinstance(exc, _BUILTIN_BAD):
+        return True
+    modules = sys.modules
+    for module, name in _LIBRARY_BAD:
+        found = getattr(modules.get(module), name, None)
+        if found is not None and isinstance(exc, found):
+            return True
+    return False
 
 
 class classify:
