@@ -11,18 +11,18 @@ import os
 import sys
 import time
 from contextlib import contextmanager
-from typing import Iterator, List, Optional
+from typing import TYPE_CHECKING, Iterator, List, Optional
 
 import typer
 from rich.console import Console
-from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn,
-                           TransferSpeedColumn)
-from rich.table import Table
 
 from .errors import (EXIT_ERROR, EXIT_OK, EXIT_PARTIAL, DamagedRange, RescueError, install_signal_handlers,
                      interruption)
 from .fs.base import DIR, FILE, SYMLINK, FileReadError
 from .units import human_size
+
+if TYPE_CHECKING:   # rich's progress and tables are imported when one is shown: start-up stays lean
+    from rich.progress import Progress
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,
                   help="Get your data out of a dead server's snapshot, without mounting anything.")
@@ -83,8 +83,7 @@ class _IndexProgress:
             # Not a terminal (2>log, a pipe): a live bar would write only empty lines there.
             if not err.is_terminal or time.monotonic() - self.started < 1.0 or done >= total:
                 return
-            self.bar = Progress(TextColumn("indexing archive"), BarColumn(), DownloadColumn(),
-                                TransferSpeedColumn(), TimeRemainingColumn(), console=err, transient=True)
+            self.bar = _bar("indexing archive")
             self.bar.start()
             self.task = self.bar.add_task("index", total=total or None)
         self.bar.update(self.task, completed=done)
@@ -191,6 +190,7 @@ def _render_inspect(data: dict) -> None:
     if data.get("archive"):
         out.print(f"  archive: {data['archive']}", markup=False)
     out.print(f"Partition table: {data.get('partition_table') or 'none'}", markup=False)
+    from rich.table import Table
     table = Table(show_header=True, header_style="bold")
     for col in ("volume", "start", "size", "type", "filesystem", "label", "uuid", "used", "free"):
         table.add_column(col, overflow="fold")
@@ -512,6 +512,14 @@ def _render_plan(work, list_: bool, as_json: bool) -> None:
 
 
 @contextmanager
+def _bar(label: str) -> "Progress":
+    """A transient progress bar on stderr: label, bar, bytes, speed, time left."""
+    from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn,
+                               TransferSpeedColumn)
+    return Progress(TextColumn(label), BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn(),
+                    console=err, transient=True)
+
+
 def _progress(total: int, quiet: bool):
     """A progress bar on stderr once the work takes more than a second."""
     started = time.monotonic()
@@ -529,8 +537,7 @@ def _progress(total: int, quiet: bool):
         if bar is None:
             if quiet and not err.is_terminal or time.monotonic() - started < 1.0:
                 return
-            bar = Progress(TextColumn("{task.fields[files]} files"), BarColumn(), DownloadColumn(),
-                           TransferSpeedColumn(), TimeRemainingColumn(), console=err, transient=True)
+            bar = _bar("{task.fields[files]} files")
             bar.start()
             task = bar.add_task("extract", total=total or None, files=0)
         bar.update(task, completed=done, files=files)
@@ -762,6 +769,7 @@ def snapshots(provider: str = typer.Argument(..., metavar="kiwivm", help="Provid
         if not snaps:
             err.print("no snapshots (create one in KiwiVM -> Snapshots)", markup=False)
             return
+        from rich.table import Table
         table = Table(show_header=True, header_style="bold")
         for col in ("fileName", "os", "description", "size", "md5", "sticky", "purges in"):
             table.add_column(col, overflow="fold")
@@ -810,8 +818,7 @@ def _download_bar(quiet: bool):
         if bar is None:
             if not err.is_terminal:
                 return
-            bar = Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
-                           TransferSpeedColumn(), TimeRemainingColumn(), console=err, transient=True)
+            bar = _bar("{task.description}")
             bar.start()
             task = bar.add_task(name["text"], total=total)
         bar.update(task, completed=done, total=total)
