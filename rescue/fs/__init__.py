@@ -22,6 +22,7 @@ FILESYSTEMS: list[str] = [
     "ext:ExtFileSystem",
     "xfs:XfsFileSystem",
     "btrfs:BtrfsFileSystem",
+    "tartree:TarTreeFileSystem",   # a tar of a server's files (vzdump-lxc, tar czf backup.tar.gz /)
     "tsk:TskFileSystem",   # fallback: claims anything its library may read
 ]
 BACKENDS = ("auto", "tsk", "guestfs")   # --backend: the registry, TSK only, libguestfs only

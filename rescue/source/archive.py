@@ -54,6 +54,11 @@ ZIP_STORED, ZIP_DEFLATED, ZIP_BZIP2 = 0, 8, 12
 
 DISK_SUFFIXES = (".disk", ".raw", ".img", ".qcow2", ".vmdk", ".vhd", ".vhdx", ".vdi")
 MAX_MEMBERS = 200_000  # a disk snapshot archive has a handful; a rootfs tarball is not a disk
+# A tar of a server's files (vzdump-lxc, OpenVZ, `tar czf backup.tar.gz /`, an Incus
+# export's rootfs/) is read as a filesystem of its own (fs/tartree.py), not searched for a disk.
+ROOT_MARKERS = ("etc/passwd", "etc/os-release", "usr/lib/os-release")
+ROOT_DIRS = frozenset({"etc", "usr", "var", "bin", "sbin", "lib", "lib64", "home", "root", "opt",
+                       "srv", "boot", "dev", "run", "tmp", "mnt", "media", "proc", "sys"})
 TABLE_VERSION = 2
 
 
@@ -138,6 +143,27 @@ def _sparse_map_ok(m: Member) -> bool:
     return end <= m.size
 
 
+def root_tree_prefix(names) -> str | None:
+    """Where a server's root lies in a tar of files ("" for ./etc/passwd, "rootfs/" for
+    an Incus export), or None when the names do not look like a root tree."""
+    best: str | None = None
+    tops: set[str] = set()
+    for raw in names:
+        name = raw.lstrip("/")
+        while name.startswith("./"):
+            name = name[2:]
+        name = name.rstrip("/")
+        tops.add(name.split("/", 1)[0])
+        for marker in ROOT_MARKERS:
+            if name == marker or name.endswith("/" + marker):
+                prefix = name[:len(name) - len(marker)]
+                if prefix.count("/") <= 3 and (best is None or len(prefix) < len(best)):
+                    best = prefix
+    if best is None and len(tops & ROOT_DIRS) >= 4:
+        best = ""
+    return best
+
+
 def _read_tar_table(source: ByteSource, progress: Progress | None = None) -> list[Member]:
     members = []
     try:
@@ -148,6 +174,8 @@ def _read_tar_table(source: ByteSource, progress: Progress | None = None) -> lis
                 break
             tf.members.clear()  # tarfile keeps every TarInfo; we keep our own compact table
             if len(members) >= MAX_MEMBERS:
+                if root_tree_prefix(m.name for m in members) is not None:
+                    break   # a server's file tree: fs/tartree.py walks it, no disk to find here
                 raise SourceError(f"tar holds more than {MAX_MEMBERS} members; this looks like a "
                                   f"file-level backup, not a disk snapshot", file=source.name,
                                   hint="unpack it with tar; rescue reads disk images")
@@ -240,6 +268,7 @@ class Archive:
         self.inner: ByteSource = source
         self.format = "none"
         self.members: list[Member] = []
+        self.tree_prefix: str | None = None   # set when the tar is a server's file tree
         if self.codec:
             self.inner = open_compressed(source, self.codec, cache=self.cache, progress=progress)
         self._detect_container(progress)
@@ -249,6 +278,7 @@ class Archive:
         if cached and cached.get("version") == TABLE_VERSION:
             self.format = cached["format"]
             self.members = [Member(**m) for m in cached["members"]]
+            self._find_tree()
             return
         if _is_tar(self.inner):
             self.format, self.members = "tar", _read_tar_table(self.inner, progress)
@@ -260,6 +290,11 @@ class Archive:
             return  # not an archive: nothing worth caching
         self.cache.store_json("members.json", {"version": TABLE_VERSION, "format": self.format,
                                                "members": [asdict(m) for m in self.members]})
+        self._find_tree()
+
+    def _find_tree(self) -> None:
+        if self.format == "tar":
+            self.tree_prefix = root_tree_prefix(m.name for m in self.members)
 
     @property
     def is_archive(self) -> bool:
@@ -457,12 +492,48 @@ class SparseMemberSource(MemberSource):
         return b"".join(parts)
 
 
+class TarTreeSource:
+    """A tar of a server's files, as the byte source of its own filesystem: the
+    (decompressed) tar stream, read by fs/tartree.py through its member headers."""
+
+    def __init__(self, archive: Archive) -> None:
+        self.archive = archive
+        self.inner = archive.inner
+        self.tar_tree_prefix = archive.tree_prefix
+        self.name = archive.source.name
+        self.size = archive.inner.size
+        self.notes = list(getattr(archive.inner, "notes", []))
+        outer = source_key(archive.source)
+        self.identity = ("tar-tree", outer) if outer else None
+
+    def read(self, offset: int, length: int) -> bytes:
+        return self.inner.read(offset, length)
+
+    def archive_info(self) -> ArchiveSummary:
+        info = ArchiveSummary(format=self.archive.format, compression=self.archive.codec,
+                              tree=self.tar_tree_prefix or "./")
+        if self.notes:
+            info["notes"] = list(self.notes)
+        outer = getattr(self.archive.source, "archive_info", None)
+        if outer is not None:
+            info["inside"] = outer()
+        return info
+
+    def close(self) -> None:
+        self.archive.close()
+
+    def __repr__(self) -> str:
+        return f"TarTreeSource({self.name!r})"
+
+
 def open_archive(source: ByteSource, *, member: str | None = None,
                  progress: Progress | None = None) -> ByteSource | None:
     """The disk inside `source` when it is an archive or compressed, else None.
 
     `member` picks a file by name; otherwise the single disk-looking file is
     chosen (SourceError listing the candidates when that is ambiguous)."""
+    if getattr(source, "tar_tree_prefix", None) is not None:
+        return None   # a server's file tree: the filesystem layer reads it (fs/tartree.py)
     if detect_codec(source) is None and not _is_tar(source) and not _is_zip(source):
         return None
     archive = Archive(source, progress=progress)
@@ -477,6 +548,8 @@ def open_archive(source: ByteSource, *, member: str | None = None,
             return inner
         if not archive.is_archive:
             return None
+        if archive.tree_prefix is not None and member is None:
+            return TarTreeSource(archive)
         return archive.open_member(archive.choose(member), primary=True)
     except BaseException:
         if archive.inner is not source:

@@ -17,6 +17,8 @@ class ArchiveSummary(dict):
         if self.get("member"):
             files = [m for m in self.get("members", []) if m["type"] in ("file", "sparse")]
             text += f", member {self['member']} (of {len(files)} file{'s' if len(files) != 1 else ''})"
+        if self.get("tree") is not None:
+            text += f", a server's file tree (root at {self['tree']})"
         if self.get("inside"):
             text += f", inside {self['inside']}"
         for note in self.get("notes", []):
