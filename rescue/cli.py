@@ -511,7 +511,6 @@ def _render_plan(work, list_: bool, as_json: bool) -> None:
               markup=False)
 
 
-@contextmanager
 def _bar(label: str) -> "Progress":
     """A transient progress bar on stderr: label, bar, bytes, speed, time left."""
     from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn,
@@ -520,6 +519,7 @@ def _bar(label: str) -> "Progress":
                     console=err, transient=True)
 
 
+@contextmanager
 def _progress(total: int, quiet: bool):
     """A progress bar on stderr once the work takes more than a second."""
     started = time.monotonic()
