@@ -200,3 +200,57 @@ def test_a_btrfs_over_two_disks_reads_with_disk(tmp_path):
                          capture_output=True, text=True, timeout=300)
     assert res.returncode in (1, 2) and "is missing: add its disk with --disk" in res.stderr, res.stderr
     assert "Traceback" not in res.stderr
+
+
+def test_opensuse_layout_default_subvolume_root_and_subvol_paths(tmp_path):
+    """openSUSE: / is the default subvolume (a snapper snapshot under @), fstab
+    mounts it without subvol= and names the rest by path from the top level
+    (subvol=/@/home)."""
+    disk, mnt = tmp_path / "disk.img", tmp_path / "mnt"
+    subprocess.run(["truncate", "-s", "300M", str(disk)], check=True)
+    _run("sgdisk", "-n1:1M:+8M", "-t1:ef02", "-n2:0:0", "-t2:8300", str(disk))
+    parts = Partitions(disk)
+    try:
+        _run("mkfs.btrfs", "-q", "-f", parts[2])
+        uuid = _run("blkid", "-s", "UUID", "-o", "value", parts[2]).strip()
+        mnt.mkdir()
+        _run("mount", parts[2], str(mnt))
+        try:
+            for sv in ("@", "@/home", "@/.snapshots"):
+                _run("btrfs", "subvolume", "create", str(mnt / sv))
+            (mnt / "@" / ".snapshots" / "1").mkdir()
+            root = mnt / "@" / ".snapshots" / "1" / "snapshot"
+            _run("btrfs", "subvolume", "create", str(root))
+            (root / "etc").mkdir()
+            (root / "home").mkdir()
+            (root / "etc" / "os-release").write_text('ID="opensuse-leap"\n')
+            (root / "etc" / "fstab").write_text(f"UUID={uuid} / btrfs defaults 0 0\n"
+                                                f"UUID={uuid} /home btrfs subvol=/@/home 0 0\n")
+            (mnt / "@" / "home" / "alice").mkdir()
+            (mnt / "@" / "home" / "alice" / "thesis.tex").write_text("\\documentclass{article}\n" * 500)
+            sid = _run("btrfs", "subvolume", "show", str(root))
+            sid = next(line.split()[-1] for line in sid.splitlines() if "Subvolume ID" in line)
+            _run("btrfs", "subvolume", "set-default", sid, str(mnt))
+        finally:
+            _run("umount", str(mnt))
+    finally:
+        parts.close()
+    out = tmp_path / "rescue.tar"
+    res = subprocess.run([str(RESCUE), "extract", str(disk), "--path", "/home/alice", "--path", "/etc",
+                          "-o", str(out)], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    gnu = tmp_path / "gnu.tar"
+    parts = Partitions(disk, read_only=True)
+    try:
+        _run("mount", "-o", "ro", parts[2], str(mnt))
+        _run("mount", "-o", "ro,subvol=/@/home", parts[2], str(mnt / "home"))
+        try:
+            subprocess.run(["tar", "--numeric-owner", "-cf", str(gnu), "-C", str(mnt), "home/alice", "etc"],
+                           check=True, capture_output=True)
+        finally:
+            _run("umount", str(mnt / "home"))
+            _run("umount", str(mnt))
+    finally:
+        parts.close()
+    ours, theirs = _members(out), _members(gnu)
+    assert "home/alice/thesis.tex" in ours and ours == theirs
