@@ -4,8 +4,9 @@ as root, agrees with the kernel's read-only mount or mtools on names, sizes and
 content hashes); every malformed or unusual image ends with exit 0, 1 or 2, one
 clear message, no traceback and no hang. Skipped when the folder is absent.
 
-Images are decompressed into sparse files; commands run two at a time with the
-TSK backend (this slice's reader; the libguestfs fallback boots an appliance).
+Images are decompressed into sparse files; commands run two at a time with
+`--backend native` (the registry's readers: ext, XFS, btrfs, then TSK; never the
+libguestfs appliance, whose boot alone would eat the time limit).
 The malformed sweep has a time budget (SWEEP_BUDGET, default 60 s; set
 RESCUE_SWEEP_BUDGET=0 for no limit): known offenders go first, then the rest
 round-robin across source projects; what the budget left out is printed.
@@ -118,7 +119,7 @@ def _run(*args: str, timeout: float = TIMEOUT) -> tuple[int, str, bytes, float]:
     t0 = time.monotonic()
     env = dict(os.environ, COLUMNS="200", NO_COLOR="1", PYTHONPATH=str(REPO))
     try:
-        res = subprocess.run([sys.executable, "-m", "rescue", *args, "--backend", "tsk"], capture_output=True,
+        res = subprocess.run([sys.executable, "-m", "rescue", *args, "--backend", "native"], capture_output=True,
                              timeout=timeout, preexec_fn=_limits, env=env)
     except subprocess.TimeoutExpired:
         return -999, f"no answer after {timeout} s", b"", timeout

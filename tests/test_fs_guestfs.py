@@ -168,9 +168,11 @@ def test_every_entry_matches_the_kernel_view(kind, images, filesystems, tmp_path
         pytest.skip(f"no {kind} image (mkfs.{kind} missing, or XFS without root)")
     fs = filesystems[kind]
     assert fs.info.type == kind and fs.launch_seconds > 0
-    # a bare file goes in by path; a partition window through the NBD export's overlay
+    # every drive is a throwaway qcow2 overlay of ours, deleted once qemu holds it
+    # open (no signal can leave it behind); a partition window's backing is the NBD export
     drive = fs.appliance.drives[fs.appliance.devices.index(fs.device)]
-    assert drive[0].endswith(".qcow2") == (kind == "btrfs")
+    assert drive[0].endswith(".qcow2") and not os.path.exists(drive[0])
+    assert len(fs.appliance._exports) == (1 if "btrfs" in filesystems else 0)
     ref, mnt = reference_dir(images, kind, tmp_path_factory)
     try:
         seen = set()
@@ -200,6 +202,10 @@ def test_every_entry_matches_the_kernel_view(kind, images, filesystems, tmp_path
         expected = {p for p in expected if not p.startswith("/lost+found")}
         # names that are not UTF-8 cannot cross the bindings: reported, not lost silently
         assert fs.skipped == ["/latin1-\\xe9"]
+        assert "latin1-\\xe9" in fs.listing_damage("/") and fs.listing_damage("/etc") is None
+        from rescue.extract.run import ExtractOptions, plan   # so extract counts it as skipped (exit 1)
+        assert [(s.path, "not UTF-8" in s.reason) for s in plan(fs, ExtractOptions(paths=["/"])).skipped] \
+            == [("/", True)]
         assert seen == {p for p in expected if p != "/latin1-\udce9"}
         assert {"/etc/hostname", "/hardlink"} in by_inode.values()
         assert fs.read_range(fs.stat("/var/lib/db/data.bin"), (2 << 20) - 5, 10) == \
@@ -294,3 +300,117 @@ def test_vagrantfile_validates(tmp_path):
     res = subprocess.run(["vagrant", "validate", "--ignore-provider"], cwd=work, env=env,
                          capture_output=True, text=True, timeout=300)
     assert res.returncode != 0
+
+
+# -- the launch: bounded, retried under TCG, one line when it cannot start, clean on signals --
+
+HANGING_QEMU = """#!/bin/bash
+# A qemu that never boots the appliance (as seen with KVM: SeaBIOS "Booting from
+# ROM..." and then nothing) when HANG says so; libguestfs's probes (-help,
+# -version, QMP) and other launches go to the real qemu.
+for a in "$@"; do
+  case "$a" in
+    -kernel) launch=1 ;;
+    *accel=kvm*) kvm=1 ;;
+  esac
+done
+if [ -n "$launch" ] && { [ "$HANG" = all ] || { [ "$HANG" = kvm ] && [ -n "$kvm" ]; }; }; then
+  echo $$ >> "$HANG_PIDS"
+  exec -a qemu-system-x86_64 sleep 100000
+fi
+exec %s "$@"
+"""
+
+
+@pytest.fixture
+def hanging(tmp_path):
+    """(env for `rescue`, small ext4 image, file the hung qemu pids go to)."""
+    if guestfs_reason():
+        pytest.skip(f"libguestfs unavailable: {guestfs_reason()}")
+    real = shutil.which("qemu-system-x86_64")
+    if real is None or shutil.which("mkfs.ext4") is None:
+        pytest.skip("qemu-system-x86_64 and mkfs.ext4 are needed")
+    hv = tmp_path / "qemu-hang"
+    hv.write_text(HANGING_QEMU % real)
+    hv.chmod(0o755)
+    tree = tmp_path / "tree"
+    (tree / "etc").mkdir(parents=True)
+    (tree / "etc" / "hostname").write_text("vps\n")
+    img = tmp_path / "fs.img"
+    with open(img, "wb") as f:
+        f.truncate(32 << 20)
+    run("mkfs.ext4", "-q", "-d", str(tree), str(img))
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    pids = tmp_path / "pids"
+    # TMPDIR: where leftovers would show; the appliance cache stays where it is (no rebuild)
+    env = dict(os.environ, LIBGUESTFS_HV=str(hv), HANG_PIDS=str(pids), TMPDIR=str(tmp), PYTHONPATH=str(REPO),
+               LIBGUESTFS_CACHEDIR=os.environ.get("LIBGUESTFS_CACHEDIR", "/var/tmp"))
+    env.pop("LIBGUESTFS_BACKEND_SETTINGS", None)
+    return env, img, pids
+
+
+def _alive(pids: Path) -> list[int]:
+    if not pids.exists():
+        return []
+    return [int(p) for p in pids.read_text().split() if os.path.exists(f"/proc/{p}")]
+
+
+def _leftovers(tmp: Path) -> list[str]:
+    return sorted(p.name for p in tmp.iterdir() if p.name.startswith(("rescue-", "libguestfs")))
+
+
+def test_a_launch_that_never_completes_ends_in_one_clear_line(hanging):
+    env, img, pids = hanging
+    env.update(HANG="all", RESCUE_GUESTFS_TIMEOUT="3,3")
+    res = subprocess.run([sys.executable, "-m", "rescue", "ls", "--backend", "guestfs", str(img), "/"],
+                         capture_output=True, text=True, timeout=300, env=env)
+    lines = [line for line in res.stderr.splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("rescue:")]
+    assert res.returncode == 2 and "Traceback" not in res.stderr and "libguestfs: error" not in res.stderr, res.stderr
+    assert len(errors) == 1 and "did not start" in errors[0] and "not started after 3 s" in errors[0], res.stderr
+    assert any("starting the libguestfs appliance" in line for line in lines), res.stderr   # said what it did
+    assert _alive(pids) == [] and pids.exists()     # the hung qemu was killed, not left behind
+    assert _leftovers(Path(env["TMPDIR"])) == []
+
+
+@pytest.mark.parametrize("signame", ["SIGTERM", "SIGINT"])
+def test_a_signal_during_the_launch_leaves_no_overlay_and_no_qemu(hanging, signame):
+    import signal
+    import time
+
+    env, img, pids = hanging
+    env.update(HANG="all", RESCUE_GUESTFS_TIMEOUT="600,600")
+    proc = subprocess.Popen([sys.executable, "-m", "rescue", "ls", "--backend", "guestfs", str(img), "/"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        deadline = time.monotonic() + 240
+        while not _alive(pids) and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.2)   # until the (hung) qemu runs: the overlay is in place
+        assert _alive(pids), "the launch never got to qemu"
+        assert _leftovers(Path(env["TMPDIR"]))   # the overlay exists while qemu boots
+        proc.send_signal(getattr(signal, signame))
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 128 + getattr(signal, signame), err
+    assert "Traceback" not in err and "interrupted" in err, err
+    assert _alive(pids) == []
+    assert _leftovers(Path(env["TMPDIR"])) == []
+
+
+def test_a_kvm_launch_that_hangs_is_retried_under_tcg(hanging):
+    """One real appliance start under qemu's emulator (15-60 s)."""
+    from rescue.fs.guestfs import _kvm_usable
+
+    if not _kvm_usable():
+        pytest.skip("no usable /dev/kvm: the first launch is under TCG already")
+    env, img, pids = hanging
+    env.update(HANG="kvm", RESCUE_GUESTFS_TIMEOUT="5,900")
+    res = subprocess.run([sys.executable, "-m", "rescue", "ls", "--backend", "guestfs", str(img), "/etc"],
+                         capture_output=True, text=True, timeout=1200, env=env)
+    assert res.returncode == 0 and res.stdout.split() == ["hostname"], res.stderr
+    assert "did not start with KVM (not started after 5 s); retrying with qemu's emulator" in res.stderr
+    assert "libguestfs appliance ready after" in res.stderr and "(tcg)" in res.stderr
+    assert _alive(pids) == [] and _leftovers(Path(env["TMPDIR"])) == []

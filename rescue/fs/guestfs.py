@@ -7,11 +7,18 @@ out with the same entries as from the TSK backend: owners, modes, ns times,
 links, xattrs. Linux only (it needs qemu and a kernel); on macOS/Windows use the
 Vagrant VM (see README).
 
-How the volume gets to the appliance: a plain local file is attached by path
-(format raw, readonly=1: libguestfs puts a throwaway qcow2 overlay on top, so even
-a journal replay never touches the snapshot). Any other byte source (a partition
-of a qcow2 inside a tar.gz, an LVM logical volume) is served read-only over NBD
-on a unix socket by `nbd_export.NbdExport`.
+How the volume gets to the appliance: each drive is a throwaway qcow2 overlay
+of ours on top of the volume, so even a journal replay never touches the
+snapshot. A plain local file is the overlay's backing file (qemu opens it
+read-only); any other byte source (a partition of a qcow2 inside a tar.gz, an
+LVM logical volume) is served read-only over NBD on a unix socket by
+`nbd_export.NbdExport`. Once qemu has the overlays open they are deleted, so no
+signal (not even SIGKILL) can leave them behind.
+
+The launch is bounded: when qemu with KVM has not booted the appliance after
+`launch_timeout` seconds (seen: SeaBIOS "Booting from ROM..." and then nothing,
+for ever), it is killed and the launch retried under qemu's emulator (TCG,
+force_tcg); when that fails too, one FilesystemError says both reasons.
 
 References: guestfs(3) and guestfs-python(3) (add_drive_opts, lstatnslist,
 readlinklist, lxattrlist, pread: a reply is limited to 4 MiB), guestfs(3)
@@ -29,8 +36,9 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 from ..errors import FilesystemError, GuestPathError
 from ..source.base import ByteSource, FileSource, Window
@@ -55,6 +63,11 @@ _KINDS = {0o100000: FILE, 0o040000: DIR, 0o120000: SYMLINK, 0o010000: FIFO, 0o02
           0o060000: BLOCK, 0o140000: SOCKET}
 PREAD_MAX = 2 << 20          # under the 4 MiB protocol message limit
 BATCH = 1000                 # names per lstatnslist/readlinklist/lxattrlist call
+# Seconds a launch may take: KVM boots the appliance in 2-5 s (more on a busy
+# machine); qemu's emulator takes 15-60 s. RESCUE_GUESTFS_TIMEOUT="KVM[,TCG]" overrides.
+KVM_LAUNCH_TIMEOUT = 60.0
+TCG_LAUNCH_TIMEOUT = 600.0
+STATUS_EVERY = 10.0          # a "still starting" line this often while the appliance boots
 
 _guestfs_module: Any = None
 _import_problem: str | None = None
@@ -113,65 +126,98 @@ def _kvm_usable() -> bool:
     return os.access("/dev/kvm", os.R_OK | os.W_OK)
 
 
+def _launch_timeouts() -> tuple[float, float]:
+    """(KVM, TCG) launch timeouts, from RESCUE_GUESTFS_TIMEOUT when set."""
+    kvm, tcg = KVM_LAUNCH_TIMEOUT, TCG_LAUNCH_TIMEOUT
+    raw = os.environ.get("RESCUE_GUESTFS_TIMEOUT", "").strip()
+    if raw:
+        try:
+            parts = [float(p) for p in raw.split(",")]
+            kvm = parts[0]
+            tcg = parts[1] if len(parts) > 1 else tcg
+        except ValueError:
+            log.warning("RESCUE_GUESTFS_TIMEOUT=%r is not 'SECONDS[,SECONDS]'; using %g,%g", raw, kvm, tcg)
+    return kvm, tcg
+
+
+class LaunchTimeout(Exception):
+    """The appliance did not finish booting in time."""
+
+
 class GuestfsAppliance:
     """One libguestfs appliance with one or more volumes attached, launched once
-    (the launch costs seconds: ~2 s with KVM, ~15-20 s under TCG). Several
+    (the launch costs seconds: ~2 s with KVM, ~15-60 s under TCG). Several
     `GuestfsFileSystem`s (the root and a separate /var, say) share one appliance.
 
-    When KVM is missing or qemu fails with it, and the user has not chosen
+    When KVM is missing, qemu fails with it, or the launch does not complete in
+    `launch_timeout` seconds, and the user has not chosen
     LIBGUESTFS_BACKEND_SETTINGS, the launch is retried with force_tcg (qemu's
-    emulator: slower, works everywhere). `launch_seconds` and `accelerator`
-    say what happened."""
+    emulator: slower, works everywhere), bounded by `tcg_timeout`. `status`
+    receives what is going on (for the progress display); `launch_seconds` and
+    `accelerator` say what happened."""
 
     _tcg_needed: bool | None = None       # learned once per process
 
     def __init__(self, sources: Sequence[ByteSource | str | os.PathLike], *,
-                 launch_timeout: int = 600) -> None:
+                 launch_timeout: float | None = None, tcg_timeout: float | None = None,
+                 status: Callable[[str], None] | None = None) -> None:
         self.guestfs = import_guestfs()
         if not sources:
             raise ValueError("no sources")
         self.sources = list(sources)
-        self.launch_timeout = launch_timeout
+        default_kvm, default_tcg = _launch_timeouts()
+        self.launch_timeout = default_kvm if launch_timeout is None else launch_timeout
+        self.tcg_timeout = default_tcg if tcg_timeout is None else tcg_timeout
+        self.status = status
         self._exports: list[Any] = []
         self._tmpdir: str | None = None
-        self.drives: list[tuple[str, dict]] = [self._drive(s) for s in self.sources]
+        self.g = None
         self.launch_seconds = 0.0
         self.accelerator = "?"
-        self.g = None
         self._mount_slots: dict[str, str] = {}
         self._next_slot = 0
+        self.drives: list[tuple[str, dict]] = []
         try:
+            for source in self.sources:
+                self.drives.append(self._drive(source))
             self._launch()
         except BaseException:
             self.close()
             raise
 
+    def _say(self, text: str) -> None:
+        log.info("%s", text)
+        if self.status is not None:
+            self.status(text)
+
     def _drive(self, source: ByteSource | str | os.PathLike) -> tuple[str, dict]:
-        """(filename, add_drive_opts kwargs) for one source."""
+        """(filename, add_drive_opts kwargs) for one source: a qcow2 overlay of
+        ours (deleted once qemu has it open) on the file or on our NBD export."""
         if isinstance(source, (str, os.PathLike)):
             path = os.fspath(source)
         elif isinstance(source, FileSource):
             path = source.path
         else:
             path = None
-        if path is not None:
-            return os.path.abspath(path), dict(readonly=1, format="raw")
-        from .nbd_export import NbdExport
-
-        export = NbdExport(source)
-        self._exports.append(export)
-        # The bindings keep the GIL while add_drive runs `qemu-img create` on the
-        # backing NBD export, so our server thread could never answer: make the
-        # throwaway overlay ourselves (-u: without opening the backing), then
-        # attach it writable. Writes land in the overlay; the export refuses them.
         if self._tmpdir is None:
             self._tmpdir = tempfile.mkdtemp(prefix="rescue-guestfs-")
-        overlay = os.path.join(self._tmpdir, f"overlay{len(self._exports)}.qcow2")
-        nbd_url = f"nbd+unix:///?socket={export.socket_path}"
-        res = subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-u", "-b", nbd_url, "-F", "raw",
-                              overlay, str(export.export_size)], capture_output=True, text=True)
+        overlay = os.path.join(self._tmpdir, f"overlay{len(self.drives)}.qcow2")
+        if path is not None:
+            backing = os.path.abspath(path)
+            size = source.size if isinstance(source, FileSource) else os.path.getsize(path)
+        else:
+            from .nbd_export import NbdExport
+
+            export = NbdExport(source)
+            self._exports.append(export)
+            backing, size = f"nbd+unix:///?socket={export.socket_path}", export.export_size
+        # -u: without opening the backing file (the bindings keep the GIL while
+        # add_drive runs qemu-img, so our NBD server thread could never answer).
+        # Writes land in the overlay; the export refuses them anyway.
+        res = subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-u", "-b", backing, "-F", "raw",
+                              overlay, str(size)], capture_output=True, text=True)
         if res.returncode != 0:
-            raise FilesystemError(f"qemu-img cannot make an overlay for {source.name}: "
+            raise FilesystemError(f"qemu-img cannot make an overlay for {getattr(source, 'name', path)}: "
                                   f"{res.stderr.strip()}", layer="fs")
         return overlay, dict(readonly=0, format="qcow2")
 
@@ -185,35 +231,104 @@ class GuestfsAppliance:
             g.add_drive_opts(filename, **opts)
         return g
 
+    def _try_launch(self, tcg: bool, timeout: float, what: str) -> None:
+        """Launch a new handle and wait at most `timeout` s, saying every
+        STATUS_EVERY s that it is still going. The launch runs in this thread
+        (libguestfs prints its errors itself for calls from other threads); a
+        watchdog thread kills our qemu when the time is up (LaunchTimeout) or
+        a signal arrives (the bindings hold no GIL while qemu boots, but Python
+        runs signal handlers only between bytecodes: the wakeup fd tells the
+        watchdog at once). A failing launch raises RuntimeError."""
+        import select
+        import signal
+
+        self.g = self._new_handle(tcg)
+        done = threading.Event()
+        timed_out: list[float] = []
+        wake_r, wake_w = os.pipe()
+        os.set_blocking(wake_w, False)
+        try:
+            previous = signal.set_wakeup_fd(wake_w)
+        except ValueError:   # not the main thread: signals are not ours to watch
+            previous = None
+        start = time.monotonic()
+
+        def watch() -> None:
+            next_note = start + STATUS_EVERY
+            stopping = False
+            while not done.is_set():
+                ready, _, _ = select.select([wake_r], [], [], 0.25)
+                if ready:   # a signal: stop qemu so the launch returns and the handler runs
+                    os.read(wake_r, 512)
+                    stopping = True
+                now = time.monotonic()
+                if not stopping and now - start > timeout:
+                    timed_out.append(now - start)
+                    stopping = True
+                if stopping:   # again until the launch returns (supermin may still be building)
+                    _kill_qemu()
+                    continue
+                if now >= next_note and not done.is_set():
+                    self._say(f"still starting the libguestfs appliance ({what}, {now - start:.0f} s)")
+                    next_note = now + STATUS_EVERY
+
+        watchdog = threading.Thread(target=watch, name="guestfs-launch-watchdog", daemon=True)
+        watchdog.start()
+        try:
+            self.g.launch()
+        except RuntimeError:
+            if timed_out:
+                raise LaunchTimeout(f"not started after {timeout:.0f} s") from None
+            raise
+        finally:
+            done.set()
+            watchdog.join()
+            if previous is not None:
+                signal.set_wakeup_fd(previous)
+            os.close(wake_r)
+            os.close(wake_w)
+
     def _launch(self) -> None:
         user_choice = "LIBGUESTFS_BACKEND_SETTINGS" in os.environ
         cls = GuestfsAppliance
         tcg = False if user_choice else (cls._tcg_needed if cls._tcg_needed is not None
                                          else not _kvm_usable())
         start = time.monotonic()
+        mode = (os.environ["LIBGUESTFS_BACKEND_SETTINGS"] if user_choice
+                else "qemu's emulator (TCG), 15-60 s" if tcg else "KVM")
+        self._say(f"starting the libguestfs appliance for {len(self.sources)} volume(s) ({mode})")
         try:
-            self.g = self._new_handle(tcg)
-            self.g.launch()
-        except RuntimeError as exc:
+            self._try_launch(tcg, self.tcg_timeout if tcg or user_choice else self.launch_timeout,
+                             "TCG" if tcg else "KVM")
+        except (RuntimeError, LaunchTimeout) as exc:
             if user_choice or tcg:
-                raise FilesystemError(f"the libguestfs appliance did not start: {_first_line(exc)}",
+                raise FilesystemError(f"the libguestfs appliance did not start ({mode}): {_first_line(exc)}",
                                       hint="run libguestfs-test-tool to see why", layer="fs") from None
-            log.info("libguestfs with KVM failed (%s); retrying with TCG", _first_line(exc))
+            self._say(f"the libguestfs appliance did not start with KVM ({_first_line(exc)}); retrying with "
+                      f"qemu's emulator (TCG: slower, up to {self.tcg_timeout:.0f} s)")
             self._close_handle()
             tcg = True
             try:
-                self.g = self._new_handle(True)
-                self.g.launch()
-            except RuntimeError as exc2:
+                self._try_launch(True, self.tcg_timeout, "TCG")
+            except (RuntimeError, LaunchTimeout) as exc2:
                 raise FilesystemError(f"the libguestfs appliance did not start, with KVM "
                                       f"({_first_line(exc)}) nor with TCG ({_first_line(exc2)})",
                                       hint="run libguestfs-test-tool to see why", layer="fs") from None
+        # qemu holds the overlays open now: delete them, so nothing is left behind
+        # whatever ends this process.
+        self._remove_overlays()
         if not user_choice:
             cls._tcg_needed = tcg
         self.launch_seconds = time.monotonic() - start
         self.accelerator = "tcg" if tcg else ("kvm" if not user_choice else
                                               os.environ["LIBGUESTFS_BACKEND_SETTINGS"])
+        self._say(f"libguestfs appliance ready after {self.launch_seconds:.0f} s ({self.accelerator})")
         self.devices: list[str] = list(self.g.list_devices())
+
+    def _remove_overlays(self) -> None:
+        if self._tmpdir is not None:
+            shutil.rmtree(self._tmpdir, ignore_errors=True)
+            self._tmpdir = None
 
     def filesystems(self) -> dict[str, str]:
         """device -> filesystem type, for every filesystem libguestfs finds
@@ -268,15 +383,47 @@ class GuestfsAppliance:
         for export in self._exports:
             export.close()
         self._exports = []
-        if self._tmpdir is not None:
-            shutil.rmtree(self._tmpdir, ignore_errors=True)
-            self._tmpdir = None
+        self._remove_overlays()
 
     def __enter__(self) -> "GuestfsAppliance":
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _qemu_children() -> list[int]:
+    """Process ids of the qemu (and supermin, which builds the appliance)
+    processes this process started: libguestfs's direct backend forks them itself."""
+    me = os.getpid()
+    found = []
+    try:
+        pids = [int(p) for p in os.listdir("/proc") if p.isdigit()]
+    except OSError:
+        return found
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat", "rb") as f:
+                fields = f.read().rsplit(b")", 1)[1].split()
+            if int(fields[1]) != me:
+                continue
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                argv = f.read().split(b"\0")[:2]
+        except (OSError, IndexError, ValueError):
+            continue
+        if any(b"qemu" in os.path.basename(a) or os.path.basename(a) == b"supermin" for a in argv):
+            found.append(pid)
+    return found
+
+
+def _kill_qemu() -> None:
+    import signal
+
+    for pid in _qemu_children():
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
 
 
 def _first_line(exc: BaseException) -> str:
@@ -337,6 +484,7 @@ class GuestfsFileSystem(FileSystem):
                                   + (", ".join(f"{d} {t}" for d, t in found.items()) or "nothing"),
                                   file=self.name, layer="fs")
         self.skipped: list[str] = []   # entries the bindings cannot name (non-UTF-8)
+        self._unnamed: dict[str, list[str]] = {}   # directory -> its names the bindings cannot pass
         self.root = appliance.mount(self.device)
         self.info = self._info(fstype)
 
@@ -442,17 +590,29 @@ class GuestfsFileSystem(FileSystem):
         finally:
             os.unlink(tmp)
         names = []
+        directory = real[len(self.root):] or "/"
+        lost = []
         for name in raw:
             if not name:
                 continue
             try:
                 names.append(name.decode("utf-8"))
             except UnicodeDecodeError:
-                shown = posixpath.join(real[len(self.root):] or "/", name.decode("utf-8", "backslashreplace"))
-                log.warning("%s: %s: name is not UTF-8; the libguestfs backend cannot read it "
-                            "(the tsk backend can, for filesystems it knows)", self.name, shown)
-                self.skipped.append(shown)
+                lost.append(name.decode("utf-8", "backslashreplace"))
+        if lost:
+            # Not a warning of its own: listing_damage reports the directory as
+            # partly read, so extract counts it as skipped (exit 1, --json "skipped").
+            self._unnamed[directory] = lost
+            self.skipped.extend(posixpath.join(directory, n) for n in lost)
         return names
+
+    def listing_damage(self, path: str) -> str | None:
+        lost = self._unnamed.get(normalize(path))
+        if not lost:
+            return None
+        shown = ", ".join(lost[:5]) + (f" and {len(lost) - 5} more" if len(lost) > 5 else "")
+        return (f"{len(lost)} name(s) not UTF-8, which libguestfs cannot pass, left out: {shown} "
+                "(the native readers have no such limit: --backend auto)")
 
     def read_chunks(self, entry: Entry, chunk_size: int = 1 << 20) -> Iterator[bytes]:
         if entry.kind != FILE or entry.size == 0:
@@ -511,19 +671,22 @@ def _volume_source(volume) -> ByteSource:
     return source
 
 
-def open_volume(volume, name: str | None = None) -> GuestfsFileSystem:
+def open_volume(volume, name: str | None = None,
+                status: Callable[[str], None] | None = None) -> GuestfsFileSystem:
     """The snapshot layer's entry point: one volume (`rescue.volume.base.Volume`)
     in its own appliance. The volume's byte source goes in by path when it is a
     whole local file, else over the NBD export."""
-    return GuestfsFileSystem(_volume_source(volume), name=name or volume.id)
+    return open_volumes([volume], [name or volume.id], status=status)[0]
 
 
-def open_volumes(volumes: Sequence, names: Sequence[str] | None = None) -> list[GuestfsFileSystem]:
-    """Several volumes (root and a separate /var on XFS, say) with ONE appliance
-    launch; the appliance closes when the last of them is closed."""
+def open_volumes(volumes: Sequence, names: Sequence[str] | None = None,
+                 status: Callable[[str], None] | None = None) -> list[GuestfsFileSystem]:
+    """Several volumes (root and a separate /var, say) with ONE appliance
+    launch; the appliance closes when the last of them is closed. `status`
+    hears how the launch goes."""
     if not volumes:
         return []
-    appliance = GuestfsAppliance([_volume_source(v) for v in volumes])
+    appliance = GuestfsAppliance([_volume_source(v) for v in volumes], status=status)
     out: list[GuestfsFileSystem] = []
     try:
         for i, volume in enumerate(volumes):

@@ -3,20 +3,21 @@
 from __future__ import annotations
 
 import sys
-import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from ..disk import DiskOptions, open_disk
 from ..errors import FilesystemError, RescueError, VolumeError
 from ..fs import open_filesystem
-from ..fs.base import FileSystem
+from ..fs.base import Entry, FileSystem, FsInfo, normalize
+from ..source.base import Run
 from ..source import open_source
 from ..units import human_size
 from ..volume import Volume, VolumeMap, discover
 from .identity import id_names, os_release
 from .not_a_disk import refuse_non_disk
 from .apps import find_applications
+from .databases import find_databases
 from .valuables import find_valuables
 
 # Filesystems that hold no files to rescue.
@@ -28,7 +29,7 @@ GUESTFS_ONLY = {"f2fs", "reiserfs", "jfs", "zfs_member"}
 @dataclass
 class SnapshotOptions:
     volume: str | None = None        # --volume: a volume id ("2", "vg0/root", "whole")
-    backend: str = "auto"            # "auto", "tsk", "guestfs"
+    backend: str = "auto"            # "auto", "native" (never libguestfs), "tsk", "guestfs", or a reader's name
     member: str | None = None        # --member: file inside an archive
     backing: str | None = None       # --backing: parent image override
     snapshot: str | None = None      # --snapshot: qcow2 internal snapshot
@@ -44,6 +45,64 @@ class _Candidate:
     fs: FileSystem | None = None
     error: str | None = None
     has_root: bool = False
+
+
+class NeedsAppliance(FilesystemError):
+    """Opening this volume would start the libguestfs appliance (asked not to)."""
+
+
+class DeferredFileSystem(FileSystem):
+    """A filesystem opened on first use: a mounted volume that needs the
+    libguestfs appliance costs its start (seconds to a minute) only when a
+    path on it is read. A failure to open is raised again at every use."""
+
+    backend = "deferred"
+
+    def __init__(self, opener: Callable[[], FileSystem], info: FsInfo, name: str) -> None:
+        self._opener = opener
+        self._fs: FileSystem | None = None
+        self._error: RescueError | None = None
+        self.info = info
+        self.name = name
+
+    def _open(self) -> FileSystem:
+        if self._fs is None:
+            if self._error is not None:
+                raise self._error
+            try:
+                self._fs = self._opener()
+            except RescueError as exc:
+                self._error = exc
+                raise
+            self.info = self._fs.info
+        return self._fs
+
+    def stat(self, path: str) -> Entry:
+        return self._open().stat(path)
+
+    def listdir(self, path: str) -> list[Entry]:
+        return self._open().listdir(path)
+
+    def file_runs(self, entry: Entry) -> list[Run]:
+        return self._open().file_runs(entry)
+
+    def read_chunks(self, entry: Entry, chunk_size: int = 1 << 20) -> Iterator[bytes]:
+        return self._open().read_chunks(entry, chunk_size)
+
+    def read_range(self, entry: Entry, offset: int, length: int) -> bytes:
+        return self._open().read_range(entry, offset, length)
+
+    def data_ranges(self, entry: Entry) -> list[tuple[int, int]] | None:
+        return self._open().data_ranges(entry)
+
+    def xattrs(self, entry: Entry) -> dict[str, bytes]:
+        return self._open().xattrs(entry)
+
+    def listing_damage(self, path: str) -> str | None:
+        return self._fs.listing_damage(path) if self._fs is not None else None
+
+    def close(self) -> None:
+        pass   # the filesystem inside belongs to the Snapshot, which closes it
 
 
 class Snapshot:
@@ -64,6 +123,7 @@ class Snapshot:
         self.volumes: VolumeMap = discover([self.disk] + [d for _, d in self.extra] if self.extra else self.disk)
         self._filesystems: dict[str, FileSystem] = {}
         self._errors: dict[str, str] = {}
+        self._native_errors: dict[str, str] = {}   # why the registry's readers cannot open a volume
         self._root: Volume | None = None
         self._tree: FileSystem | None = None
         self.mounts: list[dict[str, Any]] = []
@@ -72,8 +132,9 @@ class Snapshot:
 
     # -- filesystems ---------------------------------------------------------
 
-    def open_filesystem(self, volume: Volume) -> FileSystem:
-        """The filesystem of one volume, through the chosen backend (cached)."""
+    def open_filesystem(self, volume: Volume, appliance: bool = True) -> FileSystem:
+        """The filesystem of one volume, through the chosen backend (cached).
+        `appliance=False` raises NeedsAppliance rather than start libguestfs."""
         if volume.id in self._filesystems:
             return self._filesystems[volume.id]
         if volume.id in self._errors:
@@ -82,35 +143,54 @@ class Snapshot:
         if unsupported:
             raise VolumeError(f"volume {volume.id}: {unsupported}", file=self.spec)
         try:
-            fs = self._open_backend(volume)
+            fs = self._open_backend(volume, appliance)
+        except NeedsAppliance:
+            raise
         except RescueError as exc:
             self._errors[volume.id] = exc.problem
             raise
         self._filesystems[volume.id] = fs
         return fs
 
-    def _open_backend(self, volume: Volume) -> FileSystem:
+    def _open_backend(self, volume: Volume, appliance: bool = True) -> FileSystem:
         backend = self.options.backend
         kind = volume.filesystem
         if kind in NOT_FILESYSTEMS:
             raise FilesystemError(f"volume {volume.id} is {kind}, not a filesystem", file=self.spec)
         if self._wants_guestfs(volume) or backend == "guestfs":
+            if not appliance:
+                raise NeedsAppliance(f"volume {volume.id} ({kind}) is read through libguestfs", file=self.spec)
             return self._open_guestfs(volume)
-        devices = self._btrfs_devices(volume)
-        if devices and backend in ("auto", "native", "btrfs"):   # a btrfs over several disks (--disk)
-            from ..fs.btrfs import BtrfsFileSystem
-            return BtrfsFileSystem(volume.source, name=f"{self.spec} volume {volume.id}", devices=devices)
-        try:
-            return open_filesystem(volume.source, name=f"{self.spec} volume {volume.id}", backend=backend)
-        except FilesystemError as exc:
-            if backend == "auto" and kind and self._guestfs_ready():
-                if self.options.status:
-                    self.options.status(f"The Sleuth Kit cannot read volume {volume.id} ({exc.problem}); "
-                                        "trying libguestfs")
+        native = self._native_errors.get(volume.id)
+        if native is None:
+            devices = self._btrfs_devices(volume)
+            if devices and backend in ("auto", "native", "btrfs"):   # a btrfs over several disks (--disk)
+                from ..fs.btrfs import BtrfsFileSystem
+                return BtrfsFileSystem(volume.source, name=f"{self.spec} volume {volume.id}", devices=devices)
+            try:
+                return open_filesystem(volume.source, name=f"{self.spec} volume {volume.id}",
+                                       backend="auto" if backend == "native" else backend)
+            except FilesystemError as exc:
+                native = self._native_errors[volume.id] = exc.problem
+        what = kind or "content no reader here recognises"
+        if backend == "auto" and kind and self._guestfs_ready():
+            if not appliance:
+                raise NeedsAppliance(f"volume {volume.id} ({kind}) needs libguestfs: {native}", file=self.spec)
+            if self.options.status:
+                self.options.status(f"no reader here can open volume {volume.id} ({kind}: {native}); "
+                                    "trying libguestfs")
+            try:
                 return self._open_guestfs(volume)
-            what = kind or "no filesystem The Sleuth Kit knows"
-            raise FilesystemError(f"volume {volume.id} holds {what} ({exc.problem})", file=self.spec,
-                                  hint=_guestfs_hint() if kind else None) from None
+            except FilesystemError as exc:
+                raise FilesystemError(f"volume {volume.id} holds {what}, which no reader here can open: {native}; "
+                                      f"libguestfs: {exc.problem}", file=self.spec) from None
+        hint = None
+        if kind and backend in ("tsk", "native"):
+            hint = f"try --backend auto{' (libguestfs last)' if backend == 'native' else ''}"
+        elif kind and backend == "auto":
+            hint = _guestfs_hint()
+        raise FilesystemError(f"volume {volume.id} holds {what}, which no reader here can open: {native}",
+                              file=self.spec, hint=hint) from None
 
     def _open_guestfs(self, volume: Volume) -> FileSystem:
         try:
@@ -128,12 +208,10 @@ class Snapshot:
         wanted = [volume] + [v for v in self.volumes.volumes
                              if v is not volume and v.id not in self._filesystems and v.id not in self._errors
                              and self._wants_guestfs(v)]
-        if self.options.status:
-            self.options.status(f"starting the libguestfs appliance for {len(wanted)} volume(s)")
-        started = time.monotonic()
-        opened = guestfs_backend.open_volumes(wanted, [f"{self.spec} volume {v.id}" for v in wanted])
-        if self.options.status:
-            self.options.status(f"libguestfs appliance ready after {time.monotonic() - started:.0f} s")
+        # The appliance says what it is doing (starting, still starting, retrying
+        # under TCG, ready) through the status callback.
+        opened = guestfs_backend.open_volumes(wanted, [f"{self.spec} volume {v.id}" for v in wanted],
+                                              status=self.options.status)
         for other, fs in zip(wanted[1:], opened[1:]):
             self._filesystems[other.id] = fs
         return opened[0]
@@ -168,16 +246,29 @@ class Snapshot:
         return first is not volume
 
     def _candidates(self) -> list[_Candidate]:
-        out = []
         usable = [v for v in self.volumes.volumes
                   if v.filesystem not in NOT_FILESYSTEMS and not v.details.get("unsupported")
                   and not self._btrfs_member(v)]
         # Volumes whose content was recognised first; the rest only if nothing was.
         known = [v for v in usable if v.filesystem]
-        for volume in known or usable:
+        # Volumes read in this process first: the libguestfs appliance starts
+        # only when none of them is the root (a /var it reads opens when read).
+        out, later = self._probe_roots(known or usable, appliance=False)
+        if later and not any(c.has_root for c in out):
+            out += self._probe_roots(later, appliance=True)[0]
+        return out
+
+    def _probe_roots(self, volumes: list[Volume], appliance: bool) -> tuple[list[_Candidate], list[Volume]]:
+        """(candidates, volumes left for the appliance) of `volumes`."""
+        out: list[_Candidate] = []
+        later: list[Volume] = []
+        for volume in volumes:
             cand = _Candidate(volume)
             try:
-                cand.fs = self.open_filesystem(volume)
+                cand.fs = self.open_filesystem(volume, appliance=appliance)
+            except NeedsAppliance:
+                later.append(volume)
+                continue
             except RescueError as exc:
                 cand.error = exc.problem
                 out.append(cand)
@@ -192,7 +283,7 @@ class Snapshot:
                 except Exception:
                     continue
             out.append(cand)
-        return out
+        return out, later
 
     def root_volume(self) -> Volume:
         """The volume to read: --volume, else the guest's root, else the only filesystem."""
@@ -276,8 +367,19 @@ class Snapshot:
                     f"{have} of them (it ends at {disk_size} bytes); files stored past that point are lost")
         return None
 
+    def container_truncation(self) -> str | None:
+        """A container (qcow2, VMDK, VHD/VHDX, VDI...) cut short, the usual
+        interrupted download: its tables or grains point past the end of its
+        file. Checked once (the tables are read, no data), None when whole."""
+        cached = getattr(self, "_container_cut", None)
+        if cached is None:
+            check = getattr(self.disk, "truncation", None)
+            found = check() if check is not None else None
+            cached = self._container_cut = found.describe(f"{self.disk.info.format} image") if found else ""
+        return cached or None
+
     def _check_complete(self, volume: Volume, fs: FileSystem) -> None:
-        why = self.truncation(volume, fs)
+        why = self.truncation(volume, fs) or self.container_truncation()
         if why is None:
             return
         if not self.options.partial:
@@ -292,15 +394,54 @@ class Snapshot:
         except ImportError:
             return root
         try:
-            rows, merged = build_mount_table(root, self.volumes.volumes, self.open_filesystem)
+            rows, merged = build_mount_table(root, self.volumes.volumes, self._mounted)
         except Exception as exc:   # a strange fstab must not stop a rescue of the root
             self.warnings.append(f"/etc/fstab could not be applied: {exc}")
             return root
         self.mounts = [row.to_json() if hasattr(row, "to_json") else dict(row.__dict__) for row in rows]
-        if not any(m.get("status") == "mounted" and m.get("mountpoint") != "/" for m in self.mounts) \
-                and getattr(merged, "root", root) is root:
+        merged = self._unreadable_mounts(merged)
+        if not any(m.get("mountpoint") != "/" and (m.get("status") == "mounted" or
+                                                   str(m.get("status", "")).startswith("failed: "))
+                   for m in self.mounts) and getattr(merged, "root", root) is root:
             return root   # nothing stitched in (and / is not a btrfs subvolume): skip the routing layer
         return merged
+
+    def _unreadable_mounts(self, merged: FileSystem) -> FileSystem:
+        """A volume fstab mounts that no reader can open stays in the tree as
+        what it is: every path under its mountpoint says why it cannot be read
+        (not "no such file" from the empty directory it would be mounted on)."""
+        from .merged import MergedFileSystem
+
+        failed = {normalize(m["mountpoint"]): m for m in self.mounts
+                  if str(m.get("status", "")).startswith("failed: ") and m.get("mountpoint")
+                  and normalize(m["mountpoint"]) != "/"}
+        mounts = getattr(merged, "mounts", None)
+        if not failed or mounts is None:
+            return merged
+        mounts = dict(mounts)
+        for mp, row in failed.items():
+            if mp in mounts:
+                continue
+            problem = row["status"][len("failed: "):]
+            error = FilesystemError(f"{mp} is mounted from volume {row.get('volume') or row.get('spec')}: {problem}",
+                                    file=self.spec)
+
+            def opener(error: FilesystemError = error) -> FileSystem:
+                raise error
+
+            mounts[mp] = DeferredFileSystem(opener, FsInfo(type=row.get("fstype") or "?"), f"{self.spec} {mp}")
+        return MergedFileSystem(merged.root, mounts)
+
+    def _mounted(self, volume: Volume) -> FileSystem:
+        """A volume the guest's fstab mounts. One read through libguestfs is
+        opened when a path on it is first used, so `extract --path /etc` on an
+        ext4 root never starts the appliance for an f2fs /var."""
+        try:
+            return self.open_filesystem(volume, appliance=False)
+        except NeedsAppliance:
+            info = FsInfo(type=volume.filesystem or "?", label=volume.label, uuid=volume.uuid)
+            return DeferredFileSystem(lambda: self.open_filesystem(volume), info,
+                                      f"{self.spec} volume {volume.id}")
 
     # -- what the guest is ---------------------------------------------------
 
@@ -342,6 +483,15 @@ class Snapshot:
                         row["label"] = fs.info.label
                     if fs.info.details.get("subvolumes") is not None:   # btrfs: subvolumes and snapshots
                         row["subvolumes"] = fs.info.details["subvolumes"]
+                    # used/free as the reader counts them (the volume probe knows ext's and
+                    # btrfs' superblock counters only; XFS and the others come from their readers)
+                    details = dict(row.get("details") or {})
+                    for key in ("used", "free"):
+                        value = getattr(fs.info, key, None)
+                        if details.get(key) is None and value is not None:
+                            details[key] = value
+                    if details:
+                        row["details"] = details
                 except RescueError as exc:
                     row["error"] = exc.problem
             volumes.append(row)
@@ -362,6 +512,9 @@ class Snapshot:
             if apps.engines or apps.containers or apps.volumes:
                 out["applications"] = apps.to_json()
                 self.warnings.extend(apps.warnings)
+            databases = find_databases(self.filesystem(), ["/srv", "/opt", "/var/www"])
+            if databases:
+                out["databases"] = [d.to_json() for d in databases]
         except RescueError as exc:
             out["root_volume"] = None
             out["root_error"] = exc.one_line()
