@@ -57,7 +57,8 @@ VolumeOpt = typer.Option(None, "--volume", "-V", metavar="ID", help="Volume to r
 MemberOpt = typer.Option(None, "--member", metavar="NAME", help="File inside an archive, when it holds several disks.")
 BackingOpt = typer.Option(None, "--backing", metavar="FILE", help="Parent image of a qcow2/VHD/VMDK overlay.")
 QSnapOpt = typer.Option(None, "--snapshot", metavar="NAME", help="qcow2 internal snapshot to read (name or id); for a Proxmox VMA, the disk (e.g. drive-scsi1).")
-BackendOpt = typer.Option("auto", "--backend", metavar="NAME", help="Filesystem reader: auto, tsk, guestfs.")
+BackendOpt = typer.Option("auto", "--backend", metavar="NAME",
+                          help="Filesystem reader: auto (libguestfs last), native (never libguestfs), tsk, guestfs.")
 DiskOpt = typer.Option([], "--disk", metavar="FILE",
                        help="Another disk of the same server (an LVM volume group spread over disks); repeatable.")
 PartialOpt = typer.Option(False, "--partial", help="Read a truncated image anyway: rescue what it still holds.")
