@@ -10,6 +10,10 @@ Workloads are built once with the real tools and cached under bench/work/:
      streamOptimized, and raw inside a .tar.gz (the provider's archive).
   W2 "big empty disk": 64 GiB virtual, a few hundred MiB used.
   W3 "many tiny files": 200 000 files under one tree.
+  B1 "dead Fedora-like VPS": W1's tree on btrfs (filled through a loop mount: root),
+     read by the native btrfs reader.
+  B2 "btrfs with compress=zstd": W1's shape with text-like (compressible) content,
+     written through a compress=zstd loop mount, so the reader inflates zstd extents.
   X1 "dead RHEL-like VPS": W1's tree on an XFS partition (filled through a loop
      mount: root), raw and qcow2; read by the native XFS reader.
 --mode pipe times both sides writing the tar into a pipe that discards it
@@ -58,7 +62,13 @@ def have(tool: str) -> bool:
 
 # -- building the workloads -------------------------------------------------------
 
-def _make_tree(root: str, big_file: int, small_files: int, small_size: int) -> None:
+def _text_like(n: int) -> bytes:
+    """Compressible but not trivial (base64 of random bytes: zstd keeps ~77%)."""
+    import base64
+    return base64.b64encode(os.urandom(n * 3 // 4 + 3))[:n]
+
+
+def _make_tree(root: str, big_file: int, small_files: int, small_size: int, text: bool = False) -> None:
     srv = os.path.join(root, "srv")
     os.makedirs(os.path.join(root, "etc"), exist_ok=True)
     with open(os.path.join(root, "etc", "os-release"), "w") as f:
@@ -66,10 +76,11 @@ def _make_tree(root: str, big_file: int, small_files: int, small_size: int) -> N
     os.makedirs(srv, exist_ok=True)
     if big_file:
         with open(os.path.join(srv, "big.bin"), "wb") as f:
-            chunk = os.urandom(4 * MiB)   # incompressible, like a database file
+            # incompressible like a database file; text=True: compressible, like logs
+            chunk = _text_like(4 * MiB) if text else os.urandom(4 * MiB)
             for _ in range(big_file // len(chunk)):
                 f.write(chunk)
-    seed = os.urandom(small_size)
+    seed = _text_like(small_size) if text else os.urandom(small_size)
     for i in range(small_files):
         d = os.path.join(srv, "files", f"{i // 1000:03d}")
         if i % 1000 == 0:
@@ -85,11 +96,14 @@ def _make_disk(path: str, size: int, tree: str, fstype: str = "ext4") -> int:
     part = path + ".part"
     with open(part, "wb") as f:
         f.truncate(size - 2 * MiB)
-    if fstype == "xfs":
-        sh("mkfs.xfs", "-q", "-f", part)
+    if fstype in ("xfs", "btrfs", "btrfs-zstd"):
+        if fstype == "xfs":
+            sh("mkfs.xfs", "-q", "-f", part)
+        else:
+            sh("mkfs.btrfs", "-q", "-f", part, stdout=subprocess.DEVNULL)
         mnt = tempfile.mkdtemp(prefix="rescue-bench-fill-")
         try:
-            sh("mount", "-o", "loop", part, mnt)
+            sh("mount", "-o", "loop,compress=zstd" if fstype == "btrfs-zstd" else "loop", part, mnt)
             try:
                 sh("cp", "-a", os.path.join(tree, "."), mnt)
             finally:
@@ -126,17 +140,21 @@ def build(name: str, log) -> Workload:
         "W3": ("many tiny files: 200 000 files", 4 * GiB, 0, 200_000, 100),
         # W1's tree on XFS (RHEL family), read by the native XFS reader
         "X1": ("dead RHEL-like VPS: W1's tree on XFS", 4 * GiB, GiB, 20_000, 10_000),
+        # W1's tree on btrfs; B2 with compressible content under compress=zstd
+        "B1": ("dead Fedora-like VPS: W1's tree on btrfs", 4 * GiB, GiB, 20_000, 10_000),
+        "B2": ("W1's shape, text-like content, btrfs compress=zstd", 4 * GiB, GiB, 20_000, 10_000),
     }
-    if name == "X1" and not IS_ROOT:
-        raise SystemExit("bench: X1 fills its XFS through a loop mount: run as root")
+    if name in ("X1", "B1", "B2") and not IS_ROOT:
+        raise SystemExit(f"bench: {name} fills its filesystem through a loop mount: run as root")
     title, size, big, count, small = specs[name]
     w = Workload(name, title, "/srv")
     w.raw = os.path.join(WORK, f"{name}.raw")
     if not os.path.exists(w.raw):
         log(f"building {name} ({title}) ...")
         with tempfile.TemporaryDirectory(dir=WORK) as tmp:
-            _make_tree(tmp, big, count, small)
-            _make_disk(w.raw + ".tmp", size, tmp, "xfs" if name == "X1" else "ext4")
+            _make_tree(tmp, big, count, small, text=name == "B2")
+            fstype = {"X1": "xfs", "B1": "btrfs", "B2": "btrfs-zstd"}.get(name, "ext4")
+            _make_disk(w.raw + ".tmp", size, tmp, fstype)
         os.replace(w.raw + ".tmp", w.raw)
     w.images["raw"] = w.raw
     if name == "W1":
@@ -408,7 +426,7 @@ def main() -> int:
             continue
         log(f"{w.name}: {w.title}")
         if args.mode in ("pipe", "both"):
-            paths = [w.path_in_guest] + (["/srv/files"] if w.name in ("W1", "X1") else [])
+            paths = [w.path_in_guest] + (["/srv/files"] if w.name in ("W1", "X1", "B1", "B2") else [])
             rows += run_pipe(w, max(args.runs, 5), log, paths)
         if args.mode in ("file", "both"):
             rows += run_workload(w, args.runs, log)
