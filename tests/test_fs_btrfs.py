@@ -77,6 +77,11 @@ def test_fixture_reads_exactly_as_the_kernel_showed_it(images, name):
     assert {tuple(sorted(g)) for g in reader_links(fs)} == {tuple(g) for g in MANIFEST[name]["links"]["5"]}
     if "@home" in MANIFEST[name]["views"]:
         assert differences(_expected(name, "@home"), reader_view(fs.subvolume("@home"))) == []
+        opened = BtrfsFileSystem(FileSource(images[name]), subvolume="/@home")
+        assert opened.info.details["subvolume"]["path"] == "/@home"
+        assert differences(_expected(name, "@home"), reader_view(opened)) == []
+        with pytest.raises(FilesystemError, match=r"no subvolume '@nope' \(subvolumes: @ \(id 256\)"):
+            BtrfsFileSystem(FileSource(images[name]), subvolume="@nope")
 
 
 def test_each_compression_is_really_exercised(images):
