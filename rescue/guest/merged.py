@@ -67,12 +67,15 @@ class MergedFileSystem(FileSystem):
         # Mountpoints directly below this directory show the mounted root in
         # place of the (usually empty) directory underneath.
         covered = {}
+        unreadable: dict[str, int] = {}   # name -> dev of a mount whose root cannot be read
         for mp in self.mounts:
             if mp != path and posixpath.dirname(mp) == path:
                 try:
                     covered[posixpath.basename(mp)] = self.stat(mp)
                 except RescueError:
-                    continue
+                    # the directory underneath stands for it, routed to the mount
+                    # (whose listing then says why it cannot be read)
+                    unreadable[posixpath.basename(mp)] = self._dev[mp]
         # Entries of the underlying fs are kept as they are, twins included:
         # the extract layer reports names that occur twice.
         inner_prefix = inner.rstrip("/") + "/"
@@ -81,7 +84,7 @@ class MergedFileSystem(FileSystem):
             # keep the raw name (even "a/b" from a crafted image): extract judges it
             name = e.path[len(inner_prefix):] if e.path.startswith(inner_prefix) else e.name
             if name not in covered:
-                out.append(self._outer(e, path.rstrip("/") + "/" + name, dev))
+                out.append(self._outer(e, path.rstrip("/") + "/" + name, unreadable.get(name, dev)))
         return out + list(covered.values())
 
     def read_chunks(self, entry: Entry, chunk_size: int = 1 << 20) -> Iterator[bytes]:

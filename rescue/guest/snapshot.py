@@ -9,7 +9,7 @@ from typing import Any, Callable, Iterator
 from ..disk import DiskOptions, open_disk
 from ..errors import FilesystemError, RescueError, VolumeError
 from ..fs import open_filesystem
-from ..fs.base import Entry, FileSystem, FsInfo, normalize
+from ..fs.base import Entry, FileReadError, FileSystem, FsInfo, normalize
 from ..source.base import Run
 from ..source import open_source
 from ..units import human_size
@@ -83,20 +83,28 @@ class DeferredFileSystem(FileSystem):
     def listdir(self, path: str) -> list[Entry]:
         return self._open().listdir(path)
 
+    def _content(self) -> FileSystem:
+        """The filesystem, for one entry's content: failing to open it is that
+        entry's damage (skipped and reported), as a damaged file's would be."""
+        try:
+            return self._open()
+        except RescueError as exc:
+            raise FileReadError(exc.problem) from None
+
     def file_runs(self, entry: Entry) -> list[Run]:
-        return self._open().file_runs(entry)
+        return self._content().file_runs(entry)
 
     def read_chunks(self, entry: Entry, chunk_size: int = 1 << 20) -> Iterator[bytes]:
-        return self._open().read_chunks(entry, chunk_size)
+        return self._content().read_chunks(entry, chunk_size)
 
     def read_range(self, entry: Entry, offset: int, length: int) -> bytes:
-        return self._open().read_range(entry, offset, length)
+        return self._content().read_range(entry, offset, length)
 
     def data_ranges(self, entry: Entry) -> list[tuple[int, int]] | None:
-        return self._open().data_ranges(entry)
+        return self._content().data_ranges(entry)
 
     def xattrs(self, entry: Entry) -> dict[str, bytes]:
-        return self._open().xattrs(entry)
+        return self._content().xattrs(entry)
 
     def listing_damage(self, path: str) -> str | None:
         return self._fs.listing_damage(path) if self._fs is not None else None
