@@ -187,6 +187,8 @@ def _read_tar_table(source: ByteSource, progress: Progress | None = None) -> lis
     except BAD_BYTES as exc:
         if not is_bad_bytes(exc) and not isinstance(exc, OSError):   # DamagedRange: the stream is damaged there
             raise
+        if root_tree_prefix(m.name for m in members) is not None:
+            return members   # a server's file tree: fs/tartree.py rescues the files before the damage
         raise SourceError(f"tar archive is damaged after {len(members)} members: {describe(exc)}",
                           file=source.name, hint="re-download the snapshot and compare its checksum") from None
     for m in members:
