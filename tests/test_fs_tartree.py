@@ -136,6 +136,7 @@ def test_inspect_sees_the_server_not_a_disk(archives):
     data = json.loads(res.stdout)
     assert data["os"]["id"] == "debian"
     assert data["archive"]["tree"] == "./"
+    assert [(v["filesystem"], v.get("backend")) for v in data["volumes"]] == [("tar", "tar")]
     paths = {v["path"] for v in data["valuables"]}
     assert "/var/lib/docker/volumes/db/_data" in paths or "/var/www" in paths, data["valuables"]
     res = rescue("cat", str(archives["dot.tar.gz"]), "/var/www/passwd-link")

@@ -11,7 +11,8 @@ The same policy as the HTTP source (http.py), for sources that only provide
 from __future__ import annotations
 
 import threading
-from collections import OrderedDict
+
+from ..lru import LRU
 
 
 class CachedRemote:
@@ -26,8 +27,7 @@ class CachedRemote:
         self.cache_size = cache_size
         # Read-ahead stays within a quarter of the cache so one request's blocks survive.
         self.max_readahead = max(0, min(max_readahead, cache_size // 4))
-        self._cache: OrderedDict[int, bytes] = OrderedDict()
-        self._cached_bytes = 0
+        self._cache: LRU[int, bytes] = LRU(cache_size, weight=len)
         self._next = -1
         self._readahead = 0
         self._lock = threading.RLock()
@@ -65,9 +65,8 @@ class CachedRemote:
         got: dict[int, bytes] = {}
         b = first
         while b <= last:
-            hit = self._cache.get(b)
+            hit = self._cache.peek(b)
             if hit is not None:
-                self._cache.move_to_end(b)
                 got[b] = hit
                 b += 1
                 continue
@@ -81,23 +80,12 @@ class CachedRemote:
             data = self._fetch(b * bs, min((end + 1) * bs, self.size))
             for i, blk in enumerate(range(b, end + 1)):
                 piece = data[i * bs:(i + 1) * bs]
-                self._put(blk, piece)
+                self._cache.put(blk, piece)
                 if blk <= last:
                     got[blk] = piece
             b = end + 1
         return got
 
-    def _put(self, block: int, data: bytes) -> None:
-        old = self._cache.pop(block, None)
-        if old is not None:
-            self._cached_bytes -= len(old)
-        self._cache[block] = data
-        self._cached_bytes += len(data)
-        while self._cached_bytes > self.cache_size and self._cache:
-            _, dropped = self._cache.popitem(last=False)
-            self._cached_bytes -= len(dropped)
-
     def _drop_cache(self) -> None:
         with self._lock:
             self._cache.clear()
-            self._cached_bytes = 0
