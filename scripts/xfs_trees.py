@@ -119,6 +119,9 @@ def populate(root: Path, *, block_size: int = 4096, bigtime: bool = True, big_di
     pf.write_bytes(rnd.randbytes(40 * block_size))
     for i in range(1, 40, 3):
         subprocess.run(["fallocate", "-p", "-o", str(i * block_size), "-l", str(block_size), str(pf)], check=True)
+    # a reflinked copy (shared extents) where the filesystem has reflink
+    subprocess.run(["cp", "--reflink=always", str(files / "random-1m"), str(files / "reflinked")],
+                   stderr=subprocess.DEVNULL)
     # owners, modes
     own = root / "owners"
     own.mkdir()
