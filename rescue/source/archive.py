@@ -18,10 +18,8 @@ from __future__ import annotations
 
 import bisect
 import posixpath
-import tarfile
-import zipfile
 from dataclasses import asdict, dataclass, field
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 from construct import Const, Int16ul, Int32ul, Struct
 
@@ -33,6 +31,9 @@ from .compressed import (CompressedSource, Progress, deflate_as_gzip, detect_cod
                          open_compressed)
 from .fileobj import SourceFile
 from .summary import ArchiveSummary
+
+if TYPE_CHECKING:   # tarfile and zipfile are imported when an archive is met: `rescue ls disk.raw` needs neither
+    import tarfile
 
 # APPNOTE 4.3.7: the local header precedes each member's data; its name and
 # extra lengths may differ from the central directory's, so we read it.
@@ -92,6 +93,7 @@ def _is_tar(source: ByteSource) -> bool:
     head = source.read(0, 512)
     if len(head) < 512 or head[257:262] != b"ustar":
         return False
+    import tarfile
     try:
         tarfile.TarInfo.frombuf(head, "utf-8", "surrogateescape")
     except tarfile.HeaderError:
@@ -165,6 +167,7 @@ def root_tree_prefix(names) -> str | None:
 
 
 def _read_tar_table(source: ByteSource, progress: Progress | None = None) -> list[Member]:
+    import tarfile
     members = []
     try:
         tf = tarfile.open(fileobj=_ProgressFile(source, progress), mode="r:")
@@ -207,6 +210,7 @@ def _read_tar_table(source: ByteSource, progress: Progress | None = None) -> lis
 
 
 def _read_zip_table(source: ByteSource) -> list[Member]:
+    import zipfile
     members = []
     try:
         with zipfile.ZipFile(SourceFile(source)) as zf:
