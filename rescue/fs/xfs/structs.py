@@ -99,7 +99,7 @@ INCOMPAT_NAMES = {
     0x10: "needsrepair", 0x20: "nrext64", 0x40: "exchange-range", 0x80: "parent pointers",
     0x100: "metadir",
 }
-INCOMPAT_UNREAD = {0x200: "zoned realtime device", 0x400: "directly mapped xattrs"}
+INCOMPAT_UNREAD = {0x200: "zoned realtime device"}
 INCOMPAT_FTYPE, INCOMPAT_NEEDSREPAIR, INCOMPAT_BIGTIME, INCOMPAT_NREXT64 = 0x1, 0x10, 0x8, 0x20
 RO_COMPAT_NAMES = {0x1: "finobt", 0x2: "rmapbt", 0x4: "reflink", 0x8: "inobtcount"}
 
