@@ -427,7 +427,8 @@ def extract(snapshot: str = SnapshotArg,
                 raise typer.Exit(EXIT_PARTIAL if work.skipped else EXIT_OK)
             sink = open_sink(output, TargetOptions(devices=devices, keep_setuid=keep_setuid or None, force=force,
                                                    rsync_opts=rsync_opt, scratch_limit=parse_size(scratch_limit)))
-            with _progress(work.total_bytes, output == "-") as update:
+            from .source.stats import bytes_fetched
+            with _progress(work.total_bytes, output == "-", wire=lambda: bytes_fetched(snap.source)) as update:
                 def progress(done: int, files: int, path: str) -> None:
                     update(done, files)
                     if list_:
@@ -521,8 +522,9 @@ def _bar(label: str) -> "Progress":
 
 
 @contextmanager
-def _progress(total: int, quiet: bool):
-    """A progress bar on stderr once the work takes more than a second."""
+def _progress(total: int, quiet: bool, wire=None):
+    """A progress bar on stderr once the work takes more than a second; `wire()`
+    gives the bytes fetched over the network so far (None: a local snapshot)."""
     started = time.monotonic()
     bar: Optional[Progress] = None
     task = None
@@ -538,10 +540,13 @@ def _progress(total: int, quiet: bool):
         if bar is None:
             if quiet and not err.is_terminal or time.monotonic() - started < 1.0:
                 return
-            bar = _bar("{task.fields[files]} files")
+            bar = _bar("{task.fields[files]} files{task.fields[wire]}")
             bar.start()
-            task = bar.add_task("extract", total=total or None, files=0)
-        bar.update(task, completed=done, files=files)
+            task = bar.add_task("extract", total=total or None, files=0, wire="")
+        fetched = wire() if wire is not None else None
+        extra = "" if fetched is None else (f", {human_size(fetched)} over the wire at "
+                                            f"{human_size(int(fetched / max(now - started, 0.001)))}/s")
+        bar.update(task, completed=done, files=files, wire=extra)
 
     try:
         yield update
