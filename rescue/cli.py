@@ -241,6 +241,15 @@ def _render_inspect(data: dict) -> None:
             out.print(f"  {found['path']:<44} {found['what']}, {files}, {size}", markup=False)
     if data.get("applications"):
         _render_apps(data["applications"])
+    if data.get("databases"):
+        out.print("Databases:")
+        for db in data["databases"]:
+            recovery = ", will run crash recovery on first start" if db["clean"] is False else ""
+            image = f"; start with image {db['image']}" if db.get("image") else ""
+            out.print(f"  {_visible(db['path'])}: {db['kind']} {db['version'] or '?'}, {db['state']}{recovery}"
+                      f"{image}", markup=False)
+            for note in db.get("notes") or []:
+                out.print(f"      {_visible(note)}", markup=False)
     for warning in data.get("warnings") or []:
         _warn(warning)
 
@@ -410,6 +419,8 @@ def extract(snapshot: str = SnapshotArg,
         options = ExtractOptions(paths=paths or ([] if app_mode else ["/"]), excludes=exclude,
                                  strip_components=strip_components, xattrs=not no_xattrs)
         chosen = None
+        databases: list = []
+        db_notes: list = []
         with _open(snapshot, volume, member, backing, qsnap, backend, partial, disk) as snap:
             fs = snap.filesystem()
             users, groups = snap.user_names(), snap.group_names()
@@ -419,7 +430,15 @@ def extract(snapshot: str = SnapshotArg,
                                    volumes=docker_volume)
                 work = chosen.plan
             else:
-                work = plan(fs, options)
+                from .extract.db_closure import plan_with_databases
+                work, closure = plan_with_databases(fs, options)   # a database is never split
+                databases, db_notes = closure.databases, closure.notes
+                options.paths = list(options.paths) + closure.added
+            if chosen is not None:
+                from .extract.db_closure import databases_in
+                databases, db_notes = databases_in(fs, [s.guest_path for s in chosen.selection.sources]), []
+            for note in db_notes:
+                err.print(f"note: {_visible(note)}", markup=False)
             for warning in snap.warnings:
                 _warn(warning)
             if dry_run:
@@ -453,6 +472,9 @@ def extract(snapshot: str = SnapshotArg,
                 data["bytes_fetched"] = fetched
             if chosen is not None:
                 data["restore"] = {"commands": chosen.commands, "notes": chosen.selection.notes}
+            if databases:
+                data["databases"] = [d.to_json() for d in databases]
+                data["database_notes"] = db_notes
             _print_json(data)
         else:
             for skip in report.skipped:
@@ -469,6 +491,8 @@ def extract(snapshot: str = SnapshotArg,
             err.print(line, markup=False)
             if chosen is not None:
                 _render_restore(chosen)
+            for db in databases:
+                err.print(f"database: {_visible(db.summary())}", markup=False)
         raise typer.Exit(EXIT_PARTIAL if report.skipped else EXIT_OK)
 
 
