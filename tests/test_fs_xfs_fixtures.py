@@ -255,3 +255,36 @@ def test_realtime_flag_skips_the_file_with_the_reason(images, tmp_path):
     with pytest.raises(FileReadError, match="realtime device"):
         fs.file_runs(fs.stat("/files/tiny"))
     assert fs.read_range(fs.stat("/files/sparse"), 0, 5) == b"start"
+
+
+@pytest.mark.parametrize("header_bb,cycles,flags,state", [
+    (8, {range(0, 10): 2, range(10, 128): 1}, 0x20, "clean"),    # unmount record just before the head
+    (8, {range(0, 10): 2, range(10, 128): 1}, 0x00, "dirty"),    # an ordinary transaction last
+    (127, {range(0, 1): 2, range(1, 128): 1}, 0x20, "clean"),    # the record wraps the log's end
+    (40, {range(0, 128): 3}, 0x20, "unknown"),                   # no record before the (wrapped) head
+])
+def test_log_state_finds_the_head_and_the_last_record(images, header_bb, cycles, flags, state):
+    from dataclasses import replace
+
+    from rescue.fs.xfs.superblock import log_state
+
+    sb = replace(XfsFileSystem(FileSource(images["v5"])).sb, logstart=1, logblocks=16)   # 128 sectors
+    log = bytearray(128 * 512)
+    for bbs, cycle in cycles.items():
+        for bb in bbs:
+            struct.pack_into(">I", log, bb * 512, cycle)
+    if state != "unknown":
+        hdr = header_bb * 512
+        struct.pack_into(">II", log, hdr, 0xFEEDBABE, struct.unpack_from(">I", log, hdr)[0])
+        struct.pack_into(">I", log, hdr + 8, 2)          # h_version 2, h_size small: one header sector
+        struct.pack_into(">I", log, hdr + 40, 1)         # h_num_logops
+        op = ((header_bb + 1) % 128) * 512
+        log[op + 9] = flags
+
+    class Src:
+        name, size = "log", 4096 + len(log)
+
+        def read(self, offset, length):
+            return (bytes(4096) + bytes(log))[offset:offset + length]
+
+    assert log_state(Src(), sb).split(":")[0] == state

@@ -182,18 +182,31 @@ def log_state(source: ByteSource, sb: XfsSuper) -> str:
             else:
                 hi = mid
         head = hi
-    # The last record header before the head (at most a record's length back).
-    for back in range(1, min(nbb, 600) + 1):
-        i = (head - back) % nbb
-        data = block(i)
-        if struct.unpack_from(">I", data)[0] != XLOG_HEADER_MAGIC:
-            continue
-        hdr = LogRecHeader.parse(data)
-        hblocks = 1
-        if hdr.h_version & XLOG_VERSION_2 and hdr.h_size > XLOG_HEADER_CYCLE_SIZE:
-            hblocks = -(-hdr.h_size // XLOG_HEADER_CYCLE_SIZE)
-        if hdr.h_num_logops != 1:
-            return "dirty"
-        op = block((i + hblocks) % nbb)
-        return "clean" if op[XLOG_OP_HDR_FLAGS] & XLOG_UNMOUNT_TRANS else "dirty"
+    # The last record header before the head (at most a record's length back), read in
+    # 32 KiB pieces: one or two reads, not hundreds of sectors (a remote image).
+    piece = 64
+    window = min(nbb, 600)
+    back = 0
+    while back < window:
+        n = min(piece, window - back)
+        first_bb = head - back - n          # may be negative: the log wraps
+        if first_bb >= 0:
+            data = source.read(start + first_bb * BBSIZE, n * BBSIZE)
+        else:
+            data = b"".join(block(i % nbb) for i in range(first_bb, head - back))
+        if len(data) != n * BBSIZE:
+            raise ValueError("short read")
+        for k in range(n - 1, -1, -1):
+            if struct.unpack_from(">I", data, k * BBSIZE)[0] != XLOG_HEADER_MAGIC:
+                continue
+            i = (first_bb + k) % nbb
+            hdr = LogRecHeader.parse(data[k * BBSIZE:(k + 1) * BBSIZE])
+            hblocks = 1
+            if hdr.h_version & XLOG_VERSION_2 and hdr.h_size > XLOG_HEADER_CYCLE_SIZE:
+                hblocks = -(-hdr.h_size // XLOG_HEADER_CYCLE_SIZE)
+            if hdr.h_num_logops != 1:
+                return "dirty"
+            op = block((i + hblocks) % nbb)
+            return "clean" if op[XLOG_OP_HDR_FLAGS] & XLOG_UNMOUNT_TRANS else "dirty"
+        back += n
     return "unknown: no log record found before the head"
