@@ -295,6 +295,10 @@ class ExtFileSystem(FileSystem):
             mapped = self._ext.mapped_runs(ino, entry.size, entry.path, metadata=False)
         except (ValueError, struct.error) as exc:
             raise FileReadError(f"{entry.path}: cannot map its blocks: {exc}") from None
+        if len(mapped) == 1:   # the usual small file: one extent from block 0, nothing to sort or fill
+            lblk, pblk, count, unwritten = mapped[0]
+            if not lblk and not unwritten and count * bs >= entry.size:
+                return [Run(0, entry.size, DATA, pblk * bs)]
         return cover([Run(lblk * bs, count * bs, UNWRITTEN) if unwritten else
                       Run(lblk * bs, count * bs, DATA, pblk * bs)
                       for lblk, pblk, count, unwritten in mapped], entry.size)

@@ -531,6 +531,19 @@ class ExtInodeReader:
             return []
         runs: list[tuple[int, int, int, bool]] = []
         if inode.i_flags & EXTENTS_FL:
+            raw = self._parse(ino)[0]
+            eh_magic, eh_entries, _, eh_depth, _ = _EXTENT_HEADER.unpack_from(raw, 0x28)
+            if eh_magic == EXTENT_MAGIC and eh_entries == 1 and eh_depth == 0:
+                # most files: one extent in the inode itself (the per-file fast path)
+                ee_block, ee_len, ee_start_hi, ee_start_lo = _EXTENT_LEAF.unpack_from(raw, 0x28 + 12)
+                pblk, unwritten = ee_start_lo | (ee_start_hi << 32), ee_len > EXT_INIT_MAX_LEN
+                count = min(ee_len - EXT_INIT_MAX_LEN if unwritten else ee_len, nblocks - ee_block)
+                if count <= 0:
+                    return []
+                if not unwritten and (pblk == 0 or pblk + count > self.blocks_count):
+                    raise FileReadError(f"{what}: block {pblk}+{count} is outside the filesystem "
+                                        f"({self.blocks_count} blocks)")
+                return [(ee_block, pblk, count, unwritten)]
             self._extent_runs(self._parse(ino)[0][0x28:0x28 + 60], MAX_EXTENT_DEPTH, nblocks, runs, what, [0])
             runs.sort()
         else:
