@@ -33,6 +33,7 @@ import logging
 import os
 import posixpath
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -68,6 +69,8 @@ BATCH = 1000                 # names per lstatnslist/readlinklist/lxattrlist cal
 KVM_LAUNCH_TIMEOUT = 60.0
 TCG_LAUNCH_TIMEOUT = 600.0
 STATUS_EVERY = 10.0          # a "still starting" line this often while the appliance boots
+# Signals that end a launch (their Python handlers raise: KeyboardInterrupt, errors.Interrupted).
+ENDING_SIGNALS = {int(getattr(signal, n)) for n in ("SIGINT", "SIGTERM", "SIGHUP", "SIGQUIT") if hasattr(signal, n)}
 
 _guestfs_module: Any = None
 _import_problem: str | None = None
@@ -240,7 +243,6 @@ class GuestfsAppliance:
         runs signal handlers only between bytecodes: the wakeup fd tells the
         watchdog at once). A failing launch raises RuntimeError."""
         import select
-        import signal
 
         self.g = self._new_handle(tcg)
         done = threading.Event()
@@ -258,9 +260,8 @@ class GuestfsAppliance:
             stopping = False
             while not done.is_set():
                 ready, _, _ = select.select([wake_r], [], [], 0.25)
-                if ready:   # a signal: stop qemu so the launch returns and the handler runs
-                    os.read(wake_r, 512)
-                    stopping = True
+                if ready and set(os.read(wake_r, 512)) & ENDING_SIGNALS:
+                    stopping = True   # stop qemu so the launch returns and the handler runs
                 now = time.monotonic()
                 if not stopping and now - start > timeout:
                     timed_out.append(now - start)
@@ -417,8 +418,6 @@ def _qemu_children() -> list[int]:
 
 
 def _kill_qemu() -> None:
-    import signal
-
     for pid in _qemu_children():
         try:
             os.kill(pid, signal.SIGKILL)
