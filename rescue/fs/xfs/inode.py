@@ -30,6 +30,7 @@ INODES_CACHED = 16384            # decoded inodes (extract lists a tree, then re
 MAX_BMBT_LEVELS = 10             # 64-bit counts and 16-byte records cannot need more
 MAX_EXTENTS = 1 << 24            # a fork claiming more is damage (16 M extents ~ 1 GiB of Python objects)
 
+_REC = struct.Struct(">QQ")
 _KINDS = {0o100000: FILE, 0o040000: DIR, 0o120000: SYMLINK, 0o010000: FIFO,
           0o020000: CHAR, 0o060000: BLOCK, 0o140000: SOCKET}
 
@@ -91,13 +92,10 @@ def _time(raw: int, bigtime: bool) -> int:
 
 def decode_extents(data: bytes, count: int) -> list[Extent]:
     """`count` packed 16-byte extent records (xfs_bmbt_rec) -> Extents."""
-    words = struct.unpack_from(f">{2 * count}Q", data)
-    out = []
-    for i in range(0, 2 * count, 2):
-        l0, l1 = words[i], words[i + 1]
-        out.append(Extent((l0 >> 9) & MASK54, ((l0 & 0x1FF) << 43) | (l1 >> 21), l1 & 0x1FFFFF,
-                          bool(l0 >> EXT_FLAG_SHIFT)))
-    return out
+    if len(data) < 16 * count:
+        raise XfsDamage(f"{count} extent records do not fit in {len(data)} bytes")
+    return [Extent((l0 >> 9) & MASK54, ((l0 & 0x1FF) << 43) | (l1 >> 21), l1 & 0x1FFFFF, bool(l0 >> EXT_FLAG_SHIFT))
+            for l0, l1 in _REC.iter_unpack(memoryview(data)[:16 * count])]
 
 
 class InodeReader:
