@@ -186,3 +186,39 @@ def test_a_reader_gone_is_a_target_error(images):
             stream.close()
         except BrokenPipeError:
             pass
+
+
+def _tree(root) -> dict[str, tuple[bytes, int]]:
+    """path -> (content, allocated bytes) of every file under root."""
+    out = {}
+    for dirpath, _, files in os.walk(root):
+        for name in files:
+            p = os.path.join(dirpath, name)
+            with open(p, "rb") as f:
+                out[os.path.relpath(p, root)] = (f.read(), os.stat(p).st_blocks * 512)
+    return out
+
+
+def test_copy_file_range_into_a_directory_target_writes_the_same_files(images, tmp_path, monkeypatch):
+    """A directory target gets its files by copy_file_range from the image:
+    the same bytes as the buffered path, and holes stay holes."""
+    from rescue.extract.dir_sink import DirectorySink
+    trees = {}
+    calls = []
+    real = os.copy_file_range
+    monkeypatch.setattr(os, "copy_file_range", lambda *a: calls.append(a) or real(*a))
+    for kernel in (True, False):
+        monkeypatch.setattr(zerocopy, "AVAILABLE", kernel)
+        fs, src = _open(images, "disk")
+        out = tmp_path / f"out-{kernel}"
+        try:
+            extract(fs, DirectorySink(str(out)), ExtractOptions(paths=["/"]))
+        finally:
+            fs.close()
+            src.close()
+        trees[kernel] = _tree(out)
+    fast, slow = trees[True], trees[False]
+    assert len(calls) >= len(fast) - 2   # every file with data went through the kernel (the empty one did not)
+    assert {k: v[0] for k, v in fast.items()} == {k: v[0] for k, v in slow.items()}
+    assert fast["sparse"][1] < MiB and len(fast["sparse"][0]) == 8 * MiB + 70_000   # the hole stayed one
+    assert fast["big.bin"][0] == _file(images, "/big.bin")

@@ -11,6 +11,7 @@ import os
 from typing import Iterator
 
 from ..fs.base import FileReadError
+from . import zerocopy
 from .base import Content
 
 CHUNK = 1 << 20
@@ -55,12 +56,47 @@ def copy_to_fd(content: Content, fd: int, what: str, *, zero_chunks_as_holes: bo
     """Write a file's content into the empty file `fd`, holes left as holes;
     returns the data bytes written. `zero_chunks_as_holes` also leaves out
     all-zero chunks of a dense file (scratch space that costs nothing)."""
+    if not zero_chunks_as_holes:
+        copied = _kernel_copy(content, fd)
+        if copied is not None:
+            return copied
     used = 0
     for offset, data in data_pieces(content, what, sparse_ranges(content)):
         if zero_chunks_as_holes and data.count(0) == len(data):
             continue
         write_all_at(fd, data, offset)
         used += len(data)
+    os.ftruncate(fd, content.size)
+    return used
+
+
+def _kernel_copy(content: Content, fd: int) -> int | None:
+    """copy_file_range from the image file into `fd` (the kernel copies, or
+    shares the blocks on a filesystem that can), holes skipped; None when the
+    file is not stored as is in a local file or the kernel will not copy
+    (another filesystem, a truncated image): the buffered path then writes
+    every byte at its offset again, and says what went wrong."""
+    plain = getattr(content, "plain", None)
+    if plain is None or not zerocopy.COPY_FILE_RANGE:
+        return None
+    pieces = plain()
+    if pieces is None:
+        return None
+    pos = used = 0
+    for src, offset, length in pieces:
+        done = 0
+        while src != zerocopy.HOLE and done < length:
+            try:
+                n = os.copy_file_range(src, fd, length - done, offset + done, pos + done)
+            except OSError as exc:
+                if exc.errno in zerocopy.OUTPUT_ERRORS:
+                    raise
+                return None
+            if n == 0:
+                return None
+            done += n
+        used += done
+        pos += length
     os.ftruncate(fd, content.size)
     return used
 

@@ -25,6 +25,7 @@ from ..source.base import DATA, HOLE_KINDS, ByteSource, FileSource, Window
 HOLE = -1   # a piece's fd for zeros (a hole inside a file written densely)
 AVAILABLE = hasattr(os, "pread")   # pieces are read with pread, ...
 SENDFILE = sys.platform.startswith("linux") and hasattr(os, "sendfile")   # ... and sent with sendfile
+COPY_FILE_RANGE = sys.platform.startswith("linux") and hasattr(os, "copy_file_range")   # (or into a file)
 # Errors that are the output's (a reader gone, a full disk): raised. Any other
 # (EINVAL for an O_APPEND output, ENOSYS, EIO reading the image, ...) sends the
 # caller to the buffered path, which says whose fault it is.
