@@ -50,6 +50,9 @@ WORK = os.environ.get("RESCUE_BENCH_DIR", os.path.join(HERE, "work"))
 RESCUE = [sys.executable, "-m", "rescue"]
 IS_ROOT = os.geteuid() == 0
 GiB, MiB = 1 << 30, 1 << 20
+# An installed rescue runs from compiled bytecode; a session's PYTHONDONTWRITEBYTECODE
+# would make every timed run compile its ~60 modules again (~0.2 s CPU).
+os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
 
 
 def sh(*cmd: str, **kw) -> subprocess.CompletedProcess:
