@@ -151,3 +151,18 @@ def test_unknown_application_names_are_one_line_with_the_known_ones(tmp_path, fl
     res = rescue("extract", str(HOST), flag, name, "-o", f"{tmp_path}/o/")
     assert_one_line_error(res)
     assert known.encode() in res.stderr
+
+
+def test_names_from_the_records_cannot_climb_out_of_the_output():
+    # HAND-WRITTEN records (a crafted image): a volume and a container named to escape the layout
+    from rescue.extract.app_select import select_apps
+    from rescue.guest.apps import Applications, Container, Mount, Volume
+    apps = Applications()
+    apps.volumes.append(Volume("docker", "../../etc", "/var/lib/docker/volumes/../../etc/_data"))
+    apps.containers.append(Container("docker", "c1", "../x", "img", "running", "/r",
+                                     mounts=[Mount("volume", "/data", "../../etc", True, "/etc", True)],
+                                     layer_path="/var/lib/docker/overlay2/a/diff"))
+    apps.containers[0].layer = object()
+    sel = select_apps(apps, containers=["../x"])
+    assert sel.sources == [] and len(sel.notes) == 2
+    assert all("cannot be a file name" in n for n in sel.notes)

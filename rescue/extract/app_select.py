@@ -16,6 +16,7 @@ a new server, and the same commands are printed by `rescue extract`.
 from __future__ import annotations
 
 import posixpath
+import re
 import shlex
 import time
 from dataclasses import dataclass, field
@@ -27,6 +28,9 @@ from .base import Content, Item
 from .run import ExtractOptions, Plan, Planned, Skipped, plan
 
 README_NAME = "README-rescue.txt"
+# Close to Docker's own rule for container and volume names; applied to the names
+# taken from the engine's records that become output components.
+_SAFE = re.compile(r"[A-Za-z0-9_.][A-Za-z0-9_.@:+, =-]*")
 
 
 @dataclass
@@ -47,6 +51,15 @@ class AppSelection:
     containers: list[str] = field(default_factory=list)
 
     def add(self, src: Source) -> None:
+        # Names come from the engine's records (untrusted): each output component
+        # must be a plain name, like the names Docker itself allows.
+        parts = src.name.split("/")
+        checked = parts[1:] if src.what != "bind" else []   # a bind's parts come from a normalised path
+        bad = next((part for part in checked if part in (".", "..") or not _SAFE.fullmatch(part)), None)
+        if bad is not None:
+            self.notes.append(f"{src.guest_path} left out: the name {bad!r} from the engine's records "
+                              "cannot be a file name")
+            return
         if not any(s.name == src.name for s in self.sources):
             self.sources.append(src)
 
