@@ -194,6 +194,8 @@ class InodeReader:
         kind = _KINDS.get(mode & 0o170000)
         if kind is None:
             raise XfsDamage(f"inode {ino}: unknown file type in mode {mode:#o}")
+        if size >= 1 << 63:     # XFS_MAXIOFFSET: anything larger is a damaged di_size
+            raise XfsDamage(f"inode {ino}: size {size} is larger than XFS allows")
         if flags2 & DIFLAG2_NREXT64:
             nextents, anextents = big_nextents, nextents
         if version == 1:
