@@ -41,7 +41,7 @@ def host() -> dict:
 
 def test_inspect_names_every_container_with_its_project_state_and_mounts(host):
     by_name = {c["name"]: c for c in host["containers"]}
-    assert set(by_name) == {"blog-db-1", "blog-web-1", "blog-worker-1", "tool", "pod-app"}
+    assert set(by_name) == {"blog-db-1", "blog-web-1", "blog-worker-1", "tool", "pod-app", "alice-app"}
     db, web, worker, tool = by_name["blog-db-1"], by_name["blog-web-1"], by_name["blog-worker-1"], by_name["tool"]
     assert (db["project"], db["service"], db["state"]) == ("blog", "db", "exited (137)")   # stopped by `docker stop`
     assert (web["state"], worker["state"], tool["state"]) == ("running", "running", "exited (0)")
@@ -61,6 +61,9 @@ def test_podman_records_are_read_from_containers_json_and_boltdb(host):
     assert pod["engine"] == "podman" and pod["image"] == "localhost/tiny:1" and pod["state"] == "created"
     assert [(m["kind"], m["source"], m["destination"], m["rw"]) for m in pod["mounts"]] == \
         [("volume", "pvol", "/data", True), ("bind", "/srv/blog/data", "/www", False)]
+    alice = next(c for c in host["containers"] if c["name"] == "alice-app")   # rootless, under her home
+    assert alice["engine"] == "podman (rootless, alice)" and alice["owner"] == "alice"
+    assert alice["mounts"][0]["guest_path"] == "/home/alice/.local/share/containers/storage/volumes/avol/_data"
 
 
 def test_projects_volumes_and_unused_volumes(host):
@@ -70,12 +73,13 @@ def test_projects_volumes_and_unused_volumes(host):
                     "containers": ["blog-db-1", "blog-web-1", "blog-worker-1"], "volumes": ["blog_dbdata"],
                     "binds": ["/srv/blog/data"], "missing": []}
     vols = {v["name"]: v for v in host["volumes"]}
-    assert set(vols) == {"blog_dbdata", "orphan_cache", "pvol"}
+    assert set(vols) == {"blog_dbdata", "orphan_cache", "pvol", "avol"}
     assert host["unused_volumes"] == ["orphan_cache"]
     assert vols["pvol"]["used_by"] == ["pod-app"] and vols["blog_dbdata"]["used_by"] == ["blog-db-1"]
     assert vols["blog_dbdata"]["size"]["bytes"] == len("row 1\n")
     assert [(e["engine"], e["root"], e["found"]) for e in host["engines"]] == \
-        [("docker", "/var/lib/docker", True), ("podman", "/var/lib/containers/storage", True)]
+        [("docker", "/var/lib/docker", True), ("podman", "/var/lib/containers/storage", True),
+         ("podman", "/home/alice/.local/share/containers/storage", True)]
 
 
 def test_human_inspect_shows_containers_projects_and_unused_volumes():
@@ -110,7 +114,8 @@ def _kernel_names(image: Path) -> set[str] | None:
         try:
             names = {json.load(open(p))["Name"].lstrip("/")
                      for p in glob.glob(f"{mnt}/var/lib/docker/containers/*/config.v2.json")}
-            names |= {c["names"][0] for c in json.load(open(mnt / "var/lib/containers/storage/overlay-containers/containers.json"))}
+            for store in ("var/lib/containers/storage", "home/alice/.local/share/containers/storage"):
+                names |= {c["names"][0] for c in json.load(open(mnt / store / "overlay-containers/containers.json"))}
             return names
         finally:
             subprocess.run(["umount", str(mnt)], check=True)
