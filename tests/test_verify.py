@@ -281,3 +281,21 @@ def test_verify_rclone_target(tmp_path, monkeypatch, damage):
             _, where, name, detail = TAR_DAMAGE[damage]
             assert res.returncode == 1, explain(res)
             _assert_found(rep, where, name, detail)
+
+
+@pytest.mark.skipif(not shutil.which("rclone"), reason="rclone is not installed")
+def test_verify_rclone_tarball_streamed_with_rclone_cat(tmp_path, monkeypatch):
+    rs = _remote_fixtures()
+    with rs.RcloneSftp(tmp_path / "rclone") as server:
+        server.use(monkeypatch)
+        url = f"rclone:{server.name}:v.tar"
+        _extract(url, "--embed-manifest")
+        res, rep = _verify(str(SAMPLE), url)
+        assert res.returncode == 0 and rep["equal"] and rep["kind"] == "tar", explain(res) + json.dumps(rep)
+        good = server.root / "v.tar"
+        bad = tmp_path / "bad.tar"
+        _rewrite_tar(good, bad, _flip)
+        shutil.copy(bad, good)
+        res, rep = _verify(str(SAMPLE), url)
+        assert res.returncode == 1, explain(res)
+        _assert_found(rep, "different", FILE, "content")
