@@ -17,7 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
-from .errors import FilesystemError, GuestPathError
+from .errors import FilesystemError, GuestPathError, TargetError
 from .extract.run import ExtractOptions, Plan, Report, check_file, plan
 from .extract.targets import TargetOptions, open_sink
 from .fs.base import DIR, FILE, Entry
@@ -88,15 +88,48 @@ class InspectReport:
 
 
 @dataclass
+class ExtractRequest:
+    """What to rescue: guest paths and/or applications, and how to lay it out."""
+
+    paths: list[str] = field(default_factory=list)    # default "/" unless an application is chosen
+    apps: list[str] = field(default_factory=list)     # compose projects (--app)
+    containers: list[str] = field(default_factory=list)
+    docker_volumes: list[str] = field(default_factory=list)
+    excludes: list[str] = field(default_factory=list)
+    strip_components: int = 0
+    xattrs: bool = True
+    manifest: str | None = None        # also write the manifest to this file
+    embed_manifest: bool = False       # store it in the target (always, for applications)
+
+    @property
+    def by_application(self) -> bool:
+        return bool(self.apps or self.containers or self.docker_volumes)
+
+
+@dataclass
+class ExtractJob:
+    """The planned work, handed to `on_plan` before anything is written."""
+
+    plan: Plan
+    notes: list[str]                   # what was added so a database is not split, ...
+    warnings: list[str]                # about the snapshot (truncation, fstab, ...)
+    fetched: Callable[[], int | None]  # bytes fetched over the network so far (None: local)
+
+
+@dataclass
 class ExtractReport:
     """What an extract wrote (or would write, for a dry run) and what it skipped."""
 
     report: Report                     # files, dirs, links, bytes, skipped, warnings, seconds, target
     plan: Plan
     warnings: list[str] = field(default_factory=list)   # about the snapshot (truncation, fstab ...)
+    notes: list[str] = field(default_factory=list)
     bytes_read: int | None = None      # read from a local snapshot file
     bytes_fetched: int | None = None   # fetched over the network (URL, SSH)
     dry_run: bool = False
+    databases: list[Any] = field(default_factory=list)   # guest.databases.Database found in the selection
+    restore_commands: list[str] = field(default_factory=list)   # applications: how to put them back
+    restore_notes: list[str] = field(default_factory=list)
 
     @property
     def complete(self) -> bool:
@@ -109,6 +142,11 @@ class ExtractReport:
             data["bytes_read_from_snapshot"] = self.bytes_read
         if self.bytes_fetched is not None:
             data["bytes_fetched"] = self.bytes_fetched
+        if self.restore_commands or self.restore_notes:
+            data["restore"] = {"commands": self.restore_commands, "notes": self.restore_notes}
+        if self.databases:
+            data["databases"] = [d.to_json() for d in self.databases]
+            data["database_notes"] = self.notes
         return data
 
 
@@ -140,36 +178,76 @@ def read_file(snapshot: str, path: str, options: SnapshotOptions | None = None) 
         yield from fs.read_chunks(entry)
 
 
-def extract(snapshot: str | Snapshot, output: str | None, *, paths: list[str] | None = None,
-            excludes: list[str] | None = None, strip_components: int = 0, xattrs: bool = True,
-            dry_run: bool = False, target: TargetOptions | None = None,
-            options: SnapshotOptions | None = None, progress: Progress | None = None) -> ExtractReport:
-    """Copy the selected guest paths into `output` (OUT.tar[.gz|.zst], '-', DIR/,
-    rsync or rclone target); with `dry_run`, only plan. `snapshot` may be an
-    open `Snapshot` (left open) or what the CLI takes (opened and closed here)."""
+def extract(snapshot: str | Snapshot, output: str | None, request: ExtractRequest | None = None, *,
+            dry_run: bool = False, target: TargetOptions | None = None, options: SnapshotOptions | None = None,
+            on_plan: Callable[[ExtractJob], Progress | None] | None = None,
+            paths: list[str] | None = None) -> ExtractReport:
+    """Copy what `request` selects into `output` (OUT.tar[.gz|.zst], '-', DIR/,
+    rsync or rclone target); with `dry_run`, only plan. A database in the
+    selection is never split (its WAL, redo logs and tablespaces come along).
+    `on_plan` sees the plan before anything is written and may return a
+    progress callback. `snapshot` may be an open `Snapshot` (left open) or what
+    the CLI takes (opened and closed here)."""
+    from .extract.db_closure import databases_in, plan_with_databases
+    from .extract.manifest import ManifestWriter
     from .extract.run import extract as run_extract
     from .source.stats import bytes_fetched
 
-    chosen = ExtractOptions(paths=paths or ["/"], excludes=excludes or [], strip_components=strip_components,
-                            xattrs=xattrs)
+    request = request or ExtractRequest(paths=list(paths or []))
+    chosen_options = ExtractOptions(paths=list(request.paths) or ([] if request.by_application else ["/"]),
+                                    excludes=list(request.excludes), strip_components=request.strip_components,
+                                    xattrs=request.xattrs)
     snap = snapshot if isinstance(snapshot, Snapshot) else open_snapshot(snapshot, options)
     try:
         fs = snap.filesystem()
         users, groups = snap.user_names(), snap.group_names()
-        work = plan(fs, chosen)
-        if dry_run or output is None:
-            return ExtractReport(report=Report(skipped=list(work.skipped)), plan=work,
-                                 warnings=list(snap.warnings), dry_run=True)
-        sink = open_sink(output, target)
-        report = run_extract(fs, sink, chosen, users=users, groups=groups,
-                             progress=progress, planned=work)
-        return ExtractReport(report=report, plan=work, warnings=list(snap.warnings),
-                             bytes_read=getattr(snap.source, "bytes_read", None),
-                             bytes_fetched=bytes_fetched(snap.source))
+        chosen = None
+        if request.by_application:
+            from .extract.app_select import plan_apps
+            chosen = plan_apps(fs, chosen_options, snapshot=snap.spec, projects=request.apps,
+                               containers=request.containers, volumes=request.docker_volumes)
+            work = chosen.plan
+            databases = databases_in(fs, [s.guest_path for s in chosen.selection.sources])
+            notes: list[str] = []
+        else:
+            work, closure = plan_with_databases(fs, chosen_options)
+            databases, notes = closure.databases, closure.notes
+            chosen_options.paths = list(chosen_options.paths) + closure.added
+        result = ExtractReport(report=Report(skipped=list(work.skipped)), plan=work, warnings=list(snap.warnings),
+                               notes=list(notes), databases=list(databases), dry_run=dry_run or output is None)
+        if chosen is not None:
+            result.restore_commands = list(chosen.commands)
+            result.restore_notes = list(chosen.selection.notes)
+        if result.dry_run:
+            return result
+        progress = None
+        if on_plan is not None:
+            progress = on_plan(ExtractJob(plan=work, notes=result.notes, warnings=result.warnings,
+                                          fetched=lambda: bytes_fetched(snap.source)))
+        sink = open_sink(output, target)   # type: ignore[arg-type]
+        embed = request.embed_manifest or chosen is not None   # an application always carries its manifest
+        writer = None
+        if request.manifest or embed:
+            writer = ManifestWriter.for_extract(snap.spec, chosen_options.paths, chosen_options.excludes,
+                                                chosen_options.strip_components)
+            if chosen is not None:
+                writer.header.update(chosen.selection.header())
+        result.report = run_extract(fs, sink, chosen_options, users=users, groups=groups, progress=progress,
+                                    planned=work, manifest=writer, embed_manifest=embed,
+                                    trailer=chosen.trailer if chosen is not None else None)
+        if writer is not None and request.manifest:
+            try:
+                writer.write_file(request.manifest)
+            except OSError as exc:
+                raise TargetError(f"cannot write the manifest: {exc.strerror or exc}",
+                                  file=request.manifest) from None
+        result.bytes_read = getattr(snap.source, "bytes_read", None)
+        result.bytes_fetched = bytes_fetched(snap.source)
+        return result
     finally:
         if snap is not snapshot:
             snap.close()
 
 
-__all__ = ["ExtractReport", "InspectReport", "VolumeReport", "extract", "inspect", "listdir", "read_file",
+__all__ = ["ExtractJob", "ExtractReport", "ExtractRequest", "InspectReport", "VolumeReport", "extract", "inspect", "listdir", "read_file",
            "SnapshotOptions", "TargetOptions"]

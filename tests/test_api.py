@@ -77,3 +77,26 @@ def test_errors_are_rescue_errors(tmp_path):
     not_a_disk.write_text("hello\n" * 100)
     with pytest.raises(VolumeError, match="not a disk image"):
         api.inspect(str(not_a_disk))
+
+
+DOCKER_HOST = REPO / "fixtures" / "docker" / "docker-host.ext4.zst"
+
+
+@pytest.mark.skipif(not DOCKER_HOST.exists(), reason="fixtures/docker is missing (scripts/make-docker-fixture)")
+def test_extract_an_application_through_the_api_equals_the_cli(tmp_path):
+    """--app through Python: same members, same restore commands, manifest inside."""
+    ours = tmp_path / "api.tar"
+    seen = []
+    result = api.extract(str(DOCKER_HOST), str(ours), api.ExtractRequest(apps=["blog"]),
+                         on_plan=lambda job: seen.append(job.plan.total_bytes) or None)
+    assert seen and seen[0] == result.plan.total_bytes
+    assert result.restore_commands and any("docker volume create" in c for c in result.restore_commands)
+    theirs = tmp_path / "cli.tar"
+    cli = _cli_json("extract", str(DOCKER_HOST), "--app", "blog", "-o", str(theirs))
+    assert cli["restore"]["commands"] == result.restore_commands
+    assert cli["files"] == result.report.files and cli["bytes"] == result.report.bytes
+    with tarfile.open(ours) as a, tarfile.open(theirs) as b:
+        names = sorted(m.name for m in a.getmembers())
+        assert names == sorted(m.name for m in b.getmembers())
+        assert ".rescue-manifest.jsonl" in {n.rsplit("/", 1)[-1] for n in names}
+        assert any(n.startswith("volumes/blog_dbdata") for n in names)
