@@ -79,7 +79,7 @@ class Truncation(NamedTuple):
     def describe(self, what: str) -> str:
         from ..units import human_size
         short = self.needed - self.file_size
-        tables = f"; {self.missing_tables} blocks or tables past the end" if self.missing_tables else ""
+        tables = f"; {self.missing_tables} table or block ranges past the end" if self.missing_tables else ""
         more = "at least " if self.missing_tables else ""
         return (f"the {what} is truncated: its tables point up to byte {self.needed} but the file ends at "
                 f"{self.file_size} ({more}{human_size(short)} missing{tables}); "
@@ -264,6 +264,7 @@ class MappedDisk(DiskImage):
     # -- truncation -----------------------------------------------------------
 
     TRUNCATION_WINDOW = 256 << 20   # virtual bytes mapped per step while checking
+    TRUNCATION_MAX_PIECES = 500_000   # bound on the walk's work for absurd maps
 
     def truncation(self) -> "Truncation | None":
         """What an interrupted download cut off: every table, data cluster or
@@ -272,12 +273,15 @@ class MappedDisk(DiskImage):
         missing = lost = 0
         needed = 0
         have = self.data_source.size if self.data_source is not None else 0
-        step = self.span if self.span else self.TRUNCATION_WINDOW
-        pos = 0
-        while pos < self.size:
+        base_step = self.span if self.span else self.TRUNCATION_WINDOW
+        step, pieces, pos = base_step, 0, 0
+        while pos < self.size and pieces < self.TRUNCATION_MAX_PIECES:
             n = min(step, self.size - pos)
+            stored = False
             try:
                 for p in self._map(pos, n):
+                    pieces += 1
+                    stored = stored or p.kind in (DATA, COMPRESSED)
                     if p.kind == DAMAGED:
                         if "past the end" in str(p.where) or "file ends before" in str(p.where):
                             lost += p.length
@@ -299,6 +303,10 @@ class MappedDisk(DiskImage):
                 lost += n
                 missing += 1
             pos += n
+            # Long stretches with nothing stored (a huge sparse disk, or one whose tables
+            # are all missing) are crossed in growing steps: the walk costs what is
+            # allocated, not the virtual size.
+            step = base_step if stored else min(step * 2, 1 << 40)
         if not lost:
             return None
         return Truncation(file_size=have, needed=max(needed, have), lost_virtual=lost, missing_tables=missing)

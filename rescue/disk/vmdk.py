@@ -390,6 +390,8 @@ class SparseExtent:
                     pos = stop
                     break
                 if isinstance(table, str):
+                    if ti >= len(self.gd) and self.scanned is None:   # so is every table after it:
+                        stop = min(end, self.capacity)                # one piece, not one per table
                     yield Piece(v, stop - pos, DAMAGED, table)
                     pos = stop
                     break
