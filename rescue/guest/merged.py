@@ -19,6 +19,7 @@ from ..errors import GuestPathError, RescueError
 from ..fs.base import DIR, Entry, FileSystem, FsInfo, normalize
 from ..volume.base import Volume
 from .fstab import FstabEntry, match_volume, parse_fstab
+from .guest_paths import guest_names, mapped_chunks, swap
 
 
 class MergedFileSystem(FileSystem):
@@ -59,7 +60,8 @@ class MergedFileSystem(FileSystem):
     def stat(self, path: str) -> Entry:
         path = normalize(path)
         fs, inner, dev = self._route(path)
-        return self._outer(fs.stat(inner), path, dev)
+        with guest_names(inner, path):   # a mounted fs's messages say /var/lib/x, not /lib/x
+            return self._outer(fs.stat(inner), path, dev)
 
     def listdir(self, path: str) -> list[Entry]:
         path = normalize(path)
@@ -80,7 +82,9 @@ class MergedFileSystem(FileSystem):
         # the extract layer reports names that occur twice.
         inner_prefix = inner.rstrip("/") + "/"
         out = []
-        for e in fs.listdir(inner):
+        with guest_names(inner, path):
+            listing = fs.listdir(inner)
+        for e in listing:
             # keep the raw name (even "a/b" from a crafted image): extract judges it
             name = e.path[len(inner_prefix):] if e.path.startswith(inner_prefix) else e.name
             if name not in covered:
@@ -89,23 +93,29 @@ class MergedFileSystem(FileSystem):
 
     def read_chunks(self, entry: Entry, chunk_size: int = 1 << 20) -> Iterator[bytes]:
         fs, inner = self._inner(entry)
-        return fs.read_chunks(inner, chunk_size)
+        return mapped_chunks(fs.read_chunks(inner, chunk_size), inner.path, entry.path)
 
     def read_range(self, entry: Entry, offset: int, length: int) -> bytes:
         fs, inner = self._inner(entry)
-        return fs.read_range(inner, offset, length)
+        with guest_names(inner.path, entry.path):
+            return fs.read_range(inner, offset, length)
 
     def data_ranges(self, entry: Entry) -> list[tuple[int, int]] | None:
         fs, inner = self._inner(entry)
-        return fs.data_ranges(inner)
+        with guest_names(inner.path, entry.path):
+            return fs.data_ranges(inner)
 
     def xattrs(self, entry: Entry) -> dict[str, bytes]:
         fs, inner = self._inner(entry)
-        return fs.xattrs(inner)
+        with guest_names(inner.path, entry.path):
+            return fs.xattrs(inner)
 
     def listing_damage(self, path: str) -> str | None:
-        fs, inner, _dev = self._route(normalize(path))
-        return fs.listing_damage(inner)
+        path = normalize(path)
+        fs, inner, _dev = self._route(path)
+        with guest_names(inner, path):
+            why = fs.listing_damage(inner)
+        return why if why is None else swap(why, inner, path)
 
     def close(self) -> None:
         # The filesystems belong to whoever opened them (the Snapshot caches
@@ -138,26 +148,34 @@ class SubtreeFileSystem(FileSystem):
     def _back(self, entry: Entry) -> Entry:
         return _with(entry, path=self._in(entry.path))
 
+    # Messages of the filesystem underneath name /@/var/lib/x; ours say /var/lib/x.
     def stat(self, path: str) -> Entry:
-        return self._out(self.fs.stat(self._in(path)))
+        with guest_names(self.prefix, "/"):
+            return self._out(self.fs.stat(self._in(path)))
 
     def listdir(self, path: str) -> list[Entry]:
-        return [self._out(e) for e in self.fs.listdir(self._in(path))]
+        with guest_names(self.prefix, "/"):
+            return [self._out(e) for e in self.fs.listdir(self._in(path))]
 
     def read_chunks(self, entry: Entry, chunk_size: int = 1 << 20) -> Iterator[bytes]:
-        return self.fs.read_chunks(self._back(entry), chunk_size)
+        return mapped_chunks(self.fs.read_chunks(self._back(entry), chunk_size), self.prefix, "/")
 
     def read_range(self, entry: Entry, offset: int, length: int) -> bytes:
-        return self.fs.read_range(self._back(entry), offset, length)
+        with guest_names(self.prefix, "/"):
+            return self.fs.read_range(self._back(entry), offset, length)
 
     def data_ranges(self, entry: Entry) -> list[tuple[int, int]] | None:
-        return self.fs.data_ranges(self._back(entry))
+        with guest_names(self.prefix, "/"):
+            return self.fs.data_ranges(self._back(entry))
 
     def xattrs(self, entry: Entry) -> dict[str, bytes]:
-        return self.fs.xattrs(self._back(entry))
+        with guest_names(self.prefix, "/"):
+            return self.fs.xattrs(self._back(entry))
 
     def listing_damage(self, path: str) -> str | None:
-        return self.fs.listing_damage(self._in(path))
+        with guest_names(self.prefix, "/"):
+            why = self.fs.listing_damage(self._in(path))
+        return why if why is None else swap(why, self.prefix, "/")
 
     def close(self) -> None:
         pass   # the filesystem underneath is closed by its owner
