@@ -127,6 +127,8 @@ def _volume(apps: Applications, name: str, sel: AppSelection, project: str | Non
     if v is None:
         sel.notes.append(f"volume {name} is used by a container but is not in this snapshot")
         return
+    if project is None:   # a volume chosen alone still gets its compose project's labels back
+        project = next((p.name for p in apps.projects if v.name in p.volumes), None)
     sel.add(Source(v.path, f"volumes/{v.name}", "volume", v.name, project))
 
 
