@@ -62,7 +62,8 @@ if zstandard is not None:
 MAX_EXTENT = 16 << 20           # compressed extents are 128 KiB; a larger claim is damage
 READ_CHUNK = 4 << 20
 PATH_CACHE = 200_000            # directory paths remembered (tree, inode)
-DECOMPRESSED_CACHE = 8          # inflated extents kept (a read_range walk reads one several times)
+DECOMPRESSED_CACHE = 8
+EXTENT_CACHE = 64               # files whose extent lists are kept (file_runs then read_chunks)          # inflated extents kept (a read_range walk reads one several times)
 MASK64 = (1 << 64) - 1
 
 _KINDS = {stat_mod.S_IFREG: FILE, stat_mod.S_IFDIR: DIR, stat_mod.S_IFLNK: SYMLINK, stat_mod.S_IFIFO: FIFO,
@@ -184,6 +185,7 @@ class BtrfsFileSystem(FileSystem):
             self.damage.append(f"the default subvolume {self.default_id} is missing; using the top level")
             self.default_id = S.FS_TREE_OBJECTID
         self._inflated: OrderedDict = OrderedDict()
+        self._extent_cache: OrderedDict = OrderedDict()
         self.subvolumes = self._list_subvolumes()
 
     def _root_tree_item(self, key: tuple, data: bytes) -> None:
@@ -379,20 +381,33 @@ class BtrfsFileSystem(FileSystem):
 
     # -- inodes ----------------------------------------------------------------
 
-    def _inode(self, loc: Loc) -> bytes:
+    def _inode(self, loc: Loc) -> tuple[bytes, dict[str, bytes] | None]:
+        """The inode item and the xattrs (None when their items are damaged):
+        one descent, as they sit side by side in the tree (keys 1, 12, 24)."""
         damage: list[str] = []
-        data = self.vol.get(self._tree_root(loc.tree), (loc.ino, S.INODE_ITEM_KEY, 0), damage)
+        data = None
+        xattrs: dict[str, bytes] | None = {}
+        for key, item in self.vol.items(self._tree_root(loc.tree), (loc.ino, S.INODE_ITEM_KEY, 0),
+                                        (loc.ino, S.XATTR_ITEM_KEY, MASK64), damage):
+            if key[1] == S.INODE_ITEM_KEY:
+                data = item
+            elif key[1] == S.XATTR_ITEM_KEY and xattrs is not None:
+                try:
+                    for name, _location, _ft, value in _dir_items(item):
+                        xattrs[os.fsdecode(name)] = value
+                except ValueError:
+                    xattrs = None   # xattrs() reads them again and reports the damage
         if data is None or len(data) < S.INODE_ITEM_SIZE:
             why = "; ".join(damage) or "its inode item is missing"
             raise FileReadError(f"inode {loc.ino} of subvolume {loc.tree}: {why}")
-        return data
+        return data, (None if damage else xattrs)
 
-    def _entry(self, path: str, loc: Loc, raw: bytes | None = None) -> Entry:
+    def _entry(self, path: str, loc: Loc) -> Entry:
         if loc.ino < 0:   # a subvolume not reachable from this tree: the kernel shows an empty directory
             born = self.roots[loc.tree].otime or 0   # the kernel says "now"; the snapshot's birth is stabler
             return Entry(path=path, kind=DIR, mode=0o755, nlink=1, mtime_ns=born, atime_ns=born, ctime_ns=born,
                          inode=(1 << 128) | (loc.tree << 64) | -loc.ino)
-        raw = raw if raw is not None else self._inode(loc)
+        raw, xattrs = self._inode(loc)
         (_gen, _transid, size, _nbytes, _bg, nlink, uid, gid, mode, rdev, _flags, _seq,
          a_s, a_n, c_s, c_n, m_s, m_n, _o_s, _o_n) = S.INODE_ITEM.unpack_from(raw)
         kind = _KINDS.get(stat_mod.S_IFMT(mode))
@@ -401,7 +416,8 @@ class BtrfsFileSystem(FileSystem):
         entry = Entry(path=path, kind=kind, mode=mode & 0o7777, uid=uid, gid=gid,
                       size=size if kind in (FILE, SYMLINK) else 0,
                       mtime_ns=m_s * 1_000_000_000 + m_n, atime_ns=a_s * 1_000_000_000 + a_n,
-                      ctime_ns=c_s * 1_000_000_000 + c_n, nlink=nlink, inode=_inode_number(loc.tree, loc.ino))
+                      ctime_ns=c_s * 1_000_000_000 + c_n, nlink=nlink, inode=_inode_number(loc.tree, loc.ino),
+                      xattrs=xattrs)
         if kind in (CHAR, BLOCK):
             entry.rdev = ((rdev >> 20) & 0xFFF, rdev & 0xFFFFF)   # the kernel's dev_t (MAJOR/MINOR)
         elif kind == SYMLINK:
@@ -462,6 +478,8 @@ class BtrfsFileSystem(FileSystem):
         return self._damaged_dirs.get(normalize(path))
 
     def xattrs(self, entry: Entry) -> dict[str, bytes]:
+        if entry.xattrs is not None:   # read with the inode item
+            return dict(entry.xattrs)
         loc = _loc(entry)
         if entry.inode >> 128:
             return {}
@@ -538,10 +556,18 @@ class BtrfsFileSystem(FileSystem):
         return out
 
     def _file_extents(self, entry: Entry) -> list[_Ext]:
-        if entry.kind not in (FILE, SYMLINK) or entry.inode >> 128:
+        if entry.kind not in (FILE, SYMLINK) or entry.inode >> 128 or entry.size == 0:
             return []
+        key = (entry.inode, entry.size)
+        cached = self._extent_cache.get(key)
+        if cached is not None:   # file_runs, then read_chunks: one lookup
+            return cached
         try:
-            return self._extents(_loc(entry), entry.size, entry.path)
+            exts = self._extents(_loc(entry), entry.size, entry.path)
+            self._extent_cache[key] = exts
+            if len(self._extent_cache) > EXTENT_CACHE:
+                self._extent_cache.popitem(last=False)
+            return exts
         except FileReadError:
             raise
         except (*PARSE_ERRORS, OSError) as exc:
