@@ -16,8 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from btrfs_support import (btrfs_trees, differences, loop_devices, mkfs, mounted, reader_links, reader_view,
-                           why_no_kernel)
+from btrfs_support import btrfs_trees, differences, mkfs, mounted, reader_links, reader_view, why_no_kernel
 from rescue.errors import FilesystemError
 from rescue.fs.base import FileReadError
 from rescue.source.base import COMPRESSED, FileSource

@@ -13,7 +13,6 @@ References:
 
 from __future__ import annotations
 
-import logging
 import uuid as uuid_mod
 from bisect import bisect_left, bisect_right
 from collections import OrderedDict
@@ -25,7 +24,6 @@ from ...source.base import ByteSource
 from . import structs as S
 from .checksum import CSUM_SIZES, checksummer
 
-log = logging.getLogger(__name__)
 
 MAX_KEY = ((1 << 64) - 1, 255, (1 << 64) - 1)
 NODE_CACHE = 4096               # tree blocks kept parsed (16 KiB each: 64 MiB at most)
@@ -75,12 +73,6 @@ class Node:
     def item(self, i: int) -> bytes:
         start, end = self.spans[i]
         return self.raw[start:end]
-
-
-@dataclass
-class SuperCopy:
-    offset: int
-    sb: object
 
 
 def parse_chunk(raw: bytes, pos: int, logical: int) -> tuple[Chunk, int]:
