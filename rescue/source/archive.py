@@ -166,7 +166,8 @@ def root_tree_prefix(names) -> str | None:
     return best
 
 
-def _read_tar_table(source: ByteSource, progress: Progress | None = None) -> list[Member]:
+def _read_tar_table(source: ByteSource, progress: Progress | None = None, partial: bool = False,
+                    notes: list[str] | None = None) -> list[Member]:
     import tarfile
     members = []
     try:
@@ -192,20 +193,42 @@ def _read_tar_table(source: ByteSource, progress: Progress | None = None) -> lis
             raise
         if root_tree_prefix(m.name for m in members) is not None:
             return members   # a server's file tree: fs/tartree.py rescues the files before the damage
-        raise SourceError(f"tar archive is damaged after {len(members)} members: {describe(exc)}",
-                          file=source.name, hint="re-download the snapshot and compare its checksum") from None
+        if not (partial and members):
+            raise SourceError(f"tar archive is damaged after {len(members)} members: {describe(exc)}",
+                              file=source.name, hint="re-download the snapshot and compare its checksum",
+                              ) from None
+        if notes is not None:   # --partial: the members before the cut, the last one clamped below
+            notes.append(f"tar archive ends early after {len(members)} members ({describe(exc)})")
     for m in members:
         if m.size < 0 or m.offset < 0:   # base-256 header fields may be negative
             raise SourceError(f"tar member {m.name!r} claims a negative size or offset ({m.size}, {m.offset})",
                               file=source.name, hint="the archive is damaged")
+    return _clamp_members(source, members, partial, notes)
+
+
+def _clamp_members(source: ByteSource, members: list[Member], partial: bool,
+                   notes: list[str] | None) -> list[Member]:
+    """Check each member lies within the archive; with --partial, a plain file
+    cut by the end of the archive is kept as far as it goes."""
+    for m in members:
         if m.type == "sparse" and not _sparse_map_ok(m):
             raise SourceError(f"tar member {m.name!r} has an inconsistent sparse map "
                               f"({len(m.sparse)} runs for a {m.size}-byte file)",
                               file=source.name, hint="the archive is damaged")
-        if m.is_file and m.offset + m.stored > source.size:
-            raise SourceError(f"tar archive is truncated: member {m.name!r} needs bytes up to "
-                              f"{m.offset + m.stored}, the archive ends at {source.size}",
-                              file=source.name, hint="re-download the snapshot and compare its checksum")
+        if not m.is_file or m.offset + m.stored <= source.size:
+            continue
+        if partial and m.type == "file" and m.offset < source.size:
+            # the member as far as the archive goes (a raw disk then says what it lacks)
+            have = source.size - m.offset
+            if notes is not None:
+                notes.append(f"tar member {m.name!r} is cut short: {have} of its {m.size} bytes are in the "
+                             f"archive (--partial: reading those)")
+            m.size = m.stored = have
+            continue
+        raise SourceError(f"tar archive is truncated: member {m.name!r} needs bytes up to "
+                          f"{m.offset + m.stored}, the archive ends at {source.size}",
+                          file=source.name, hint="download it again (`rescue download` resumes), or add "
+                                                 "--partial to rescue what lies before the cut")
     return members
 
 
@@ -267,8 +290,10 @@ def _describe(members: list[Member]) -> str:
 class Archive:
     """An opened archive: the outer file, its decompressed view, the member table."""
 
-    def __init__(self, source: ByteSource, *, progress: Progress | None = None) -> None:
+    def __init__(self, source: ByteSource, *, progress: Progress | None = None, partial: bool = False) -> None:
         self.source = source
+        self.partial = partial   # --partial: an archive cut short gives what lies before the cut
+        self.notes: list[str] = []
         self.cache = IndexCache(source)
         self.codec = detect_codec(source)
         self.inner: ByteSource = source
@@ -276,7 +301,8 @@ class Archive:
         self.members: list[Member] = []
         self.tree_prefix: str | None = None   # set when the tar is a server's file tree
         if self.codec:
-            self.inner = open_compressed(source, self.codec, cache=self.cache, progress=progress)
+            self.inner = open_compressed(source, self.codec, cache=self.cache, progress=progress, partial=partial)
+            self.notes += getattr(self.inner, "notes", [])
         self._detect_container(progress)
 
     def _detect_container(self, progress: Progress | None) -> None:
@@ -287,13 +313,16 @@ class Archive:
             self._find_tree()
             return
         if _is_tar(self.inner):
-            self.format, self.members = "tar", _read_tar_table(self.inner, progress)
+            self.format, self.members = "tar", _read_tar_table(self.inner, progress, self.partial, self.notes)
         elif self.codec is None and _is_zip(self.source):
             self.format, self.members = "zip", _read_zip_table(self.source)
         elif self.codec:
             self.format = "compressed"
         else:
             return  # not an archive: nothing worth caching
+        if getattr(self.inner, "truncated", None) or any("--partial" in n for n in self.notes):
+            self._find_tree()
+            return   # a table of a cut archive is never cached: a plain open must refuse it again
         self.cache.store_json("members.json", {"version": TABLE_VERSION, "format": self.format,
                                                "members": [asdict(m) for m in self.members]})
         self._find_tree()
@@ -403,7 +432,7 @@ class MemberSource:
         self._data = data
         self._primary = primary
         self._owns_data = owns_data
-        self.notes = list(getattr(archive.inner, "notes", []))
+        self.notes = list(archive.notes)   # the decompressor's and the member table's
         outer = source_key(archive.source)
         # Lets an archive inside this member (a .gz in a .tar) cache its index too.
         self.identity = ("member", outer, member.name, member.offset, member.size) if outer else None
@@ -508,7 +537,7 @@ class TarTreeSource:
         self.tar_tree_prefix = archive.tree_prefix
         self.name = archive.source.name
         self.size = archive.inner.size
-        self.notes = list(getattr(archive.inner, "notes", []))
+        self.notes = list(archive.notes)   # the decompressor's and the member table's
         outer = source_key(archive.source)
         self.identity = ("tar-tree", outer) if outer else None
 
@@ -533,7 +562,7 @@ class TarTreeSource:
 
 
 def open_archive(source: ByteSource, *, member: str | None = None,
-                 progress: Progress | None = None) -> ByteSource | None:
+                 progress: Progress | None = None, partial: bool = False) -> ByteSource | None:
     """The disk inside `source` when it is an archive or compressed, else None.
 
     `member` picks a file by name; otherwise the single disk-looking file is
@@ -542,7 +571,7 @@ def open_archive(source: ByteSource, *, member: str | None = None,
         return None   # a server's file tree: the filesystem layer reads it (fs/tartree.py)
     if detect_codec(source) is None and not _is_tar(source) and not _is_zip(source):
         return None
-    archive = Archive(source, progress=progress)
+    archive = Archive(source, progress=progress, partial=partial)
     try:
         if archive.format == "compressed":
             if member is not None:

@@ -164,10 +164,12 @@ class GzipSource(CompressedSource):
 
     def __init__(self, source: ByteSource, *, cache: IndexCache | None = None,
                  progress: Progress | None = None, name: str | None = None,
-                 cache_name: str = "stream", size_hint: int | None = None) -> None:
+                 cache_name: str = "stream", size_hint: int | None = None, partial: bool = False) -> None:
         super().__init__(source, name)
         self._cache_store = cache
         self._cache_name = cache_name
+        self.partial = partial          # --partial: a stream cut short gives what it holds
+        self.truncated: str | None = None   # then: what was cut (never cached, so a plain open refuses)
         self._spacing = self._spacing_for(size_hint or self._estimate_size())
         self._f = self._open()
         try:
@@ -175,7 +177,8 @@ class GzipSource(CompressedSource):
                 while not self._build(progress):  # too many points: wider spacing, again
                     self._close_stream()
                     self._f = self._open()
-                self._store_index()
+                if self.truncated is None:
+                    self._store_index()
         except BaseException:
             self._close_stream()
             raise
@@ -307,10 +310,14 @@ class GzipSource(CompressedSource):
             raise self._error(f"gzip data is corrupt in member {members + 1}: {exc}",
                               hint="re-download the snapshot and compare its checksum") from None
         if fed or members == 0:
-            raise self._error(
-                f"gzip stream is truncated: member {members + 1} does not end before the end "
-                f"of the file ({size} bytes decompressed)",
-                hint="re-download the snapshot and compare its checksum")
+            problem = (f"gzip stream is truncated: member {members + 1} does not end before the end "
+                       f"of the file ({size} bytes decompressed)")
+            if self.partial:   # everything decompressed before the cut is usable
+                self.truncated = problem
+                self.notes.append(f"{problem}; --partial: reading the {size} bytes before the cut")
+                return
+            raise self._error(problem, hint="download it again (`rescue download` resumes), or add --partial "
+                                            "to rescue what was decompressed before the cut")
         if produced != size:
             raise self._error(f"gzip stream is damaged: {produced} bytes in its members, "
                               f"{size} read through the index",
@@ -655,11 +662,13 @@ class Bzip2Source(FramedStreamSource):
 
 def open_compressed(source: ByteSource, codec: str, *, cache: IndexCache | None = None,
                     progress: Progress | None = None, name: str | None = None,
-                    cache_name: str = "stream", size_hint: int | None = None) -> CompressedSource:
-    """A random-access decompressed view of `source` compressed with `codec`."""
+                    cache_name: str = "stream", size_hint: int | None = None,
+                    partial: bool = False) -> CompressedSource:
+    """A random-access decompressed view of `source` compressed with `codec`;
+    `partial`: a gzip stream cut short is read up to the cut (a note says so)."""
     if codec == "gzip":
         return GzipSource(source, cache=cache, progress=progress, name=name, cache_name=cache_name,
-                          size_hint=size_hint)
+                          size_hint=size_hint, partial=partial)
     if codec == "bzip2":
         return Bzip2Source(source, cache=cache, progress=progress, name=name, cache_name=cache_name)
     if codec == "zstd":

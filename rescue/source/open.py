@@ -46,7 +46,7 @@ UNWRAPPERS: list[Callable] = [open_split, open_archive]   # a split set may hold
 
 
 def open_source(spec: str | os.PathLike, *, member: str | None = None,
-                progress: Callable[[int, int], None] | None = None) -> ByteSource:
+                progress: Callable[[int, int], None] | None = None, partial: bool = False) -> ByteSource:
     """Open SNAPSHOT as typed on the command line.
 
     `member` picks a file inside an archive when there are several; `progress`
@@ -59,7 +59,7 @@ def open_source(spec: str | os.PathLike, *, member: str | None = None,
     # Peel layers (a split set, a .qcow2.gz inside a .tar): `member` goes to
     # the first archive met; archives inside it must hold a single disk.
     for _ in range(MAX_NESTING):
-        inner = _unwrap(source, member, progress)
+        inner = _unwrap(source, member, progress, partial)
         if inner is None:
             break
         source = inner
@@ -75,7 +75,7 @@ def open_source(spec: str | os.PathLike, *, member: str | None = None,
 MAX_NESTING = 3
 
 
-def _unwrap(source: ByteSource, member: str | None, progress) -> ByteSource | None:
+def _unwrap(source: ByteSource, member: str | None, progress, partial: bool = False) -> ByteSource | None:
     """The source inside `source` (closing it on failure), or None if it is a disk."""
     try:
         # The layer's boundary: tarfile, zipfile, python-xz, zstandard... raise
@@ -83,7 +83,7 @@ def _unwrap(source: ByteSource, member: str | None, progress) -> ByteSource | No
         with classify(SourceError, "damaged or truncated archive or compressed stream", file=source.name,
                       hint="re-download the snapshot and compare its checksum"):
             for unwrap in UNWRAPPERS:
-                inner = unwrap(source, member=member, progress=progress)
+                inner = unwrap(source, member=member, progress=progress, partial=partial)
                 if inner is not None:
                     return inner
     except BaseException:

@@ -183,7 +183,8 @@ def split_segments(path: str) -> list[str]:
     return names
 
 
-def open_split(source: ByteSource, *, member: str | None = None, progress=None) -> ByteSource | None:
+def open_split(source: ByteSource, *, member: str | None = None, progress=None,
+               partial: bool = False) -> ByteSource | None:
     """One source over a whole split raw set when `source` is its first
     segment (a local file); None otherwise. An unwrapper for open_source."""
     path = getattr(source, "path", None)
