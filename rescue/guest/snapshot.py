@@ -117,7 +117,8 @@ class Snapshot:
     def __init__(self, spec: str, options: SnapshotOptions | None = None) -> None:
         self.spec = str(spec)
         self.options = options or SnapshotOptions()
-        self.source = open_source(self.spec, member=self.options.member, progress=self.options.progress)
+        self.source = open_source(self.spec, member=self.options.member, progress=self.options.progress,
+                                  partial=self.options.partial)
         self.disk = open_disk(self.source, DiskOptions(backing=self.options.backing,
                                                        snapshot=self.options.snapshot))
         self.extra: list = []   # (source, disk) of each --disk
