@@ -59,7 +59,7 @@ PARSE_ERRORS = (construct.ConstructError, struct.error, IndexError, ValueError, 
 if zstandard is not None:
     PARSE_ERRORS = PARSE_ERRORS + (zstandard.ZstdError,)
 
-MAX_EXTENT = 16 << 20           # compressed extents are 128 KiB; a larger claim is damage
+MAX_EXTENT = 1 << 20            # compressed extents hold at most 128 KiB (BTRFS_MAX_COMPRESSED); more is damage
 READ_CHUNK = 4 << 20
 PATH_CACHE = 200_000            # directory paths remembered (tree, inode)
 DECOMPRESSED_CACHE = 8
