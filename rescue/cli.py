@@ -330,6 +330,7 @@ def ls(snapshot: str = SnapshotArg, path: str = typer.Argument("/", help="Direct
                           "mtime_ns": e.mtime_ns, "nlink": e.nlink, "link_target": e.link_target}
                          for e in entries])
             return
+        lines = []
         for e in entries:
             # whole, with a '/' inside a crafted name shown as \x2f (not just the part after it)
             name = _visible(_listed_name(parent, e)).replace("/", "\\x2f")
@@ -338,10 +339,20 @@ def ls(snapshot: str = SnapshotArg, path: str = typer.Argument("/", help="Direct
             if long:
                 when = time.strftime("%Y-%m-%d %H:%M", time.gmtime(e.mtime_ns // 1_000_000_000))
                 size = f"{e.rdev[0]}, {e.rdev[1]}" if e.rdev else str(e.size)
-                out.print(f"{_mode_string(e.kind, e.mode)} {e.nlink:>3} {users.get(e.uid, e.uid):<8} "
-                          f"{groups.get(e.gid, e.gid):<8} {size:>10} {when} {name}", markup=False)
+                lines.append(f"{_mode_string(e.kind, e.mode)} {e.nlink:>3} {users.get(e.uid, e.uid):<8} "
+                             f"{groups.get(e.gid, e.gid):<8} {size:>10} {when} {name}")
             else:
-                out.print(name + ("/" if e.kind == DIR else ""), markup=False)
+                lines.append(name + ("/" if e.kind == DIR else ""))
+        _print_lines(lines)
+
+
+def _print_lines(lines: list[str]) -> None:
+    """Plain lines to stdout in one write: rich's print costs ~0.1 ms a line
+    (20 s for a directory of 200 000 names), and these need no styling."""
+    if lines:
+        sys.stdout.flush()
+        sys.stdout.buffer.write(("\n".join(lines) + "\n").encode(sys.stdout.encoding or "utf-8", "backslashreplace"))
+        sys.stdout.flush()
 
 
 @app.command()
