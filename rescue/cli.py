@@ -416,9 +416,11 @@ def extract(snapshot: str = SnapshotArg,
 
     Example: rescue extract snapshot.tar.gz --path /var/lib/docker/volumes -o volumes.tar.zst
     """
-    from .extract.run import ExtractOptions, extract as run_extract, plan
-    from .extract.targets import TargetOptions, open_sink
+    from contextlib import ExitStack
+
+    from . import api
     from .extract.remote_target import parse_size
+    from .extract.targets import TargetOptions
     with _errors(snapshot):
         if output is None and not dry_run:
             raise RescueError("say where the data should go with -o (a .tar/.tar.gz/.tar.zst file, a "
@@ -426,67 +428,39 @@ def extract(snapshot: str = SnapshotArg,
         if output == "-" and sys.stdout.isatty():
             raise RescueError("refusing to write a tar archive to the terminal", layer="extract",
                               hint="redirect it (`-o - > out.tar`, `-o - | tar tvf -`) or name a file with -o")
-        app_mode = bool(app or container or docker_volume)
-        options = ExtractOptions(paths=paths or ([] if app_mode else ["/"]), excludes=exclude,
-                                 strip_components=strip_components, xattrs=not no_xattrs)
-        chosen = None
-        databases: list = []
-        db_notes: list = []
-        with _open(snapshot, volume, member, backing, qsnap, backend, partial, disk) as snap:
-            fs = snap.filesystem()
-            users, groups = snap.user_names(), snap.group_names()
-            if app_mode:
-                from .extract.app_select import plan_apps
-                chosen = plan_apps(fs, options, snapshot=snapshot, projects=app, containers=container,
-                                   volumes=docker_volume)
-                work = chosen.plan
-            else:
-                from .extract.db_closure import plan_with_databases
-                work, closure = plan_with_databases(fs, options)   # a database is never split
-                databases, db_notes = closure.databases, closure.notes
-                options.paths = list(options.paths) + closure.added
-            if chosen is not None:
-                from .extract.db_closure import databases_in
-                databases, db_notes = databases_in(fs, [s.guest_path for s in chosen.selection.sources]), []
-            for note in db_notes:
-                err.print(f"note: {_visible(note)}", markup=False)
-            for warning in snap.warnings:
-                _warn(warning)
-            if dry_run:
-                _render_plan(work, list_, as_json)
-                raise typer.Exit(EXIT_PARTIAL if work.skipped else EXIT_OK)
-            sink = open_sink(output, TargetOptions(devices=devices, keep_setuid=keep_setuid or None, force=force,
-                                                   rsync_opts=rsync_opt, scratch_limit=parse_size(scratch_limit)))
-            from .source.stats import bytes_fetched
-            with _progress(work.total_bytes, output == "-", wire=lambda: bytes_fetched(snap.source)) as update:
+        request = api.ExtractRequest(paths=paths, apps=app, containers=container, docker_volumes=docker_volume,
+                                     excludes=exclude, strip_components=strip_components, xattrs=not no_xattrs,
+                                     manifest=manifest, embed_manifest=embed_manifest)
+        target = TargetOptions(devices=devices, keep_setuid=keep_setuid or None, force=force, rsync_opts=rsync_opt,
+                               scratch_limit=parse_size(scratch_limit))
+
+        with ExitStack() as bars:
+            def on_plan(job: "api.ExtractJob"):
+                for note in job.notes:
+                    err.print(f"note: {_visible(note)}", markup=False)
+                for warning in job.warnings:
+                    _warn(warning)
+                update = bars.enter_context(_progress(job.plan.total_bytes, output == "-", wire=job.fetched))
+
                 def progress(done: int, files: int, path: str) -> None:
                     update(done, files)
                     if list_:
                         err.print(_visible(path), markup=False)
-                embed = embed_manifest or app_mode   # an application extract always carries its manifest
-                writer = _manifest_writer(snapshot, options) if (manifest or embed) else None
-                if writer is not None and chosen is not None:
-                    writer.header.update(chosen.selection.header())
-                report = run_extract(fs, sink, options, users=users, groups=groups, progress=progress, planned=work,
-                                     manifest=writer, embed_manifest=embed,
-                                     trailer=chosen.trailer if chosen else None)
-            if writer is not None and manifest:
-                _write_manifest(writer, manifest)
-            from .source.stats import bytes_fetched
-            fetched = bytes_fetched(snap.source)
-            read_from_image = getattr(snap.source, "bytes_read", None)
+                return progress
+
+            result = api.extract(snapshot, output, request, dry_run=dry_run, target=target,
+                                 options=_options(volume, member, backing, qsnap, backend, partial, disk),
+                                 on_plan=on_plan)
+        if result.dry_run:
+            for note in result.notes:
+                err.print(f"note: {_visible(note)}", markup=False)
+            for warning in result.warnings:
+                _warn(warning)
+            _render_plan(result.plan, list_, as_json)
+            raise typer.Exit(EXIT_PARTIAL if result.plan.skipped else EXIT_OK)
+        report = result.report
         if as_json:
-            data = report.to_json()
-            if read_from_image is not None:
-                data["bytes_read_from_snapshot"] = read_from_image
-            if fetched is not None:
-                data["bytes_fetched"] = fetched
-            if chosen is not None:
-                data["restore"] = {"commands": chosen.commands, "notes": chosen.selection.notes}
-            if databases:
-                data["databases"] = [d.to_json() for d in databases]
-                data["database_notes"] = db_notes
-            _print_json(data)
+            _print_json(result.to_json())
         else:
             for skip in report.skipped:
                 err.print(f"skipped: {_visible(skip.path)}: {_visible(skip.reason)}", markup=False)
@@ -495,39 +469,26 @@ def extract(snapshot: str = SnapshotArg,
             line = (f"rescued {report.files} files, {report.dirs} directories, {report.links} links"
                     f"{f', {report.others} other' if report.others else ''}: {_human(report.bytes)} "
                     f"in {report.seconds:.1f} s -> {report.target}")
-            if fetched is not None:
-                line += f" ({_human(fetched)} fetched)"
+            if result.bytes_fetched is not None:
+                line += f" ({_human(result.bytes_fetched)} fetched)"
             if report.skipped:
                 line += f"; {len(report.skipped)} skipped (listed above)"
             err.print(line, markup=False)
-            if chosen is not None:
-                _render_restore(chosen)
-            for db in databases:
+            if result.restore_commands or result.restore_notes:
+                _render_restore(result)
+            for db in result.databases:
                 err.print(f"database: {_visible(db.summary())}", markup=False)
         raise typer.Exit(EXIT_PARTIAL if report.skipped else EXIT_OK)
 
 
-def _render_restore(chosen) -> None:
+def _render_restore(result) -> None:
     from .extract.app_select import README_NAME
-    for note in chosen.selection.notes:
+    for note in result.restore_notes:
         err.print(f"note: {_visible(note)}", markup=False)
     err.print(f"To put it back on a new server (also in {README_NAME} in the output; R = the output, unpacked):",
               markup=False)
-    for line in chosen.commands:
+    for line in result.restore_commands:
         err.print(f"  {_visible(line)}", markup=False)
-
-
-def _manifest_writer(snapshot: str, options):
-    from .extract.manifest import ManifestWriter
-    return ManifestWriter.for_extract(snapshot, options.paths, options.excludes, options.strip_components)
-
-
-def _write_manifest(writer, path: str) -> None:
-    from .errors import TargetError
-    try:
-        writer.write_file(path)
-    except OSError as exc:
-        raise TargetError(f"cannot write the manifest: {exc.strerror or exc}", file=path) from None
 
 
 def _render_plan(work, list_: bool, as_json: bool) -> None:
