@@ -225,7 +225,7 @@ class ExtFileSystem(FileSystem):
                 tsk = self._fallback()
                 if tsk is None:
                     raise FileReadError(f"cannot list {path}: {exc}") from None
-                return tsk.listdir_inode(path, ino)
+                return self._remember(tsk.listdir_inode(path, ino))
         else:
             tsk = self._fallback()
             if tsk is None:
@@ -235,7 +235,7 @@ class ExtFileSystem(FileSystem):
         tsk = self._fallback()
         if tsk is not None:
             try:
-                out = tsk.listdir_inode(path, ino)
+                out = self._remember(tsk.listdir_inode(path, ino))
             except FileReadError:
                 pass
             else:
@@ -250,6 +250,13 @@ class ExtFileSystem(FileSystem):
         if problems:
             self._damaged_dirs[path] = "; ".join(problems)
         return out
+
+    def _remember(self, entries: list[Entry]) -> list[Entry]:
+        """Directories TSK listed for us: their own listings are ours again."""
+        for entry in entries:
+            if entry.kind == DIR and len(self._dir_inodes) < MAX_DIR_CACHE:
+                self._dir_inodes.setdefault(entry.path, entry.inode)
+        return entries
 
     def _check_dir(self, path: str, ino: int) -> None:
         """GuestPathError when the inode's mode names another type than a directory."""
