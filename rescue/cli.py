@@ -156,13 +156,13 @@ def inspect(snapshot: str = SnapshotArg, volume: Optional[str] = VolumeOpt, memb
             backend: str = BackendOpt, disk: List[str] = DiskOpt,
             as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")) -> None:
     """Show what is inside a snapshot: disk format, partitions, volumes, filesystems, and the guest OS."""
+    from . import api
     with _errors(snapshot):
-        with _open(snapshot, volume, member, backing, qsnap, backend, disks=disk) as snap:
-            data = snap.inspect()
+        report = api.inspect(snapshot, _options(volume, member, backing, qsnap, backend, disks=disk))
         if as_json:
-            _print_json(data)
+            _print_json(report.to_json())
             return
-        _render_inspect(data)
+        _render_inspect(report.to_json())
 
 
 def _render_inspect(data: dict) -> None:
