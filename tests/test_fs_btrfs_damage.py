@@ -176,11 +176,11 @@ def test_btrfs_progs_images_open_or_refuse_cleanly(real_dir, xz):
                 out.write(block)
         out.truncate()
     try:
-        fs = BtrfsFileSystem(FileSource(dst))
-    except RescueError as exc:
-        assert "\n" not in str(exc) and "Traceback" not in str(exc)
-        return
+        try:
+            fs = BtrfsFileSystem(FileSource(dst))
+        except RescueError as exc:
+            assert "\n" not in str(exc) and "Traceback" not in str(exc)
+            return
+        _exercise(fs, time.monotonic() + SECONDS_PER_IMAGE)
     finally:
-        pass
-    _exercise(fs, time.monotonic() + SECONDS_PER_IMAGE)
-    dst.unlink()
+        dst.unlink()   # some are 2 GiB (sparse)
