@@ -25,14 +25,13 @@ from __future__ import annotations
 
 import hashlib
 import os
-import shutil
 import stat as stat_mod
 import subprocess
 import tarfile
 import tempfile
 from dataclasses import dataclass, field
 from decimal import Decimal
-from typing import Any, BinaryIO, Callable, Iterator
+from typing import Any, BinaryIO, Callable
 
 from ..errors import RescueError, TargetError
 from ..fs.base import BLOCK, CHAR, DIR, FIFO, FILE, SOCKET, SYMLINK, FileReadError, FileSystem

@@ -12,7 +12,6 @@ Podman (libpod `boltdb_state.go`) keeps bucket "ctr" -> <container id> ->
 
 from __future__ import annotations
 
-import hashlib
 import struct
 from dataclasses import dataclass
 
