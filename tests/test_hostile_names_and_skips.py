@@ -55,3 +55,49 @@ def test_the_no_range_hint_keeps_the_archive_name(http_server, tmp_path):  # noq
         HttpSource(http_server.serve("dl/snapshot.tar.gz", snap) + "?X-Signature=abc")
     hint = caught.value.hint or ""
     assert hint.endswith("-o snapshot.tar.gz") and "snapshot.img" not in hint, hint
+
+
+def _dots_image(tmp_path: Path, name: bytes) -> Path:
+    """ext4 with directory /d holding a crafted extra entry named `name` ('.' or
+    '..'): mkfs.ext4 -d makes /d with files f and a, then a's entry is renamed."""
+    import shutil
+    import struct
+    import subprocess
+    for tool in ("mkfs.ext4", "debugfs"):
+        if shutil.which(tool) is None:
+            pytest.skip(f"needs {tool} (e2fsprogs)")
+    src = tmp_path / "src"
+    (src / "d").mkdir(parents=True)
+    (src / "d" / "f").write_bytes(b"kept\n")
+    (src / "d" / "a").write_bytes(b"renamed\n")
+    image = tmp_path / "dots.img"
+    with open(image, "wb") as f:
+        f.truncate(4 << 20)
+    subprocess.run(["mkfs.ext4", "-q", "-F", "-b", "1024", "-d", str(src), str(image)], check=True)
+    blocks = subprocess.run(["debugfs", "-R", "blocks /d", str(image)], capture_output=True, check=True)
+    block = int(blocks.stdout.split()[0])
+    data = bytearray(image.read_bytes())
+    pos = block * 1024
+    while pos < (block + 1) * 1024:
+        ino, rec_len, name_len, _ = struct.unpack_from("<IHBB", data, pos)
+        if data[pos + 8:pos + 8 + name_len] == b"a":
+            data[pos + 6] = len(name)
+            data[pos + 8:pos + 8 + len(name)] = name
+            break
+        pos += rec_len
+    else:
+        pytest.fail("entry 'a' not found in /d's block")
+    image.write_bytes(bytes(data))
+    return image
+
+
+@pytest.mark.parametrize("name", [b".", b".."], ids=["dot", "dotdot"])
+def test_a_crafted_dot_entry_is_reported_not_dropped_silently(tmp_path, name):
+    image = _dots_image(tmp_path, name)
+    res = rescue("extract", str(image), "-o", str(tmp_path / "out.tar"))
+    text = res.stderr.decode()
+    assert res.returncode == 1, text
+    assert f"an extra entry named {name.decode()!r}" in text and "skipped: /d:" in text, text
+    import tarfile
+    with tarfile.open(tmp_path / "out.tar") as tf:
+        assert tf.extractfile("d/f").read() == b"kept\n"   # the rest of the directory is rescued

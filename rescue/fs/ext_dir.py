@@ -73,6 +73,8 @@ class ExtDirReader:
         self.name = inodes.name
         self.block_size = inodes.block_size
         self.filetype = bool(inodes.sb.s_feature_incompat & INCOMPAT_FILETYPE)
+        self.crafted: dict[int, list[str]] = {}   # directory inode -> its extra "."/".." entries
+        self._ino = 0
 
     def may_be_dir(self, ino: int) -> bool:
         """False when the inode's mode names another type; a mode without a type
@@ -86,6 +88,7 @@ class ExtDirReader:
         its block skipped, as the kernel's readdir does."""
         inode = self.inodes.inode(ino)
         what = f"{self.name}: directory inode {ino}"
+        self._ino = ino
         if inode.i_flags & ENCRYPT_FL:
             raise DirectoryUnsupported(f"{what} is encrypted (i_flags={inode.i_flags:#x})")
         size = self.inodes.size_of(inode)
@@ -106,13 +109,19 @@ class ExtDirReader:
                 n = min(count - done, max(1, READ_CHUNK // bs))
                 data = self.inodes.read_blocks(pblk + done, n, f"{what} blocks")
                 for i in range(n):
-                    self._parse(data[i * bs:(i + 1) * bs], f"{what} block {lblk + done + i}", 0, out, problems)
+                    self._parse(data[i * bs:(i + 1) * bs], f"{what} block {lblk + done + i}", 0, out, problems,
+                                first_block=lblk + done + i == 0)
                 done += n
         return out
 
-    def _parse(self, block: bytes, where: str, base: int, out: list[DirEntry], problems: list[str] | None) -> None:
-        """Append the live entries of one directory block (or inline region)."""
+    def _parse(self, block: bytes, where: str, base: int, out: list[DirEntry], problems: list[str] | None,
+               first_block: bool = False) -> None:
+        """Append the live entries of one directory block (or inline region).
+        "." and ".." are the first two entries of block 0; any other entry with
+        such a name is crafted: not listed, and noted in `crafted` for the
+        filesystem to report (issue 14: never dropped silently)."""
         size = len(block)
+        entries = 0
         limit = self.inodes.inodes_count
         filetype = self.filetype
         big = self.block_size >= 65536
@@ -151,4 +160,8 @@ class ExtDirReader:
                 name = block[pos + HEADER_SIZE:pos + HEADER_SIZE + name_len]
                 if name != b"." and name != b"..":
                     out.append(DirEntry(name, ino, file_type))
+                elif not (first_block and entries < 2):
+                    self.crafted.setdefault(self._ino, []).append(f"{where}: entry at offset {base + pos}: an extra entry named "
+                                        f"{name.decode()!r} (inode {ino}) cannot be a file name; not listed")
+                entries += 1
             pos += rec_len
