@@ -194,6 +194,9 @@ class ExtFileSystem(FileSystem):
 
     def _listdir_native(self, path: str, ino: int, problems: list[str] | None = None) -> list[Entry]:
         entries = self._dirs.entries(ino, problems)
+        for text in self._dirs.crafted.pop(ino, ()):   # extra "."/".." entries: reported, not dropped silently
+            self._warn_once(f"{text} (directory {path})")
+            self._damaged_dirs[path] = text
         built: list[Entry | None] = [None] * len(entries)
         prefix = path.rstrip("/") + "/"
         # Inodes visited in inode order, listed in directory order: an htree
