@@ -113,3 +113,23 @@ def test_a_path_on_the_mounted_volume_starts_it_once(server, var_needs_the_appli
     assert starts == [1]
     assert any("starting the libguestfs appliance" in n for n in notes) and \
         any("appliance ready after" in n for n in notes), notes
+
+
+def test_without_libguestfs_the_volume_is_named_as_unreadable(server, monkeypatch):
+    import rescue.fs.guestfs as guestfs_backend
+    import rescue.guest.snapshot as snapshot
+    from rescue.errors import FilesystemError
+    from rescue.extract.run import ExtractOptions, plan
+    from rescue.guest import Snapshot
+
+    monkeypatch.setattr(snapshot, "GUESTFS_ONLY", snapshot.GUESTFS_ONLY | {"ext2"})
+    monkeypatch.setattr(guestfs_backend, "guestfs_unavailable", lambda: "the libguestfs Python bindings are "
+                                                                        "not installed")
+    with Snapshot(str(server)) as snap:
+        fs = snap.filesystem()
+        assert plan(fs, ExtractOptions(paths=["/etc"])).skipped == []
+        with pytest.raises(FilesystemError, match="volume 2 holds ext2, which no reader here can open: only "
+                                                  "libguestfs reads it, and here the libguestfs Python bindings"):
+            plan(fs, ExtractOptions(paths=["/var/lib"]))
+        whole = plan(fs, ExtractOptions(paths=["/"]))
+        assert [(s.path, "no reader here can open" in s.reason) for s in whole.skipped] == [("/var", True)]

@@ -209,8 +209,8 @@ class Snapshot:
         opener = getattr(guestfs_backend, "open_volume", None)
         why_not = getattr(guestfs_backend, "guestfs_unavailable", lambda: "not installed")() if opener else "missing"
         if why_not:
-            raise FilesystemError(f"volume {volume.id} is {volume.filesystem or 'unknown'}, which needs the "
-                                  "libguestfs backend, and libguestfs is not installed here",
+            raise FilesystemError(f"volume {volume.id} holds {volume.filesystem or 'unknown content'}, which no "
+                                  f"reader here can open: only libguestfs reads it, and here {why_not}",
                                   file=self.spec, hint=_guestfs_hint())
         # One appliance start (18-55 s) serves every volume that needs it: open
         # them together, so a root and a separate /var on XFS cost one start.
