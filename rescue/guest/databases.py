@@ -137,6 +137,8 @@ def _postgres(fs: FileSystem, path: str, names: dict[str, Entry]) -> Database:
     pid = "postmaster.pid" in names
     if state is None:
         db.state = "control file unreadable: state unknown"
+    elif state not in PG_STATES:   # not a pg_control PostgreSQL wrote (damaged, or a stand-in file)
+        db.state = f"control file holds no known cluster state ({state}): state unknown"
     elif state in PG_CLEAN and not pid:
         db.clean, db.state = True, "shut down cleanly"
     else:
