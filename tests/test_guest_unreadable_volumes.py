@@ -1,6 +1,7 @@
 """A volume no reader can open is named as such: never "no such file or
 directory" for the paths on it, never The Sleuth Kit's "Possible encryption
-detected (High entropy)" guess. Real disks: GPT by sgdisk, an ext4 root by
+detected (High entropy)" guess; `inspect` shows used/free of every volume a
+reader opens. Real disks: GPT by sgdisk, an ext4 root by
 mkfs.ext4 -d whose fstab mounts /var from an XFS partition (mkfs.xfs), read
 with --backend tsk (TSK has no XFS); a partition of random bytes."""
 
@@ -81,6 +82,10 @@ def test_random_bytes_are_unrecognised_content_not_encryption(disk):
     data = json.loads(res.stdout)
     rows = {v["id"]: v for v in data["volumes"]}
     assert rows["2"]["filesystem"] == "xfs" and rows["2"].get("backend") == "xfs"   # read natively by default
+    # used and free as the reader counts them, for XFS as for ext4 (the probe knows ext's only)
+    for vid in ("1", "2"):
+        details = rows[vid]["details"]
+        assert details["used"] > 0 and details["free"] > 0 and details["used"] + details["free"] <= rows[vid]["size"]
     assert "encryption" not in res.stdout.lower() and "entropy" not in res.stdout.lower()
     # asked of The Sleuth Kit alone, the random partition is what it is
     with pytest.raises(Exception) as raised:
