@@ -67,8 +67,9 @@ PartialOpt = typer.Option(False, "--partial", help="Read a truncated image anywa
 def _options(volume, member, backing, snapshot, backend, partial=False, disks=()):
     from .guest import SnapshotOptions
     return SnapshotOptions(volume=volume, member=member, backing=backing, snapshot=snapshot, backend=backend,
-                           partial=partial, extra_disks=list(disks), status=lambda text: err.print(f"[dim]{text}...[/dim]"),
-                           progress=_IndexProgress())
+                           partial=partial, extra_disks=list(disks), progress=_IndexProgress(),
+                           # a library's message may hold [brackets]: never rich markup
+                           status=lambda text: err.print(f"{_visible(text)}...", style="dim", markup=False))
 
 
 class _IndexProgress:
