@@ -101,3 +101,18 @@ def test_a_crafted_dot_entry_is_reported_not_dropped_silently(tmp_path, name):
     import tarfile
     with tarfile.open(tmp_path / "out.tar") as tf:
         assert tf.extractfile("d/f").read() == b"kept\n"   # the rest of the directory is rescued
+
+
+def test_a_name_too_long_for_the_target_is_reported_as_not_written(tmp_path):
+    """A 300-byte name (btrfs and XFS images may hold what the target's
+    255-byte NAME_MAX refuses): reported as not written (exit 1), not as
+    damage, and no temporary file is left behind."""
+    from rescue.extract.base import Item, NotWritten
+    from rescue.extract.dir_sink import DirectorySink
+    from rescue.fs.base import FILE, Entry
+    sink = DirectorySink(str(tmp_path / "out"))
+    entry = Entry(path="/" + "x" * 300, kind=FILE, mode=0o644)
+    with pytest.raises(NotWritten, match="refuses it"):
+        sink.add(Item(name="x" * 300, entry=entry))
+    sink.close()
+    assert list((tmp_path / "out").iterdir()) == []

@@ -159,6 +159,9 @@ class DirectorySink(Sink):
         except OSError as exc:
             if exc.errno in (errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EIO):
                 raise self._target_error(exc, path) from None
+            if exc.errno in (errno.ENAMETOOLONG, errno.EILSEQ, errno.EINVAL):   # the target's limits, not damage
+                raise NotWritten(f"name not written: the target filesystem refuses it ({exc.strerror}); "
+                                 "a tar target keeps it") from None
             raise FileReadError(f"cannot create {item.name}: {exc.strerror or exc}") from None
         self._apply_metadata(path, item)
 
