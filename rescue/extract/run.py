@@ -191,7 +191,7 @@ def extract(fs: FileSystem, sink: Sink, options: ExtractOptions, *,
     work = planned or plan(fs, options)
     report = Report(skipped=list(work.skipped))
     first_name: dict[tuple[int, int], str] = {}
-    done_bytes = 0
+    done_bytes = written = 0
     try:
         for planned_item in work.items:
             entry, name = planned_item.entry, planned_item.name
@@ -201,8 +201,9 @@ def extract(fs: FileSystem, sink: Sink, options: ExtractOptions, *,
                     manifest.skip(name, "socket: sockets cannot be archived")
                 continue
             item = Item(name=name, entry=entry, user=users.get(entry.uid), group=groups.get(entry.gid))
-            key = (getattr(entry, "dev", 0), entry.inode)
-            is_repeat = entry.kind != DIR and entry.nlink > 1 and key in first_name
+            linked = entry.nlink > 1 and entry.kind != DIR   # (dev, inode) looked up only for these
+            key = (getattr(entry, "dev", 0), entry.inode) if linked else None
+            is_repeat = linked and key in first_name
             if is_repeat:
                 item.hardlink_to = first_name[key]
             if options.xattrs:
@@ -231,7 +232,7 @@ def extract(fs: FileSystem, sink: Sink, options: ExtractOptions, *,
                 continue
             if manifest is not None:
                 manifest.written(item)
-            if entry.kind != DIR and entry.nlink > 1 and not is_repeat:
+            if linked and not is_repeat:
                 first_name[key] = name
             if is_repeat:
                 report.links += 1
@@ -245,8 +246,9 @@ def extract(fs: FileSystem, sink: Sink, options: ExtractOptions, *,
                 report.links += 1
             else:
                 report.others += 1
+            written += 1
             if progress:
-                progress(done_bytes, report.entries, entry.path)
+                progress(done_bytes, written, entry.path)
         for extra in trailer or []:
             if any(p.name == extra.name for p in work.items):
                 report.warnings.append(f"the selection holds {extra.name} already; ours was not written")
