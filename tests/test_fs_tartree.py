@@ -181,3 +181,16 @@ def test_a_truncated_tree_archive_rescues_what_it_holds(root, tmp_path):
     assert b"damaged" in res.stderr and b"Traceback" not in res.stderr
     got = tar_view(out).recs
     assert got["etc/passwd"].sha == dir_view(root).recs["etc/passwd"].sha and "home/alice/notes.txt" in got
+
+
+def test_the_walked_table_is_cached_and_gives_the_same_tree(archives, tmp_path, monkeypatch):
+    monkeypatch.setenv("RESCUE_CACHE_DIR", str(tmp_path / "cache"))
+    views = []
+    for i in range(2):
+        out = tmp_path / f"out{i}.tar"
+        res = rescue("extract", str(archives.get("plain.tar.zst") or archives["dot.tar.gz"]), "-o", str(out))
+        assert res.returncode == 0, explain(res)
+        views.append(tar_view(out))
+        if i == 0:
+            assert list((tmp_path / "cache").rglob("tree-v1.json")), "no cached table after the first open"
+    assert views[0].recs == views[1].recs and views[0].links == views[1].links

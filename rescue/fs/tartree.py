@@ -16,6 +16,7 @@ where the root is ("" or "rootfs/"); `detect` also recognises one by content.
 
 from __future__ import annotations
 
+import base64
 import decimal
 import struct
 import tarfile
@@ -23,6 +24,7 @@ from typing import Iterator
 
 from ..errors import FilesystemError, GuestPathError
 from ..source.base import DATA, ZERO, ByteSource, Run
+from ..source.cache import IndexCache
 from ..source.fileobj import SourceFile
 from .base import BLOCK, CHAR, DIR, FIFO, FILE, SYMLINK, Entry, FileReadError, FileSystem, FsInfo, normalize
 
@@ -37,6 +39,7 @@ _ACL_TAGS = {"user": (ACL_USER_OBJ, ACL_USER), "u": (ACL_USER_OBJ, ACL_USER),
              "mask": (ACL_MASK, ACL_MASK), "m": (ACL_MASK, ACL_MASK),
              "other": (ACL_OTHER, ACL_OTHER), "o": (ACL_OTHER, ACL_OTHER)}
 PROBE_MEMBERS = 5000   # headers walked by detect() when no source layer said "root tree"
+TREE_CACHE = "tree-v1.json"   # the walked table, cached beside the archive's seek index
 
 
 def acl_text_to_xattr(text: str) -> bytes | None:
@@ -86,17 +89,22 @@ def _clean(name: str) -> str:
     return name.rstrip("/") if name not in (".", "") else ""
 
 
-def _tree_prefix(source: ByteSource) -> str | None:
-    """The root prefix the source layer found, looking through windows and disks."""
+def _tree_source(source: ByteSource):
+    """The source layer's TarTreeSource under `source` (through windows and disks), or None."""
     seen = 0
     while source is not None and seen < 12:
-        prefix = getattr(source, "tar_tree_prefix", None)
-        if prefix is not None:
-            return prefix
+        if getattr(source, "tar_tree_prefix", None) is not None:
+            return source
         source = next((getattr(source, a) for a in ("parent", "source", "inner")
                        if getattr(source, a, None) is not None and getattr(source, a) is not source), None)
         seen += 1
     return None
+
+
+def _tree_prefix(source: ByteSource) -> str | None:
+    """The root prefix the source layer found."""
+    tree = _tree_source(source)
+    return None if tree is None else tree.tar_tree_prefix
 
 
 def _is_tar(source: ByteSource) -> bool:
@@ -142,9 +150,15 @@ class TarTreeFileSystem(FileSystem):
         if self.prefix is None:
             from ..source.archive import root_tree_prefix
             self.prefix = root_tree_prefix(self._names()) or ""
-        self._dir("/", synthetic=True, inode=1)
-        members = self._walk()
-        self._count_links()
+        tree = _tree_source(source)
+        # A big container backup takes a minute to walk: the table is cached like the seek index.
+        self._cache = IndexCache(tree) if tree is not None and tree.size == source.size else None
+        members = self._load()
+        if members is None:
+            self._dir("/", synthetic=True, inode=1)
+            members = self._walk()
+            self._count_links()
+            self._store(members)
         used = sum(r.length for runs in self._runs.values() for r in runs if r.kind == DATA)
         self.info = FsInfo(type="tar", block_size=512, size=source.size, used=used, free=0,
                            details={"members": members, "root": self.prefix or "./"})
@@ -306,6 +320,49 @@ class TarTreeFileSystem(FileSystem):
                 e.nlink = 2 + sum(1 for c in self._children.get(e.path, {}) if self._entries[c].kind == DIR)
             else:
                 e.nlink = counts[e.inode]
+
+    # -- the cached table --------------------------------------------------------------
+    def _store(self, members: int) -> None:
+        if self._cache is None or not self._cache.enabled:
+            return
+        rows = []
+        for e in self._entries.values():
+            xattrs = self._xattrs.get(e.inode)
+            rows.append([e.path, e.kind, e.mode, e.uid, e.gid, e.size, e.mtime_ns, e.atime_ns, e.ctime_ns,
+                         e.nlink, e.inode, e.link_target, list(e.rdev) if e.rdev else None,
+                         {k: base64.b64encode(v).decode() for k, v in (xattrs or {}).items()}])
+        runs = {str(i): [[r.offset, r.length, r.kind, r.where] for r in rs] for i, rs in self._runs.items()}
+        self._cache.store_json(TREE_CACHE, {"prefix": self.prefix, "members": members, "damage": self._damage,
+                                            "next_inode": self._next_inode, "entries": rows, "runs": runs})
+
+    def _load(self) -> int | None:
+        if self._cache is None:
+            return None
+        data = self._cache.load_json(TREE_CACHE)
+        if not data or data.get("prefix") != self.prefix:
+            return None
+        try:
+            for (path, kind, mode, uid, gid, size, mtime, atime, ctime, nlink, inode, target, rdev,
+                 xattrs) in data["entries"]:
+                self._xattrs[inode] = {k: base64.b64decode(v) for k, v in xattrs.items()}
+                entry = Entry(path=path, kind=kind, mode=mode, uid=uid, gid=gid, size=size, mtime_ns=mtime,
+                              atime_ns=atime, ctime_ns=ctime, nlink=nlink, inode=inode, link_target=target,
+                              rdev=tuple(rdev) if rdev else None, xattrs=self._xattrs[inode])
+                self._entries[path] = entry
+                if kind == DIR:
+                    self._children.setdefault(path, {})
+                if path != "/":
+                    self._children.setdefault(path.rsplit("/", 1)[0] or "/", {})[path] = None
+            self._runs = {int(i): [Run(o, n, k, w) for o, n, k, w in rs] for i, rs in data["runs"].items()}
+            self._damage = data.get("damage")
+            self._next_inode = data.get("next_inode", self._next_inode)
+            return int(data["members"])
+        except (KeyError, TypeError, ValueError):
+            self._entries.clear()      # a damaged cache entry is rebuilt, never trusted
+            self._children.clear()
+            self._runs.clear()
+            self._xattrs.clear()
+            return None
 
     # -- FileSystem ------------------------------------------------------------------
     def stat(self, path: str) -> Entry:
