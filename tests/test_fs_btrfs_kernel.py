@@ -223,3 +223,20 @@ def test_a_data_copy_failing_its_checksum_is_read_from_the_other(work):
         both = BtrfsFileSystem(Patched(source, {copies[0][1] + 100: b"XXXX", copies[1][1] + 100: b"XXXX"}))
         with pytest.raises(FileReadError, match="data checksum mismatch .* in every copy"):
             b"".join(both.read_chunks(both.stat(f"/{name}")))
+
+
+@pytest.mark.parametrize("profile,count,meta", [("raid5", 3, "raid1c3"), ("raid6", 4, "raid1c4")])
+def test_raid56_with_a_device_missing_rebuilds_from_parity(work, profile, count, meta):
+    """Every device but one: data on the missing one is rebuilt from the other
+    stripes of its row and P (metadata on every device, so the trees open)."""
+    images = [work / f"{profile}-deg-{i}.img" for i in range(count)]
+    mkfs(images[0], "300M", "-d", profile, "-m", meta, devices=images[1:])
+    with mounted(images[0], work / "mnt", "", extra=images[1:]) as mnt:
+        btrfs_trees.populate(mnt, small=True)
+    with mounted(images[0], work / "mnt", "ro", extra=images[1:]) as mnt:
+        want = btrfs_trees.kernel_view(mnt)
+    sources = [FileSource(p) for p in images]
+    for missing in range(count):
+        present = [s for i, s in enumerate(sources) if i != missing]
+        fs = BtrfsFileSystem(present[0], devices=present[1:])
+        assert differences(want, reader_view(fs)) == [], f"device {missing + 1} missing"

@@ -295,7 +295,12 @@ class BtrfsVolume:
         for n, copies in self.map(logical, length):
             present = [c for c in copies if c[0] in self.devices]
             if not present:
-                raise MappingError(self.missing(copies[0][0]))
+                rebuilt = self._rebuild(logical, n)
+                if rebuilt is None:
+                    raise MappingError(self.missing(copies[0][0]))
+                parts.append(rebuilt)
+                logical += n
+                continue
             order = [present[mirror % len(present)]] if mirror is not None else present
             problem = ""
             for devid, phys in order:
@@ -311,7 +316,33 @@ class BtrfsVolume:
                            "image (truncated?)")
             else:
                 raise MappingError(problem)
+            logical += n
         return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def _rebuild(self, logical: int, n: int) -> bytes | None:
+        """RAID5/6 data on a missing device, rebuilt from the other data
+        stripes of its row and the P parity (their XOR); None when another
+        device of the row is missing too (RAID6's Q syndrome is not used)."""
+        c = self._chunk(logical)
+        if c.profile not in (S.BG_RAID5, S.BG_RAID6):
+            return None
+        count = len(c.stripes)
+        data_stripes = count - (1 if c.profile == S.BG_RAID5 else 2)
+        stripe_nr, within = divmod(logical - c.logical, c.stripe_len)
+        idx, row = stripe_nr % data_stripes, stripe_nr // data_stripes
+        # the row's stripes rotate: data i on stripe (i + row) % count, P right after the data
+        others = [(i + row) % count for i in range(data_stripes) if i != idx] + [(data_stripes + row) % count]
+        acc = 0
+        for k in others:
+            devid, base = c.stripes[k]
+            source = self.devices.get(devid)
+            if source is None:
+                return None
+            data = source.read(base + row * c.stripe_len + within, n)
+            if len(data) != n:
+                return None
+            acc ^= int.from_bytes(data, "little")
+        return acc.to_bytes(n, "little")
 
     def physical_runs(self, logical: int, length: int) -> list[tuple[int, int | None]]:
         """[(length, offset on self.source or None)] for a data range: where the
