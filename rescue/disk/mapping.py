@@ -263,8 +263,9 @@ class MappedDisk(DiskImage):
 
     # -- truncation -----------------------------------------------------------
 
-    TRUNCATION_WINDOW = 256 << 20   # virtual bytes mapped per step while checking
-    TRUNCATION_MAX_PIECES = 500_000   # bound on the walk's work for absurd maps
+    TRUNCATION_WINDOW = 1 << 30      # virtual bytes mapped per step while checking
+    TRUNCATION_MAX_PIECES = 500_000   # bounds on the walk's work for absurd maps (a fuzzer's
+    TRUNCATION_MAX_STEPS = 16_384     # find); real disks of up to 16 TiB stay well inside
 
     def truncation(self) -> "Truncation | None":
         """What an interrupted download cut off: every table, data cluster or
@@ -275,7 +276,9 @@ class MappedDisk(DiskImage):
         have = self.data_source.size if self.data_source is not None else 0
         base_step = self.span if self.span else self.TRUNCATION_WINDOW
         step, pieces, pos = base_step, 0, 0
-        while pos < self.size and pieces < self.TRUNCATION_MAX_PIECES:
+        steps = 0
+        while pos < self.size and pieces < self.TRUNCATION_MAX_PIECES and steps < self.TRUNCATION_MAX_STEPS:
+            steps += 1
             n = min(step, self.size - pos)
             stored = False
             try:
