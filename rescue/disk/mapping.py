@@ -78,12 +78,15 @@ class Truncation(NamedTuple):
 
     def describe(self, what: str) -> str:
         from ..units import human_size
-        short = self.needed - self.file_size
-        tables = f"; {self.missing_tables} table or block ranges past the end" if self.missing_tables else ""
-        more = "at least " if self.missing_tables else ""
-        return (f"the {what} is truncated: its tables point up to byte {self.needed} but the file ends at "
-                f"{self.file_size} ({more}{human_size(short)} missing{tables}); "
-                f"{human_size(self.lost_virtual)} of the virtual disk are lost")
+        short = human_size(max(self.needed - self.file_size, 0))
+        if self.missing_tables:   # what a missing table maps is unknown: bounds, not amounts
+            return (f"the {what} is truncated: the file ends at {self.file_size} bytes, {self.missing_tables} "
+                    f"table or block ranges lie past that and its data reaches at least byte {self.needed} "
+                    f"(at least {short} missing); up to {human_size(self.lost_virtual)} of the virtual disk "
+                    f"are lost")
+        return (f"the {what} is truncated: its data reaches byte {self.needed} but the file ends at "
+                f"{self.file_size} ({short} missing); {human_size(self.lost_virtual)} of the virtual disk "
+                f"are lost")
 
 
 def _host_range(p: "Piece") -> tuple[int | None, int | None, Any]:
