@@ -222,3 +222,33 @@ def test_copy_file_range_into_a_directory_target_writes_the_same_files(images, t
     assert {k: v[0] for k, v in fast.items()} == {k: v[0] for k, v in slow.items()}
     assert fast["sparse"][1] < MiB and len(fast["sparse"][0]) == 8 * MiB + 70_000   # the hole stayed one
     assert fast["big.bin"][0] == _file(images, "/big.bin")
+
+
+def test_files_of_a_guest_tree_of_mounts_go_through_the_kernel_too(images, monkeypatch):
+    """A guest whose /etc/fstab mounts a second filesystem (MergedFileSystem):
+    the files of both are copied from the image file, byte-identical."""
+    from rescue.guest.merged import MergedFileSystem
+    from rescue.extract.tar_sink import TarSink as Sink
+    outs = {}
+    for kernel in (True, False):
+        monkeypatch.setattr(zerocopy, "AVAILABLE", kernel)
+        root, src1 = _open(images, "vol")
+        home, src2 = _open(images, "disk")
+        tree = MergedFileSystem(root, {"/d": home})
+        try:
+            if kernel:
+                assert zerocopy.plain_pieces(tree, tree.stat("/d/big.bin")) is not None
+                assert zerocopy.plain_pieces(tree, tree.stat("/big.bin")) is not None
+            r, w = os.pipe()
+            got: list[bytes] = []
+            reader = threading.Thread(target=lambda: got.append(_drain(r)))
+            reader.start()
+            with open(w, "wb") as stream:
+                extract(tree, Sink(stream), ExtractOptions(paths=["/"]))
+            reader.join()
+            outs[kernel] = got[0]
+        finally:
+            for fs, src in ((root, src1), (home, src2)):
+                fs.close()
+                src.close()
+    assert outs[True] == outs[False] and len(outs[True]) > 6 * MiB

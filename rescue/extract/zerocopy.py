@@ -67,6 +67,10 @@ def locate(source: ByteSource, offset: int, length: int) -> list[Piece] | None:
 
 def plain_pieces(fs: FileSystem, entry: Entry) -> list[Piece] | None:
     """The whole file as pieces of local files (holes as HOLE pieces), or None."""
+    route = getattr(fs, "_inner", None)   # the guest's tree of mounts: ask the filesystem holding it
+    if route is not None and getattr(fs, "backend", None) == "merged":
+        inner_fs, inner_entry = route(entry)
+        return plain_pieces(inner_fs, inner_entry)
     source = getattr(fs, "source", None)
     if not AVAILABLE or source is None or not fs._has_runs():
         return None

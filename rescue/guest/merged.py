@@ -50,10 +50,17 @@ class MergedFileSystem(FileSystem):
         return _with(entry, path=path, dev=dev)
 
     def _inner(self, entry: Entry) -> tuple[FileSystem, Entry]:
+        # The same inner Entry object for one file asked about in a row (sparse
+        # map, read, kernel copy), so the reader's file_runs memo holds.
+        last = self.__dict__.get("_last_inner")
+        if last is not None and last[0] is entry and last[1] == (entry.path, entry.dev, entry.size):
+            return last[2]
         fs, inner, dev = self._route(normalize(entry.path))
         if entry.dev != dev:
             raise GuestPathError(f"{entry.path} does not belong to this tree (dev {entry.dev}, expected {dev})")
-        return fs, _with(entry, path=inner, dev=0)
+        found = fs, _with(entry, path=inner, dev=0)
+        self._last_inner = (entry, (entry.path, entry.dev, entry.size), found)
+        return found
 
     # -- FileSystem ----------------------------------------------------------
 
