@@ -20,7 +20,7 @@ from rescue.disk import open_disk
 from rescue.errors import (DamagedRange, DiskFormatError, FilesystemError, RescueError, SourceError,
                            classify, describe)
 from rescue.source import open_source
-from rescue.source.archive import list_members
+from rescue.source.archives import list_members
 from rescue.source.base import BytesSource, FileSource
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -16,8 +16,9 @@ import pytest
 
 from rescue.errors import SourceError
 from rescue.source import open_relative, open_source, runs
-from rescue.source import compressed
-from rescue.source.archive import list_members
+from rescue.source.codecs import base as compressed
+from rescue.source.codecs.gzip import GzipSource
+from rescue.source.archives import list_members
 
 MiB = 1 << 20
 
@@ -474,7 +475,7 @@ def test_tar_gz_over_http_reads_like_the_bare_disk(archives, disk):
 def test_gzip_index_widens_its_spacing_when_the_disk_is_bigger_than_guessed(archives, disk,
                                                                               monkeypatch):
     """Memory stays bounded: more seek points than allowed -> rebuilt wider."""
-    monkeypatch.setattr(compressed.GzipSource, "MAX_POINTS", 1)
+    monkeypatch.setattr(GzipSource, "MAX_POINTS", 1)
     builds = compressed.STATS["index_builds"]
     source = open_source(archives["gz"])
     try:
@@ -496,7 +497,7 @@ def test_gzip_spacing_comes_from_the_tar_header_not_the_compressed_size(tmp_path
     try:
         gz = source.archive.inner
         assert source.size == 16 << 30
-        assert gz._spacing == (16 << 30) // compressed.GzipSource.TARGET_POINTS
+        assert gz._spacing == (16 << 30) // GzipSource.TARGET_POINTS
         assert source.read(5 << 30, 4096) == bytes(4096)
     finally:
         source.close()

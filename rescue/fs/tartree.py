@@ -10,7 +10,7 @@ stdlib `tarfile` (every GNU/pax/sparse variant); file data is never copied: each
 file's runs point at where its bytes lie in the (decompressed) tar stream, so reads
 go through the archive's random-access index like any other volume's.
 
-The source layer (source/archive.py, TarTreeSource) decides a tar is a root tree and
+The source layer (source/archives/, TarTreeSource) decides a tar is a root tree and
 where the root is ("" or "rootfs/"); `detect` also recognises one by content.
 """
 
@@ -123,7 +123,7 @@ class TarTreeFileSystem(FileSystem):
             return False
         if _tree_prefix(source) is not None:
             return True
-        from ..source.archive import root_tree_prefix
+        from ..source.archives.tar import root_tree_prefix
         names = []
         try:
             tf = tarfile.open(fileobj=SourceFile(source), mode="r:")
@@ -148,7 +148,7 @@ class TarTreeFileSystem(FileSystem):
         self._next_inode = 2
         self.prefix = _tree_prefix(source)
         if self.prefix is None:
-            from ..source.archive import root_tree_prefix
+            from ..source.archives.tar import root_tree_prefix
             self.prefix = root_tree_prefix(self._names()) or ""
         tree = _tree_source(source)
         # A big container backup takes a minute to walk: the table is cached like the seek index.

@@ -7,7 +7,7 @@ import os
 from typing import Callable
 
 from ..errors import SourceError, classify
-from .archive import open_archive
+from .archives import open_archive
 from .base import ByteSource, FileSource
 from .block import BlockDeviceSource, is_block_device
 from .bundle import bundle_descriptor, open_bundle

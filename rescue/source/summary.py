@@ -27,3 +27,14 @@ class ArchiveSummary(dict):
 
 
 CODEC_SUFFIX = {"gzip": "gz", "zstd": "zst", "xz": "xz", "bzip2": "bz2"}
+
+
+def with_outer(info: ArchiveSummary, notes: list[str], outer) -> ArchiveSummary:
+    """`info` with the reader's notes and, when `outer` (the source it was read
+    from) is itself inside an archive, what that archive is."""
+    if notes:
+        info["notes"] = list(notes)
+    describe_outer = getattr(outer, "archive_info", None)
+    if describe_outer is not None:
+        info["inside"] = describe_outer()
+    return info

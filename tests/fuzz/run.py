@@ -28,8 +28,8 @@ with atheris.instrument_imports(include=["rescue"]):
     import rescue.disk
     import rescue.disk.mapping
     import rescue.fs.base
-    import rescue.source.archive
-    import rescue.source.compressed
+    import rescue.source.archives
+    import rescue.source.codecs
     import rescue.volume
     import rescue.volume.lvm
     import rescue.volume.partitions
@@ -37,6 +37,10 @@ with atheris.instrument_imports(include=["rescue"]):
     import targets
     for _format in rescue.disk.FORMATS:
         import_module(f"rescue.disk.{_format}")
+    for _codec in rescue.source.codecs.CODECS:
+        import_module(f"rescue.source.codecs.{_codec}")
+    for _format in rescue.source.archives.FORMATS:
+        import_module(f"rescue.source.archives.{_format}")
     for _spec, _ in targets.FS_BASES.values():
         try:
             targets._reader(_spec)

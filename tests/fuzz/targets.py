@@ -80,7 +80,7 @@ def container(data: bytes) -> None:
 
 def archive(data: bytes) -> None:
     """tar (plain, gz, zst, xz, bz2), zip and bare compressed streams."""
-    from rescue.source.archive import describe_archive, open_archive
+    from rescue.source.archives import describe_archive, open_archive
     try:
         describe_archive(BytesSource(data, name="fuzz.tar"))
     except EXPECTED:

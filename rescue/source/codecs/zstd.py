@@ -1,0 +1,132 @@
+"""zstd (RFC 8878 frames) through python-zstandard. The frame table is found
+by hopping over block headers (no decoding unless a frame does not state its
+size) and cached."""
+
+from __future__ import annotations
+
+from construct import BitsInteger, BitStruct, Flag
+
+from ..base import ByteSource, Window
+from ..fileobj import SourceFile
+from .base import CompressedSource, Progress
+from .framed import FramedStreamSource
+
+NAME = "zstd"
+
+
+def detect(source: ByteSource) -> bool:
+    return source.read(0, 4) == b"\x28\xb5\x2f\xfd"
+
+
+def open(source: ByteSource, *, cache=None, progress: Progress | None = None, name: str | None = None,   # noqa: A001
+         cache_name: str = "stream", **_ignored) -> CompressedSource:
+    return ZstdSource(source, cache=cache, progress=progress, name=name, cache_name=cache_name)
+
+
+# RFC 8878 3.1.1.1.1: Frame_Header_Descriptor, most significant bit first.
+ZstdFrameHeaderDescriptor = BitStruct(
+    "fcs_flag" / BitsInteger(2),
+    "single_segment" / Flag,
+    "unused" / Flag,
+    "reserved" / Flag,
+    "checksum" / Flag,
+    "dict_id_flag" / BitsInteger(2),
+)
+ZSTD_MAGIC = 0xFD2FB528
+ZSTD_SKIPPABLE_MASK, ZSTD_SKIPPABLE = 0xFFFFFFF0, 0x184D2A50
+
+
+class ZstdSource(FramedStreamSource):
+    """zstd through python-zstandard. Frames are found by hopping over block
+    headers (RFC 8878 3.1.1.2), not by decoding; a frame without a content
+    size in its header is decoded once to measure it."""
+
+    codec = "zstd"
+
+    def _reader(self, frame_source: ByteSource):
+        import zstandard
+        return zstandard.ZstdDecompressor(max_window_size=1 << 31).stream_reader(
+            SourceFile(frame_source), read_size=1 << 20, read_across_frames=False)
+
+    def _walk(self, progress: Progress | None) -> list[tuple[int, int, int, int]]:
+        total = self.source.size
+        frames = []
+        pos, out = 0, 0
+        while pos < total:
+            head = self.source.read(pos, 18)
+            magic = int.from_bytes(head[:4], "little")
+            if magic & ZSTD_SKIPPABLE_MASK == ZSTD_SKIPPABLE and len(head) >= 8:
+                pos += 8 + int.from_bytes(head[4:8], "little")
+                continue
+            if magic != ZSTD_MAGIC:
+                if not self.source.read(pos, 1 << 16).strip(b"\0"):
+                    break  # zero padding after the last frame
+                raise self._error(f"zstd frame expected at byte {pos}, found {head[:4].hex()}",
+                                  hint="the file is damaged or not zstd")
+            start = pos
+            content_size, pos = self._frame_header(head, pos)
+            pos = self._skip_blocks(start, pos, total, progress)
+            if content_size is None:
+                content_size = self._measure(start, pos - start)
+            frames.append((start, pos - start, out, content_size))
+            out += content_size
+        return frames
+
+    def _frame_header(self, head: bytes, pos: int) -> tuple[int | None, int]:
+        if len(head) < 6:
+            raise self._error(f"zstd stream truncated at byte {pos} (frame header)",
+                              hint="re-download the snapshot and compare its checksum")
+        fhd = ZstdFrameHeaderDescriptor.parse(head[4:5])
+        at = 5 + (0 if fhd.single_segment else 1) + (0, 1, 2, 4)[fhd.dict_id_flag]
+        fcs_len = (1 if fhd.single_segment else 0, 2, 4, 8)[fhd.fcs_flag]
+        size = int.from_bytes(head[at:at + fcs_len], "little") if fcs_len else None
+        if fcs_len == 2:
+            size += 256
+        self._checksum = fhd.checksum
+        return size, pos + at + fcs_len
+
+    def _skip_blocks(self, start: int, pos: int, total: int, progress: Progress | None) -> int:
+        buf, buf_at = b"", pos
+        reported = pos
+        while True:  # one step per block (<= 128 KiB): this is the index build, not the data path
+            if pos + 3 > buf_at + len(buf):
+                buf, buf_at = self.source.read(pos, 1 << 20), pos
+            header = buf[pos - buf_at:pos - buf_at + 3]
+            if len(header) < 3:
+                raise self._error(f"zstd stream truncated at byte {pos} (frame starting at "
+                                  f"{start} is incomplete)",
+                                  hint="re-download the snapshot and compare its checksum")
+            value = int.from_bytes(header, "little")
+            last, kind, size = value & 1, (value >> 1) & 3, value >> 3
+            if kind == 3:
+                raise self._error(f"zstd data is corrupt at byte {pos}: reserved block type",
+                                  hint="re-download the snapshot and compare its checksum")
+            pos += 3 + (1 if kind == 1 else size)
+            if last:
+                pos += 4 if self._checksum else 0
+                break
+            if progress and pos - reported >= 16 << 20:
+                reported = pos
+                progress(min(pos, total), total)
+        if pos > total:
+            raise self._error(f"zstd stream truncated: the frame at byte {start} needs {pos} "
+                              f"bytes, the file has {total}",
+                              hint="re-download the snapshot and compare its checksum")
+        if progress:
+            progress(pos, total)
+        return pos
+
+    def _measure(self, start: int, length: int) -> int:
+        """Decode a frame that does not state its size (`zstd` fed from a pipe)."""
+        import zstandard
+        reader = self._reader(Window(self.source, start, length))
+        size = 0
+        try:
+            while True:
+                got = len(reader.read(8 << 20))
+                if not got:
+                    return size
+                size += got
+        except zstandard.ZstdError as exc:
+            raise self._error(f"zstd data is corrupt in the frame at byte {start}: {exc}",
+                              hint="re-download the snapshot and compare its checksum") from None
