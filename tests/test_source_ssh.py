@@ -293,3 +293,27 @@ def test_address_forms():
     for bad in ("ssh://-oProxyCommand=x/dev/vda", "ssh://host", "ssh://host:xx/dev/vda"):
         with pytest.raises(Exception):
             SshTarget.parse(bad)
+
+
+def test_a_remote_device_mounted_read_write_is_warned_about(sftp_server, tmp_path, monkeypatch):
+    monkeypatch.setenv("RESCUE_SSH", sftp_server.env["RESCUE_SSH"])
+    copy = tmp_path / "disk.img"
+    shutil.copyfile(SAMPLE, copy)
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    res = subprocess.run(["losetup", "-f", "--show", "-o", str(6291456), "--sizelimit", str(26 << 20), str(copy)],
+                         capture_output=True, text=True)
+    if res.returncode != 0:
+        pytest.skip(f"losetup failed: {res.stderr.strip()}")
+    dev = res.stdout.strip()
+    try:
+        if subprocess.run(["mount", "-t", "ext4", dev, str(mnt)], capture_output=True).returncode != 0:
+            pytest.skip("cannot mount the loop device")
+        try:
+            res = rescue("inspect", f"ssh://rtest{dev}", "--json", check_readonly=False)
+            assert res.returncode == 0, explain(res)
+            assert any("mounted read-write" in w and dev in w for w in json.loads(res.stdout)["warnings"])
+        finally:
+            subprocess.run(["umount", str(mnt)], check=False)
+    finally:
+        subprocess.run(["losetup", "-d", dev], check=False)
