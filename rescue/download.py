@@ -27,8 +27,7 @@ from typing import Callable
 
 from .errors import RescueError, SourceError, TargetError
 from .extract.copy import write_all_at
-from .source.http_client import (ChangedError, Http, ProgressMade, TransientError, Validators,
-                                 content_range, iter_body, release)
+from .source.http_client import ChangedError, Http, TransientError, Validators, release
 
 PIECE_SIZE = 8 << 20       # unit of work for parallel downloads (and of their resume)
 HASH_CHUNK = 4 << 20
@@ -204,10 +203,9 @@ class _Download:
             why = "the server does not support Range requests, so the partial file cannot be resumed"
         elif meta is None:
             why = f"{self.meta.name} is missing, so the partial file's version is unknown"
-        elif not _same_version(Validators(meta.get("etag"), meta.get("last_modified")),
-                               probe.validators):
-            why = (f"the file changed on the server since the partial download "
-                   f"({_describe_change(meta, probe.validators)})")
+        elif not (old := Validators(meta.get("etag"), meta.get("last_modified"))).same_version(
+                probe.validators, strict=True):
+            why = f"the file changed on the server since the partial download ({old.change(probe.validators)})"
         elif meta.get("size") != probe.size:
             why = f"the file's size changed on the server ({meta.get('size')} -> {probe.size})"
         if why:
@@ -244,27 +242,15 @@ class _Download:
 
             def once() -> None:
                 pos = state["have"]
-                headers = {}
-                if pos and ranges:
-                    headers["Range"] = f"bytes={pos}-"
-                    pinned = state["vals"].if_range()
-                    if pinned:
-                        headers["If-Range"] = pinned
-                resp = self.http.open(headers)
+                if pos and ranges:   # resume: the rest of the version begun, or a 200 to start over
+                    resp = self.http.get_range(pos, None, state["vals"], state["size"], full_ok=True)
+                else:
+                    resp = self.http.open()
                 try:
-                    got = Validators.from_headers(resp.headers)
-                    if resp.status == 206:
-                        cr = content_range(resp.headers.get("Content-Range"))
-                        if cr is None or cr[0] != pos or (cr[2] is not None and cr[2] != state["size"]):
-                            raise SourceError(f"the server answered the wrong range "
-                                              f"({resp.headers.get('Content-Range')!r} for "
-                                              f"bytes={pos}-)", file=self.http.name)
-                        if not _same_version(state["vals"], got, lenient=True):
-                            raise ChangedError("the file changed on the server during the "
-                                               "download", file=self.http.name)
-                    elif resp.status == 200:
+                    if resp.status == 200:
+                        got = Validators.from_headers(resp.headers)
                         if pos:
-                            if not _same_version(state["vals"], got, lenient=True):
+                            if not state["vals"].same_version(got):
                                 self.warn("the file changed on the server during the download; "
                                           "starting again from zero")
                             else:
@@ -278,21 +264,17 @@ class _Download:
                         for h in list(hashers):
                             hashers[h] = hashlib.new(h)
                         self.save_meta(state["size"], got, "seq")
-                    else:
+                    elif resp.status != 206 or not (pos and ranges):
                         raise SourceError(f"unexpected HTTP {resp.status}", file=self.http.name)
-                    before = state["have"]
-                    try:
-                        for chunk in iter_body(resp):
-                            _write_all(fd, chunk, state["have"], self)
-                            self.http.count(len(chunk))
-                            for h in hashers.values():
-                                h.update(chunk)
-                            state["have"] += len(chunk)
-                            self.tick(state["have"], state["size"])
-                    except TransientError as e:
-                        if state["have"] > before:
-                            raise ProgressMade(e) from None
-                        raise
+
+                    def take(chunk: bytes) -> None:
+                        _write_all(fd, chunk, state["have"], self)
+                        for h in hashers.values():
+                            h.update(chunk)
+                        state["have"] += len(chunk)
+                        self.tick(state["have"], state["size"])
+
+                    self.http.receive(resp, take)
                     if state["size"] is not None and state["have"] < state["size"]:
                         raise TransientError(f"connection closed at byte {state['have']} of "
                                              f"{state['size']}")
@@ -380,53 +362,23 @@ class _Download:
 
     def _piece(self, fd: int, a: int, b: int, size: int, vals: Validators,
                counter: dict, stop: threading.Event) -> None:
-        pos = [a]
-        pinned = vals.if_range()
-
-        def once() -> None:
+        def write(at: int, chunk: bytes) -> None:
+            _write_all(fd, chunk, at, self)
+            with self.lock:
+                counter["bytes"] += len(chunk)
+                self.tick(counter["bytes"], size)
             if stop.is_set():
                 raise _Stopped()
-            headers = {"Range": f"bytes={pos[0]}-{b - 1}"}
-            if pinned:
-                headers["If-Range"] = pinned
-            resp = self.http.open(headers)
-            try:
-                got = Validators.from_headers(resp.headers)
-                if resp.status == 200 or not _same_version(vals, got, lenient=True):
-                    if not _same_version(vals, got, lenient=True):
-                        raise ChangedError("the file changed on the server during the download",
-                                           file=self.http.name)
-                    raise SourceError("the server stopped honouring Range requests",
-                                      file=self.http.name,
-                                      hint="run again with --connections 1")
-                cr = content_range(resp.headers.get("Content-Range"))
-                if resp.status != 206 or cr is None or cr[0] != pos[0] or \
-                        (cr[2] is not None and cr[2] != size):
-                    raise SourceError(f"the server answered the wrong range "
-                                      f"({resp.headers.get('Content-Range')!r})", file=self.http.name)
-                before = pos[0]
-                try:
-                    for chunk in iter_body(resp):
-                        chunk = chunk[:b - pos[0]]
-                        _write_all(fd, chunk, pos[0], self)
-                        self.http.count(len(chunk))
-                        pos[0] += len(chunk)
-                        with self.lock:
-                            counter["bytes"] += len(chunk)
-                            self.tick(counter["bytes"], size)
-                        if stop.is_set():
-                            raise _Stopped()
-                except TransientError as e:
-                    if pos[0] > before:
-                        raise ProgressMade(e) from None
-                    raise
-                if pos[0] < b:
-                    raise TransientError(f"connection closed at byte {pos[0]} of piece {a}-{b - 1}")
-            finally:
-                release(resp)
 
-        self.http.attempt(once, what=f"downloading bytes {a}-{b - 1}",
-                          on_retry=self.note)
+        def retrying(text: str) -> None:
+            if stop.is_set():   # another worker failed: no more tries for this piece
+                raise _Stopped()
+            self.note(text)
+
+        if stop.is_set():
+            raise _Stopped()
+        self.http.fetch_range(a, b, vals, size, write, what=f"downloading bytes {a}-{b - 1}",
+                              on_retry=retrying, no_range_hint="run again with --connections 1")
 
     # -- verification ------------------------------------------------------------------
     def _verify(self, digests: dict[str, str]) -> None:
@@ -437,23 +389,6 @@ class _Download:
                     f"{algo} mismatch: expected {want}, got {got}", file=str(self.part),
                     hint=f"the download is kept as {self.part.name} for inspection and not "
                          f"renamed; delete it and {self.meta.name} to download it again")
-
-
-def _same_version(old: Validators, new: Validators, lenient: bool = False) -> bool:
-    """True when both name the same version. Strict (between runs) needs a
-    validator both sides share; lenient (within a run) only rejects a
-    positive difference."""
-    if old.etag and new.etag:
-        return old.etag == new.etag
-    if old.last_modified and new.last_modified:
-        return old.last_modified == new.last_modified
-    return lenient
-
-
-def _describe_change(meta: dict, new: Validators) -> str:
-    if meta.get("etag") or new.etag:
-        return f"ETag {meta.get('etag')} -> {new.etag}"
-    return f"Last-Modified {meta.get('last_modified')} -> {new.last_modified}"
 
 
 def _write_all(fd: int, data: bytes, offset: int, job: _Download) -> None:

@@ -118,13 +118,21 @@ class Validators:
     def known(self) -> bool:
         return bool(self.etag or self.last_modified)
 
-    def matches(self, other: "Validators") -> bool:
-        """False when `other` positively shows a different version."""
-        if self.etag and other.etag and self.etag != other.etag:
-            return False
-        if self.last_modified and other.last_modified and self.last_modified != other.last_modified:
-            return False
-        return True
+    def same_version(self, other: "Validators", *, strict: bool = False) -> bool:
+        """True when both name the same version: the ETag decides when both have
+        one, else Last-Modified. With neither in common, lenient (within one run:
+        only a positive difference counts) says True, strict (between runs) False."""
+        if self.etag and other.etag:
+            return self.etag == other.etag
+        if self.last_modified and other.last_modified:
+            return self.last_modified == other.last_modified
+        return not strict
+
+    def change(self, other: "Validators") -> str:
+        """What tells the two versions apart, for a message."""
+        if self.etag or other.etag:
+            return f"ETag {self.etag} -> {other.etag}"
+        return f"Last-Modified {self.last_modified} -> {other.last_modified}"
 
 
 @dataclass
@@ -262,6 +270,86 @@ class Http:
             finally:
                 _discard(resp)
         return self.attempt(once, what="probing")
+
+    # -- ranged reads -----------------------------------------------------
+    def get_range(self, start: int, end: int | None, pinned: Validators, size: int | None, *,
+                  full_ok: bool = False, no_range_hint: str | None = None):
+        """One GET of bytes [start, end) (to the end of the file when `end` is
+        None) of the version `pinned` names (If-Range, RFC 9110 13.1.5). Returns
+        the response, body unread, once the answer is checked: a 206 starting at
+        `start`, not past `end`, of a file still `size` bytes long and the same
+        version. A 200 (the server ignored Range, or If-Range failed because the
+        file changed) raises, unless `full_ok`: then the caller starts over."""
+        headers = {"Range": f"bytes={start}-{'' if end is None else end - 1}"}
+        tag = pinned.if_range()
+        if tag:
+            headers["If-Range"] = tag
+        resp = self.open(headers)
+        try:
+            got = Validators.from_headers(resp.headers)
+            if resp.status == 200 and full_ok:
+                return resp
+            if not pinned.same_version(got):
+                raise self.changed(pinned.change(got))
+            if resp.status == 200:
+                raise SourceError("the server stopped honouring Range requests mid-read", file=self.name,
+                                  hint=no_range_hint or "download the file first with rescue download")
+            if resp.status != 206:
+                raise SourceError(f"unexpected HTTP {resp.status} to a Range request", file=self.name)
+            cr = content_range(resp.headers.get("Content-Range"))
+            if cr is None or cr[0] != start or (end is not None and cr[1] > end - 1):
+                raise SourceError(f"the server answered the wrong range (Content-Range "
+                                  f"{resp.headers.get('Content-Range')!r} for {headers['Range']})",
+                                  file=self.name)
+            if cr[2] is not None and size is not None and cr[2] != size:
+                raise self.changed(f"size went from {size} to {cr[2]} bytes")
+            return resp
+        except BaseException:
+            release(resp)
+            raise
+
+    def changed(self, detail: str) -> "ChangedError":
+        return ChangedError(f"the file changed on the server while it was being read ({detail})",
+                            file=self.name, hint="run the command again to read the new version")
+
+    def receive(self, resp, write: Callable[[bytes], None], chunk: int = 1 << 20) -> int:
+        """Hand the body to `write` chunk by chunk, counting it; a connection
+        dropped after some bytes is ProgressMade (the retry budget starts over)."""
+        received = 0
+        try:
+            for data in iter_body(resp, chunk):
+                self.count(len(data))
+                write(data)
+                received += len(data)
+        except TransientError as e:
+            if received:
+                raise ProgressMade(e) from None
+            raise
+        return received
+
+    def fetch_range(self, start: int, end: int, pinned: Validators, size: int | None,
+                    write: Callable[[int, bytes], None], *, what: str,
+                    on_retry: Callable[[str], None] | None = None, no_range_hint: str | None = None) -> None:
+        """Bytes [start, end) of the version `pinned`, handed in order to
+        write(offset, data): one ranged GET, resumed where it stopped after a
+        drop (retries with backoff), every answer checked (get_range)."""
+        pos = [start]
+
+        def take(data: bytes) -> None:
+            data = data[:end - pos[0]]
+            write(pos[0], data)
+            pos[0] += len(data)
+
+        def once() -> None:
+            resp = self.get_range(pos[0], end, pinned, size, no_range_hint=no_range_hint)
+            try:
+                self.receive(resp, take, min(end - start, 1 << 20))
+                if pos[0] < end:
+                    raise TransientError(f"connection closed at byte {pos[0]} of {start}-{end - 1}")
+            finally:
+                release(resp)
+
+        self.attempt(once, what=what, on_retry=on_retry)
 
     def _drain(self, resp, limit: int) -> bytes:
         data = resp.read(limit)
