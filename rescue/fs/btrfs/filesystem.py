@@ -63,6 +63,7 @@ MAX_EXTENT = 1 << 20            # compressed extents hold at most 128 KiB (BTRFS
 READ_CHUNK = 4 << 20
 PATH_CACHE = 200_000            # directory paths remembered (tree, inode)
 DECOMPRESSED_CACHE = 8
+LISTING_CACHE = 250_000        # the last directory listed is kept when no larger (a scan lists it, then the walk)
 EXTENT_CACHE = 64               # files whose extent lists are kept (file_runs then read_chunks)          # inflated extents kept (a read_range walk reads one several times)
 MASK64 = (1 << 64) - 1
 
@@ -114,6 +115,13 @@ class _Ext(NamedTuple):
     logical: int = 0
     extent: tuple | None = None   # (disk_bytenr, disk_num_bytes, ram_bytes, compression) or ("inline", bytes, ram, comp)
     skip: int = 0
+
+
+def _clone(entry: Entry) -> Entry:
+    """A copy of an Entry (copy.copy costs ~20 us: too much per name of a big directory)."""
+    out = object.__new__(Entry)
+    out.__dict__.update(entry.__dict__)
+    return out
 
 
 def _inode_number(tree: int, ino: int) -> int:
@@ -297,6 +305,7 @@ class BtrfsFileSystem(FileSystem):
         self.tree = tree
         self.top = Loc(tree, self.roots[tree].root_dirid)
         self._paths: dict[str, Loc] = {"/": self.top}
+        self._last_listing: tuple[str, list[Entry]] | None = None
         self._damaged_dirs: dict[str, str] = {}
         sb = self.vol.sb
         current = next((sv for sv in self.subvolumes if sv.id == tree), None)
@@ -438,6 +447,9 @@ class BtrfsFileSystem(FileSystem):
 
     def listdir(self, path: str) -> list[Entry]:
         path = normalize(path)
+        last = self._last_listing
+        if last is not None and last[0] == path:   # asked again right away (a scan, then the walk)
+            return [_clone(e) for e in last[1]]
         try:
             loc = self._locate(path)
         except RescueError:
@@ -466,6 +478,7 @@ class BtrfsFileSystem(FileSystem):
                     out.append(entry)
         except (*PARSE_ERRORS, OSError) as exc:
             raise FileReadError(f"{path}: directory unreadable: {exc}") from None
+        self._last_listing = (path, [_clone(e) for e in out]) if len(out) <= LISTING_CACHE else None
         if damage:
             why = "; ".join(damage[:3]) + (f" (+{len(damage) - 3} more)" if len(damage) > 3 else "")
             self._damaged_dirs[path] = why
