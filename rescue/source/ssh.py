@@ -326,6 +326,11 @@ class _Sftp:
             if kind == FXP_EXTENDED_REPLY and len(body) >= 4 + LIMITS.size:
                 max_read = LIMITS.unpack_from(body, 4)[1]
                 self.read_chunk = max(MIN_READ_CHUNK, min(READ_CHUNK, max_read or READ_CHUNK))
+        # Requests sit on multiples of a power of two, so read-ahead asked for during one
+        # fetch is found again, piece for piece, by the next one.
+        self.read_chunk = 1 << (self.read_chunk.bit_length() - 1)
+        self.pending: dict[int, tuple[bytes, int, int]] = {}   # read-ahead in flight: rid -> (handle, off, n)
+        self.stash: dict[tuple[bytes, int], bytes] = {}          # read-ahead that arrived: (handle, off) -> data
 
     def _send(self, kind: int, payload: bytes) -> int:
         self._id = (self._id + 1) & 0xFFFFFFFF
@@ -343,8 +348,18 @@ class _Sftp:
         rid = self._send(kind, payload)
         while True:
             rkind, body = self._recv()
-            if U32.unpack_from(body, 0)[0] == rid:
+            got = U32.unpack_from(body, 0)[0]
+            if got == rid:
                 return rkind, body
+            if got in self.pending:   # read-ahead answered meanwhile: keep it
+                handle, off, _ = self.pending.pop(got)
+                if rkind == FXP_DATA:
+                    self._keep(handle, off, _take_string(body, 4)[0])
+
+    def _keep(self, handle: bytes, off: int, data: bytes) -> None:
+        self.stash[(handle, off)] = data
+        while len(self.stash) > 2 * IN_FLIGHT:   # bounded: read-ahead nobody came for goes first
+            del self.stash[next(iter(self.stash))]
 
     @staticmethod
     def status(body: bytes) -> _SftpStatus:
@@ -373,25 +388,67 @@ class _Sftp:
     def close_handle(self, handle: bytes) -> None:
         self.request(FXP_CLOSE, _string(handle))
 
-    def read_into(self, handle: bytes, ranges: list[list[int]], buf: bytearray, base: int) -> None:
+    def read_into(self, handle: bytes, ranges: list[list[int]], buf: bytearray, base: int,
+                  ahead: tuple[int, int] | None = None) -> None:
         """Fill buf[off - base ...] for every [off, length] in `ranges`, many requests in flight.
 
         `ranges` is consumed as pieces complete, so after a lost connection the caller
-        retries with what is left. A READ past the end (EOF) raises DamagedRange."""
+        retries with what is left. A READ past the end (EOF) raises DamagedRange.
+        `ahead` (offset, length) is read-ahead: once every piece asked for is requested,
+        the pipe is kept full with it, and what it brings is kept for the next call."""
         hstr = _string(handle)
+        rc = self.read_chunk
         inflight: dict[int, list[int]] = {}
-        queue = [r for r in ranges]
+        queue: list[list[int]] = []
+        for off, n in ranges:   # pieces on multiples of the chunk size
+            end = off + n
+            while off < end:
+                stop = min(end, (off // rc + 1) * rc)
+                queue.append([off, stop - off])
+                off = stop
         ranges.clear()
+        spec: list[int] = []
+        if ahead is not None:
+            a_off, a_n = ahead
+            first = -(-a_off // rc) * rc
+            spec = [o for o in range(first, a_off + a_n, rc)]
+        by_place = {(h, o): rid for rid, (h, o, _) in self.pending.items()}
         try:
             while queue or inflight:
-                while queue and len(inflight) < IN_FLIGHT:
+                while queue and len(inflight) + len(self.pending) < IN_FLIGHT:
                     off, n = queue.pop(0)
-                    take = min(n, self.read_chunk)
+                    kept = self.stash.pop((handle, off), None)
+                    if kept is not None:
+                        take = kept[:n]
+                        buf[off - base:off - base + len(take)] = take
+                        if len(take) < n:
+                            queue.insert(0, [off + len(take), n - len(take)])
+                        continue
+                    rid = by_place.pop((handle, off), None)
+                    if rid is not None and rid in self.pending:   # asked for as read-ahead: adopt it
+                        _, _, pn = self.pending.pop(rid)
+                        take = min(pn, n)
+                        inflight[rid] = [off, take]
+                        if take < n:
+                            queue.insert(0, [off + take, n - take])
+                        continue
+                    take = min(n, rc)
                     if n > take:
                         queue.insert(0, [off + take, n - take])
                     rid = (self._id + 1) & 0xFFFFFFFF
                     inflight[rid] = [off, take]   # before sending: a failed write must not lose it
                     self._send(FXP_READ, hstr + OFFSET_LEN.pack(off, take))
+                if not queue:
+                    while spec and len(inflight) + len(self.pending) < IN_FLIGHT:
+                        off = spec.pop(0)
+                        if (handle, off) in self.stash or (handle, off) in by_place:
+                            continue
+                        rid = (self._id + 1) & 0xFFFFFFFF
+                        self.pending[rid] = (handle, off, rc)
+                        by_place[(handle, off)] = rid
+                        self._send(FXP_READ, hstr + OFFSET_LEN.pack(off, rc))
+                if not inflight and not self.pending:
+                    continue
                 length, kind = HEADER.unpack(self.proc.read_exact(HEADER.size))
                 if length < 5 or length > (1 << 24):
                     raise _Lost()
@@ -400,15 +457,21 @@ class _Sftp:
                     data = self.proc.read_exact(length - 1 - DATA_HEAD.size)[:dlen]
                     req = inflight.pop(rid, None)
                     if req is None:
+                        spec_req = self.pending.pop(rid, None)
+                        if spec_req is not None:
+                            self._keep(spec_req[0], spec_req[1], data)
                         continue
                     off, n = req
+                    data = data[:n]   # an adopted read-ahead piece may be longer than asked
                     buf[off - base:off - base + len(data)] = data
                     if len(data) < n:                     # a short read: ask for the rest
                         queue.insert(0, [off + len(data), n - len(data)])
                 else:
                     body = self.proc.read_exact(length - 1)
-                    req = inflight.pop(U32.unpack_from(body, 0)[0], None)
+                    rid = U32.unpack_from(body, 0)[0]
+                    req = inflight.pop(rid, None)
                     if req is None:
+                        self.pending.pop(rid, None)       # read-ahead past the end: forget it
                         continue
                     st = self.status(body) if kind == FXP_STATUS else _SftpStatus(-1, f"packet type {kind}")
                     if st.code == FX_EOF:
@@ -736,7 +799,10 @@ class SshSource(CachedRemote):
                         else:
                             remaining[0] = [off + take, n - take]
                 else:
-                    sftp.read_into(self._open_handle(sftp), remaining, buf, start)
+                    ahead = None
+                    if self._readahead and end < self.size:   # a sequential reader: keep the pipe full
+                        ahead = (end, min(self._readahead, self.size - end))
+                    sftp.read_into(self._open_handle(sftp), remaining, buf, start, ahead)
             except (_Lost, SshConnectError) as exc:
                 self._link.drop()
                 if isinstance(exc, SshConnectError) and not self._link.reconnects:
