@@ -24,7 +24,6 @@ metadata a tar keeps. A failed or aborted upload is deleted from the remote
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import re
@@ -32,9 +31,9 @@ import subprocess
 import tempfile
 
 from ..errors import TargetError
-from ..fs.base import BLOCK, CHAR, DIR, FIFO, FILE, SOCKET, FileReadError
+from ..fs.base import BLOCK, CHAR, FIFO, SOCKET, FileReadError
 from .base import Item, Sink, SinkResult
-from .remote_run import RemoteSinkResult, require_tool, run_tool, scrub
+from .remote_run import StagedTreeSink, require_tool, run_tool, scrub
 from .remote_target import RCLONE_TAR, RCLONE_TREE, RemoteTarget, parse_remote_target
 from .staging import Staging
 
@@ -75,7 +74,7 @@ def remote_secrets(rclone: str, remote: str) -> list[str]:
     return [s for s in secrets if s]
 
 
-class RcloneSink(Sink):
+class RcloneSink(StagedTreeSink):
     """A tree of files on an rclone remote (see RcloneTarSink for tarballs)."""
 
     keeps = frozenset({"content", "mtimes", "symlinks", "empty dirs"})
@@ -85,91 +84,52 @@ class RcloneSink(Sink):
         parsed = parse_remote_target(target) if isinstance(target, str) else target
         if parsed is None or parsed.kind != RCLONE_TREE:
             raise TargetError(f"{target!r} is not an rclone tree target", hint="write rclone:REMOTE:PATH/")
-        self.target = parsed
         self.rclone = require_tool("rclone", "install rclone (https://rclone.org/install/)")
         check_remote(self.rclone, parsed)
         self.secrets = remote_secrets(self.rclone, parsed.remote or "")
-        self.scratch_limit = max(1, int(scratch_limit))
         self.rclone_opts = list(rclone_opts)
-        self.staging = Staging(scratch_dir, fake_super=False, devices=False, fifos=False, xattrs=False)
-        self.result = RemoteSinkResult(parsed.text)
-        self._batch: list[tuple[str, int]] = []
-        self._batch_names: set[str] = set()
-        self._sent_names: set[str] = set()          # multi-link files already on the remote
+        super().__init__(parsed, Staging(scratch_dir, fake_super=False, devices=False, fifos=False, xattrs=False),
+                         scratch_limit)
+        self._sent_names: set[str] = set()          # files already on the remote
         self._copies: list[tuple[str, str]] = []    # (leader, name) to copy server-side after the batch
         self._skipped: dict[str, int] = {}
-        self.batches = 0
-        self.sent_files = 0
-        self.peak_scratch = 0
-        self._closed = False
 
-    def add(self, item: Item) -> None:
-        entry = item.entry
-        name = "/".join(p for p in item.name.split("/") if p not in ("", "."))
-        if entry.kind in (CHAR, BLOCK, FIFO, SOCKET):
-            self._skipped[f"{entry.kind} entries (rclone stores files only)"] = \
-                self._skipped.get(f"{entry.kind} entries (rclone stores files only)", 0) + 1
-            return
-        try:
-            if item.hardlink_to is not None and entry.kind != DIR:
-                leader = "/".join(p for p in item.hardlink_to.split("/") if p not in ("", "."))
-                if leader in self._batch_names:
-                    self.staging.link(leader, name)
-                    self._batch.append((name, entry.size))
-                    self._batch_names.add(name)
-                elif leader in self._sent_names:
-                    self._copies.append((leader, name))
-                else:
-                    raise FileReadError(f"hard link to {leader} not sent: it did not arrive")
-                return
-            need = item.content.size if entry.kind == FILE and item.content is not None else 0
-            if entry.kind == FILE and self._batch and self.staging.batch_bytes + need > self.scratch_limit:
-                self._flush()
-            if need > self.scratch_limit:
-                self.result.warnings.append(f"{name}: {need} bytes is more than the scratch limit "
-                                            f"({self.scratch_limit}); staged alone")
-            self.staging.stage(item)
-        except FileReadError:
-            raise
-        except ValueError as e:
-            raise FileReadError(f"refusing unsafe name: {e}") from None
-        except OSError as e:
-            if e.errno == errno.ENOSPC:
-                raise TargetError(f"local scratch space is full ({self.staging.root})",
-                                  hint="free space, lower --scratch-limit or point TMPDIR at a roomier disk") from None
-            raise TargetError(f"cannot stage into {self.staging.root}: {e.strerror}") from None
-        if entry.kind != DIR:
-            self._batch.append((name, entry.size if entry.kind == FILE else -1))
+    # -- the batch flow's rclone parts ------------------------------------------
+
+    def _count(self, what: str) -> None:
+        self._skipped[what] = self._skipped.get(what, 0) + 1
+
+    def _refuse(self, item: Item) -> bool:
+        if item.entry.kind in (CHAR, BLOCK, FIFO, SOCKET):
+            self._count(f"{item.entry.kind} entries (rclone stores files only)")
+            return True
+        return False
+
+    def _add_hardlink(self, item: Item, leader: str, name: str) -> None:
+        if leader in self._batch_names:
+            self.staging.link(leader, name)
+            self._batch.append((name, item.entry.size))
             self._batch_names.add(name)
-        if need > self.scratch_limit:
-            self._flush()
+        elif leader in self._sent_names:
+            self._copies.append((leader, name))
+        else:
+            raise FileReadError(f"hard link to {leader} not sent: it did not arrive")
 
-    def _flush(self) -> None:
-        self.peak_scratch = max(self.peak_scratch, self.staging.batch_bytes)
-        self.staging.fix_dirs()
-        sent: list[str] = []
+    def _arrived(self, name: str) -> None:
+        self._sent_names.add(name)
 
-        def on_line(line: str) -> None:
-            pass
-
+    def _send(self) -> set[str]:
         argv = [self.rclone, "copy", "--links", "--create-empty-src-dirs", "-v", "--stats=0",
                 *self.rclone_opts, self.staging.root, self.target.dest]
-        code, stderr = run_tool(argv, env=_rclone_env(), on_line=on_line)
+        code, stderr = run_tool(argv, env=_rclone_env())
         stderr = scrub(stderr, self.secrets)
         if code != 0:
             raise rclone_error(self.target, code, stderr, self.result)
-        for line in stderr.splitlines():
-            if ": Copied (" in line:
-                sent.append(line)
-        self.sent_files += len(sent)
-        self.batches += 1
-        for name, size in self._batch:
-            if size >= 0:
-                self.result.files += 1
-                self.result.bytes += size
-                self._sent_names.add(name)
-        self.staging.clear_batch()
-        self._batch, self._batch_names = [], set()
+        self.sent_files += sum(1 for line in stderr.splitlines() if ": Copied (" in line)
+        return set()   # rclone copy exits non-zero unless everything arrived
+
+    def _after_batch(self) -> None:
+        """Hard links to files of earlier batches: a server-side copy each."""
         copies, self._copies = self._copies, []
         for leader, name in copies:
             base = self.target.dest.rstrip("/")
@@ -179,24 +139,10 @@ class RcloneSink(Sink):
             if code != 0:
                 raise rclone_error(self.target, code, scrub(stderr, self.secrets), self.result)
             self.result.files += 1
-            self._skipped["hard links stored as separate copies"] = \
-                self._skipped.get("hard links stored as separate copies", 0) + 1
+            self._count("hard links stored as separate copies")
 
-    def close(self) -> SinkResult:
-        if self._closed:
-            return self.result
-        try:
-            self._flush()
-            for what, n in sorted(self._skipped.items()):
-                self.result.warnings.append(f"{self.target.text}: {n} {what}")
-        finally:
-            self._closed = True
-            self.staging.cleanup()
-        return self.result
-
-    def abort(self) -> None:
-        self._closed = True
-        self.staging.cleanup()
+    def _closing_warnings(self) -> list[str]:
+        return [f"{self.target.text}: {n} {what}" for what, n in sorted(self._skipped.items())]
 
 
 def check_remote(rclone: str, target: RemoteTarget) -> None:

@@ -31,13 +31,12 @@ carries the directory skeleton, so the last run sets directory mtimes.
 
 from __future__ import annotations
 
-import errno
 import os
 
 from ..errors import TargetError
-from ..fs.base import DIR, FILE, FileReadError
-from .base import Item, Sink, SinkResult
-from .remote_run import RemoteSinkResult, error_lines, require_tool, run_tool, scrub, unescape_rsync
+from ..fs.base import FILE, Entry, FileReadError
+from .base import Item
+from .remote_run import StagedTreeSink, error_lines, require_tool, run_tool, scrub, unescape_rsync
 from .remote_target import RSYNC_DAEMON, RSYNC_SSH, RemoteTarget, parse_remote_target
 from .staging import Staging
 
@@ -48,7 +47,7 @@ _OUT_FORMAT = "--out-format=%i\t%l\t%n"
 _CONTENT_OPTS = {"-c", "--checksum", "-I", "--ignore-times"}
 
 
-class RsyncSink(Sink):
+class RsyncSink(StagedTreeSink):
     keeps = frozenset({"content", "owners", "modes", "mtimes", "symlinks", "hardlinks", "xattrs",
                        "devices", "sparse", "empty dirs"})
 
@@ -60,14 +59,12 @@ class RsyncSink(Sink):
         if parsed is None or parsed.kind not in (RSYNC_DAEMON, RSYNC_SSH):
             raise TargetError(f"{target!r} is not an rsync target",
                               hint="write rsync://HOST/MODULE/PATH/ or USER@HOST:PATH/")
-        self.target = parsed
         self.rsync = require_tool("rsync", "install rsync (apt install rsync / brew install rsync)")
-        self.scratch_limit = max(1, int(scratch_limit))
+        super().__init__(parsed, Staging(scratch_dir, fake_super=fake_super, devices=devices,
+                                         keep_setuid=keep_setuid), scratch_limit)
         self.rsync_opts = list(rsync_opts)
         self.io_timeout = io_timeout
         self.xattrs = xattrs
-        self.staging = Staging(scratch_dir, fake_super=fake_super, devices=devices, keep_setuid=keep_setuid)
-        self.result = RemoteSinkResult(parsed.text)
         self.secrets = [os.environ.get("RSYNC_PASSWORD", ""), parsed.password or ""]
         self.env = os.environ.copy()
         if parsed.password:                 # rsync://user:PASS@ -> RSYNC_PASSWORD, never argv
@@ -76,95 +73,27 @@ class RsyncSink(Sink):
             o in _CONTENT_OPTS or (o.startswith("-") and not o.startswith("--") and ("c" in o[1:] or "I" in o[1:])
                                    and not o.startswith("-e"))
             for o in self.rsync_opts)
-        self._batch: list[tuple[str, int]] = []   # (name, size) of files staged in this batch
-        self._batch_names: set[str] = set()
-        self._leaders: dict[str, object] = {}      # name -> Entry of multi-link files sent earlier
-        self._failed: set[str] = set()             # names that did not arrive
-        self.batches = 0
-        self.sent_files = 0        # files whose data rsync sent (not up to date on the receiver)
+        self._leaders: dict[str, Entry] = {}      # name -> Entry of multi-link files sent earlier
         self.unchanged_files = 0   # files the receiver already had
-        self.peak_scratch = 0      # most data bytes staged at once
-        self._closed = False
 
-    # -- Sink ----------------------------------------------------------------
+    # -- the batch flow's rsync parts -------------------------------------------
 
-    def add(self, item: Item) -> None:
-        entry = item.entry
-        if item.hardlink_to is not None and entry.kind != DIR:
-            self._add_hardlink(item)
-            return
-        need = 0
-        if entry.kind == FILE and item.content is not None:
-            need = _data_bytes(item)
-            if self._batch and self.staging.batch_bytes + need > self.scratch_limit:
-                self._flush()
-            if need > self.scratch_limit:
-                self.result.warnings.append(
-                    f"{item.name}: {need} bytes is more than the scratch limit ({self.scratch_limit}); "
-                    "staged alone")
-        try:
-            self.staging.stage(item)
-        except FileReadError:
-            raise
-        except ValueError as e:            # the engine lists it as skipped
-            raise FileReadError(f"refusing unsafe name: {e}") from None
-        except OSError as e:
-            raise self._scratch_error(e) from None
-        if entry.kind != DIR:
-            self._batch.append((self._norm(item.name), entry.size if entry.kind == FILE else -1))
-            self._batch_names.add(self._norm(item.name))
-            if entry.kind == FILE and entry.nlink > 1:
-                self._leaders[self._norm(item.name)] = entry
-        if need > self.scratch_limit:
-            self._flush()
+    def _staged(self, item: Item, name: str) -> None:
+        if item.entry.kind == FILE and item.entry.nlink > 1:
+            self._leaders[name] = item.entry
 
-    def close(self) -> SinkResult:
-        if self._closed:
-            return self.result
-        try:
-            self._flush()       # always: also sends the skeleton and fixes directory mtimes
-            self.result.warnings.extend(self.staging.lost_warnings(self.target.text))
-        finally:
-            self._closed = True
-            self.staging.cleanup()
-        return self.result
-
-    def abort(self) -> None:
-        self._closed = True
-        self.staging.cleanup()
-
-    # -- internals -------------------------------------------------------------
-
-    @staticmethod
-    def _norm(name: str) -> str:
-        return "/".join(p for p in name.split("/") if p not in ("", "."))
-
-    def _add_hardlink(self, item: Item) -> None:
-        leader, name = self._norm(item.hardlink_to or ""), self._norm(item.name)
-        try:
-            if leader in self._batch_names and self.staging.exists(leader):
-                self.staging.link(leader, name)
-            elif leader in self._leaders and leader not in self._failed and self._placeholders_ok:
-                self.staging.placeholder(leader, self._leaders[leader])  # type: ignore[arg-type]
-                self._batch.append((leader, -2))                          # -2: not counted again
-                self.staging.link(leader, name)
-            else:   # the engine lists it as skipped: nothing to link to
-                why = ("it did not arrive" if leader in self._failed else
-                       "it went in an earlier batch and --checksum/--ignore-times rule out the placeholder")
-                raise FileReadError(f"hard link to {leader} not sent: {why}")
-        except FileReadError:
-            raise
-        except ValueError as e:
-            raise FileReadError(f"refusing unsafe name: {e}") from None
-        except OSError as e:
-            raise self._scratch_error(e) from None
+    def _add_hardlink(self, item: Item, leader: str, name: str) -> None:
+        if leader in self._batch_names and self.staging.exists(leader):
+            self.staging.link(leader, name)
+        elif leader in self._leaders and leader not in self._failed and self._placeholders_ok:
+            self.staging.placeholder(leader, self._leaders[leader])
+            self._batch.append((leader, -2))                          # -2: not counted again
+            self.staging.link(leader, name)
+        else:   # the engine lists it as skipped: nothing to link to
+            why = ("it did not arrive" if leader in self._failed else
+                   "it went in an earlier batch and --checksum/--ignore-times rule out the placeholder")
+            raise FileReadError(f"hard link to {leader} not sent: {why}")
         self._batch.append((name, 0))            # a name, not more bytes
-
-    def _scratch_error(self, e: OSError) -> TargetError:
-        if e.errno == errno.ENOSPC:
-            return TargetError(f"local scratch space is full ({self.staging.root})",
-                               hint="free space, lower --scratch-limit or point TMPDIR at a roomier disk")
-        return TargetError(f"cannot stage into {self.staging.root}: {e.strerror}")
 
     def _argv(self, dry_run: bool = False) -> list[str]:
         argv = [self.rsync, "-a", "-H", "-S", "--numeric-ids", "--mkpath", "--partial-dir=.rescue-partial",
@@ -196,24 +125,23 @@ class RsyncSink(Sink):
             elif flags[1] == "f":
                 counts[0 if flags[0] in "<>" else 1] += 1
 
-        self.staging.fix_dirs()
         code, stderr = run_tool(self._argv(dry_run), on_line=on_line, env=self.env)
         if not dry_run:
             self.sent_files += counts[0]
             self.unchanged_files += counts[1]
         return code, scrub(stderr, self.secrets), pending
 
-    def _flush(self) -> None:
-        self.peak_scratch = max(self.peak_scratch, self.staging.batch_bytes)
+    def _send(self) -> set[str]:
+        """rsync the batch; on exit 23/24 (partial) a dry run of the same batch
+        lists what still differs: those did not arrive."""
         code, stderr, _ = self._run()
         if code != 0 and self.xattrs and "xattr" in stderr.lower() and "not supported" in stderr.lower():
             self.xattrs = False
             self.result.warnings.append(f"{self.target.text}: the receiver does not support xattrs; "
                                         "sending without them")
             code, stderr, _ = self._run()
-        self.batches += 1
         missing: set[str] = set()
-        if code in (23, 24):       # partial: a dry run of the same batch lists what still differs
+        if code in (23, 24):
             for msg in error_lines(stderr)[:20]:
                 self.result.warnings.append(f"{self.target.text}: {msg}")
             code2, stderr2, missing = self._run(dry_run=True)
@@ -221,19 +149,7 @@ class RsyncSink(Sink):
                 raise self._error(code2, stderr2)
         elif code != 0:
             raise self._error(code, stderr)
-        for name, size in self._batch:
-            if name in missing:
-                self._failed.add(name)
-                if size != -2:                      # a placeholder is not the user's file
-                    self.result.not_arrived.append((name, max(size, 0)))
-                    self.result.warnings.append(f"{name}: did not arrive at {self.target.text}")
-                continue
-            if size >= 0:
-                self.result.files += 1
-                self.result.bytes += size
-        self.staging.clear_batch()
-        self._batch = []
-        self._batch_names = set()
+        return missing
 
     def _error(self, code: int, stderr: str) -> TargetError:
         t = self.target
@@ -273,18 +189,3 @@ class RsyncSink(Sink):
 
 def _tail(line: str) -> str:
     return line.split("rsync: ", 1)[-1].strip()[:200]
-
-
-def _data_bytes(item: Item) -> int:
-    """Bytes a file takes in scratch: its data ranges when sparse, else its size."""
-    content = item.content
-    if content is None:
-        return 0
-    if content.read_range is not None:
-        try:
-            ranges = content.data_ranges()
-        except Exception:
-            ranges = None
-        if ranges is not None:
-            return sum(length for _, length in ranges)
-    return content.size
