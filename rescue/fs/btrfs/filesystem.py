@@ -478,7 +478,7 @@ class BtrfsFileSystem(FileSystem):
                     out.append(entry)
         except (*PARSE_ERRORS, OSError) as exc:
             raise FileReadError(f"{path}: directory unreadable: {exc}") from None
-        self._last_listing = (path, [_clone(e) for e in out]) if len(out) <= LISTING_CACHE else None
+        self._last_listing = (path, [_clone(e) for e in out]) if len(out) <= LISTING_CACHE and not damage else None
         if damage:
             why = "; ".join(damage[:3]) + (f" (+{len(damage) - 3} more)" if len(damage) > 3 else "")
             self._damaged_dirs[path] = why
