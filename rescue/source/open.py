@@ -18,18 +18,18 @@ def _is_url(spec: str | os.PathLike) -> bool:
     return isinstance(spec, str) and spec[:8].lower().startswith(("http://", "https://"))
 
 
-def _open_ssh(spec: str) -> ByteSource:
-    from .ssh import SshSource  # the ssh client runs only for ssh:// addresses
-    return SshSource(spec)
+def _open_url(spec: str) -> ByteSource:
+    from .http import HttpSource  # urllib3 is imported only for URLs
+    return HttpSource(spec)
 
 
 def _is_ssh(spec: str | os.PathLike) -> bool:
     return isinstance(spec, str) and spec[:6].lower() == "ssh://"
 
 
-def _open_url(spec: str) -> ByteSource:
-    from .http import HttpSource  # urllib3 is imported only for URLs
-    return HttpSource(spec)
+def _open_ssh(spec: str) -> ByteSource:
+    from .ssh import SshSource  # the ssh client runs only for ssh:// addresses
+    return SshSource(spec)
 
 
 # Where the bytes live, tried in order: (claims(spec), open(spec)).
@@ -41,8 +41,10 @@ LOCATIONS: list[tuple[Callable, Callable]] = [
     (lambda spec: True, FileSource),
 ]
 
-# What the bytes are, tried in order: each returns the source inside, or None.
+# What the bytes are, tried in order: each returns the source inside, or None
+# (archives/: tar and zip members, and the codecs/ for a bare .gz/.zst/.xz/.bz2).
 UNWRAPPERS: list[Callable] = [open_split, open_archive]   # a split set may hold a .tar.gz
+MAX_NESTING = 3   # layers peeled at most (a .qcow2.gz inside a .tar inside a split set)
 
 
 def open_source(spec: str | os.PathLike, *, member: str | None = None,
@@ -70,9 +72,6 @@ def open_source(spec: str | os.PathLike, *, member: str | None = None,
         raise SourceError(f"--member {member!r} given, but this is not an archive",
                           file=source.name, hint="drop --member")
     return source
-
-
-MAX_NESTING = 3
 
 
 def _unwrap(source: ByteSource, member: str | None, progress, partial: bool = False) -> ByteSource | None:
