@@ -4,7 +4,7 @@ Remote reads cost a round trip each, so a source that reads over a network keeps
 the blocks it fetched (fixed-size blocks, bounded LRU) and, when the reader goes
 sequentially, fetches a growing window ahead (doubling up to `max_readahead`), so
 streaming a large file costs few round trips and a small extract moves little.
-The same policy as the HTTP source (http.py), for sources that only provide
+The HTTP source (http.py) and the SSH source read through it; a source provides
 `_fetch(start, end) -> bytes`.
 """
 

@@ -199,6 +199,6 @@ def probe(source: ByteSource) -> Probe:
         return Probe("apfs")
     if head[3:11] == b"-FVE-FS-":
         return Probe("BitLocker")
-    if head[257:262] == b"ustar":   # a tar of a server's files (source/archive.py TarTreeSource)
+    if head[257:262] == b"ustar":   # a tar of a server's files (source/archives/ TarTreeSource)
         return Probe("tar")
     return Probe(None)
