@@ -97,11 +97,12 @@ def test_listing_an_unreadable_root_directory_is_one_clear_error(tmp_path):
 
 @needs_real
 def test_a_libtsk_message_with_a_line_break_still_makes_one_error_line(tmp_path):
-    """dfvfs ext2.vmdk cut at half: TSK's reason for / ends in a newline."""
+    """dfvfs ext2.vmdk cut at half (read with --partial: the cut container is
+    otherwise refused up front): TSK's reason for / ends in a newline."""
     data = (REAL_IMAGES / "dfvfs" / "ext2.vmdk").read_bytes()
     image = tmp_path / "ext2-half.vmdk"
     image.write_bytes(data[:(len(data) // 2) & ~511])
-    line = one_error_line(rescue("ls", str(image), "/", "--backend", "tsk"))
+    line = one_error_line(rescue("ls", str(image), "/", "--backend", "tsk", "--partial"))
     assert "cannot list /" in line and line.rstrip().endswith(")")
 
 
