@@ -130,16 +130,20 @@ class LocalTree:
         self.lose = lose
         self.root_fd = os.open(root, _DIR_FLAGS) if FD_WALK else None
         self.dirs: dict[tuple[str, ...], tuple[Entry | None, int]] = {}  # made or set: entry, recorded mode
-        # The last parent walked, kept open: a checked directory stays that
-        # directory (we never remove or replace one), so reusing it is safe.
+        # The tree owns the descriptors of the last two parents walked (items
+        # come in walk order: the next one is most often in the same place). A
+        # checked directory stays that directory (we never remove or replace
+        # one), so reusing it is safe.
         self._last_key: tuple[str, ...] | None = None
         self._last_fd: int | None = None
+        self._retired: int | None = None
         self._partial: tuple[list[str], str] | None = None   # a temporary name being written
 
     def close(self) -> None:
-        if self._last_fd is not None:
-            os.close(self._last_fd)
-            self._last_fd = self._last_key = None
+        for fd in (self._last_fd, self._retired):
+            if fd is not None:
+                os.close(fd)
+        self._last_fd = self._retired = self._last_key = None
         if self.root_fd is not None:
             try:
                 os.close(self.root_fd)
@@ -156,13 +160,13 @@ class LocalTree:
         if not FD_WALK:
             return self._parent_by_path(parts, create)
         key = tuple(parts)
-        if key == self._last_key and self._last_fd is not None:   # walk order: the same parent again
-            return Dir(os.dup(self._last_fd), "")
-        fd = self._walk(parts, create)
-        if self._last_fd is not None:
-            os.close(self._last_fd)
-        self._last_key, self._last_fd = key, os.dup(fd)
-        return Dir(fd, "")
+        if key != self._last_key or self._last_fd is None:
+            fd = self._walk(parts, create)
+            if self._retired is not None:
+                os.close(self._retired)
+            # the one before stays open for a caller holding two parents (link)
+            self._retired, self._last_fd, self._last_key = self._last_fd, fd, key
+        return Dir(self._last_fd, "")
 
     def _parent_of(self, parts: list[str], create: bool = True) -> Dir:
         """The checked parent of the entry `parts` (which must name something)."""
@@ -245,26 +249,23 @@ class LocalTree:
         (children change its mtime, and a read-only one takes no more children
         when we are not root)."""
         at = self._parent_of(parts)
+        leaf = parts[-1]
         try:
-            leaf = parts[-1]
-            try:
-                st = os.stat(at.name(leaf), dir_fd=at.fd, follow_symlinks=False)
-                if not stat_mod.S_ISDIR(st.st_mode):
-                    os.unlink(at.name(leaf), dir_fd=at.fd)
-                    raise FileNotFoundError
-                if st.st_mode & 0o700 != 0o700:   # an earlier run left it read-only: ours to fill again
-                    os.chmod(at.name(leaf), stat_mod.S_IMODE(st.st_mode) | 0o700, dir_fd=at.fd)
-            except FileNotFoundError:
-                os.mkdir(at.name(leaf), 0o755, dir_fd=at.fd)   # the usual mode until finish_dirs()
-            fd = os.open(at.name(leaf), _DIR_FLAGS, dir_fd=at.fd) if FD_WALK else None
-            try:
-                mode = self._meta(fd if fd is not None else at.path_of(leaf), entry, is_dir=True)
-            finally:
-                if fd is not None:
-                    os.close(fd)
-            self.dirs[tuple(parts)] = (entry, mode)
+            st = os.stat(at.name(leaf), dir_fd=at.fd, follow_symlinks=False)
+            if not stat_mod.S_ISDIR(st.st_mode):
+                os.unlink(at.name(leaf), dir_fd=at.fd)
+                raise FileNotFoundError
+            if st.st_mode & 0o700 != 0o700:   # an earlier run left it read-only: ours to fill again
+                os.chmod(at.name(leaf), stat_mod.S_IMODE(st.st_mode) | 0o700, dir_fd=at.fd)
+        except FileNotFoundError:
+            os.mkdir(at.name(leaf), 0o755, dir_fd=at.fd)   # the usual mode until finish_dirs()
+        fd = os.open(at.name(leaf), _DIR_FLAGS, dir_fd=at.fd) if FD_WALK else None
+        try:
+            mode = self._meta(fd if fd is not None else at.path_of(leaf), entry, is_dir=True)
         finally:
-            at.close()
+            if fd is not None:
+                os.close(fd)
+        self.dirs[tuple(parts)] = (entry, mode)
 
     def write_file(self, parts: list[str], entry: Entry, content: Content | None, *,
                    temp_names: Iterable[tuple[str, bool]] | None = None, zero_chunks_as_holes: bool = False) -> int:
@@ -275,35 +276,32 @@ class LocalTree:
         name. Without, it is written in place and removed if the write fails."""
         at = self._parent_of(parts)
         leaf = parts[-1]
+        self.clear(at, leaf)
+        name, fd = self._open_new(at, [(leaf, False)] if temp_names is None else temp_names,
+                                  None if temp_names is None else parts[:-1])
         try:
-            self.clear(at, leaf)
-            name, fd = self._open_new(at, [(leaf, False)] if temp_names is None else temp_names,
-                                      None if temp_names is None else parts[:-1])
             try:
                 try:
-                    try:
-                        used = copy_to_fd(content, fd, entry.path, zero_chunks_as_holes=zero_chunks_as_holes) \
-                            if content is not None and content.size else 0
-                    except FileReadError:
-                        raise
-                    except OSError as exc:   # the target refused the data, not a name
-                        raise WriteFailed(exc.errno, exc.strerror) from None
-                    self._meta(fd if FD_WALK else at.path_of(name), entry)
-                finally:
-                    os.close(fd)
-                if name != leaf:
-                    os.replace(at.name(name), at.name(leaf), src_dir_fd=at.fd, dst_dir_fd=at.fd)
-                    self._partial = None
-            except BaseException:
-                try:
-                    os.unlink(at.name(name), dir_fd=at.fd)
-                    self._partial = None
-                except OSError:
-                    pass
-                raise
-            return used
-        finally:
-            at.close()
+                    used = copy_to_fd(content, fd, entry.path, zero_chunks_as_holes=zero_chunks_as_holes) \
+                        if content is not None and content.size else 0
+                except FileReadError:
+                    raise
+                except OSError as exc:   # the target refused the data, not a name
+                    raise WriteFailed(exc.errno, exc.strerror) from None
+                self._meta(fd if FD_WALK else at.path_of(name), entry)
+            finally:
+                os.close(fd)
+            if name != leaf:
+                os.replace(at.name(name), at.name(leaf), src_dir_fd=at.fd, dst_dir_fd=at.fd)
+                self._partial = None
+        except BaseException:
+            try:
+                os.unlink(at.name(name), dir_fd=at.fd)
+                self._partial = None
+            except OSError:
+                pass
+            raise
+        return used
 
     def _open_new(self, at: Dir, names: Iterable[tuple[str, bool]], parts: list[str] | None = None) -> tuple[str, int]:
         name = ""
@@ -332,42 +330,36 @@ class LocalTree:
     def placeholder(self, parts: list[str], entry: Entry) -> None:
         """A sparse stand-in of the entry's size with its metadata."""
         at = self._parent_of(parts)
+        self.clear(at, parts[-1])
+        _, fd = self._open_new(at, [(parts[-1], False)])
         try:
-            self.clear(at, parts[-1])
-            _, fd = self._open_new(at, [(parts[-1], False)])
-            try:
-                os.ftruncate(fd, entry.size)
-                self._meta(fd if FD_WALK else at.path_of(parts[-1]), entry)
-            finally:
-                os.close(fd)
+            os.ftruncate(fd, entry.size)
+            self._meta(fd if FD_WALK else at.path_of(parts[-1]), entry)
         finally:
-            at.close()
+            os.close(fd)
 
     def symlink(self, parts: list[str], entry: Entry) -> None:
         at = self._parent_of(parts)
         leaf = parts[-1]
-        try:
-            self.clear(at, leaf)
-            os.symlink(entry.link_target or "", at.name(leaf), dir_fd=at.fd)
-            p = self.policy
-            if p.owners or (p.fake_super and p.is_root):   # a symlink carries no %stat: only root fakes it
-                try:
-                    os.chown(at.name(leaf), entry.uid, entry.gid, dir_fd=at.fd, follow_symlinks=False)
-                except OSError as exc:
-                    self.lose("owners", exc.strerror or str(exc))
-            elif hasattr(os, "geteuid") and (entry.uid, entry.gid) != (os.geteuid(), os.getegid()):
-                self.lose("symlink-owners", "")
-            if entry.xattrs and not p.fake_super:
-                self._xattrs(at.path_of(leaf) if at.fd is None else f"/proc/self/fd/{at.fd}/{leaf}", entry,
-                             follow=False)
-            times = _times(entry)
-            if os.utime in os.supports_follow_symlinks:
-                try:
-                    os.utime(at.name(leaf), ns=times, dir_fd=at.fd, follow_symlinks=False)
-                except OSError as exc:
-                    self.lose("utime", exc.strerror or str(exc))
-        finally:
-            at.close()
+        self.clear(at, leaf)
+        os.symlink(entry.link_target or "", at.name(leaf), dir_fd=at.fd)
+        p = self.policy
+        if p.owners or (p.fake_super and p.is_root):   # a symlink carries no %stat: only root fakes it
+            try:
+                os.chown(at.name(leaf), entry.uid, entry.gid, dir_fd=at.fd, follow_symlinks=False)
+            except OSError as exc:
+                self.lose("owners", exc.strerror or str(exc))
+        elif hasattr(os, "geteuid") and (entry.uid, entry.gid) != (os.geteuid(), os.getegid()):
+            self.lose("symlink-owners", "")
+        if entry.xattrs and not p.fake_super:
+            self._xattrs(at.path_of(leaf) if at.fd is None else f"/proc/self/fd/{at.fd}/{leaf}", entry,
+                         follow=False)
+        times = _times(entry)
+        if os.utime in os.supports_follow_symlinks:
+            try:
+                os.utime(at.name(leaf), ns=times, dir_fd=at.fd, follow_symlinks=False)
+            except OSError as exc:
+                self.lose("utime", exc.strerror or str(exc))
 
     def special(self, parts: list[str], entry: Entry) -> bool:
         """A device node, fifo or socket as the policy allows; False (and a
@@ -384,44 +376,35 @@ class LocalTree:
             return False
         at = self._parent_of(parts)
         leaf = parts[-1]
-        try:
-            self.clear(at, leaf)
-            if p.fake_super:     # an empty file whose %stat says what it really is
-                fd = os.open(at.name(leaf), _NEW_FILE, 0o600, dir_fd=at.fd)
+        self.clear(at, leaf)
+        if p.fake_super:     # an empty file whose %stat says what it really is
+            fd = os.open(at.name(leaf), _NEW_FILE, 0o600, dir_fd=at.fd)
+        else:
+            if entry.kind == FIFO:
+                os.mkfifo(at.name(leaf), 0o600, dir_fd=at.fd)
             else:
-                if entry.kind == FIFO:
-                    os.mkfifo(at.name(leaf), 0o600, dir_fd=at.fd)
-                else:
-                    major, minor = entry.rdev or (0, 0)
-                    os.mknod(at.name(leaf), (entry.st_mode & ~0o7777) | 0o600, os.makedev(major, minor),
-                             dir_fd=at.fd)
-                if entry.kind != FIFO or not FD_WALK:   # never open a device node or socket
-                    self._meta(at.path_of(leaf) if at.fd is None else (at.fd, leaf), entry)
-                    return True
-                fd = os.open(at.name(leaf), os.O_RDONLY | os.O_NONBLOCK | _NOFOLLOW, dir_fd=at.fd)
-            try:
-                self._meta(fd, entry)
-            finally:
-                os.close(fd)
-            return True
+                major, minor = entry.rdev or (0, 0)
+                os.mknod(at.name(leaf), (entry.st_mode & ~0o7777) | 0o600, os.makedev(major, minor),
+                         dir_fd=at.fd)
+            if entry.kind != FIFO or not FD_WALK:   # never open a device node or socket
+                self._meta(at.path_of(leaf) if at.fd is None else (at.fd, leaf), entry)
+                return True
+            fd = os.open(at.name(leaf), os.O_RDONLY | os.O_NONBLOCK | _NOFOLLOW, dir_fd=at.fd)
+        try:
+            self._meta(fd, entry)
         finally:
-            at.close()
+            os.close(fd)
+        return True
 
     def link(self, existing: list[str], parts: list[str]) -> None:
         """`parts` as a hard link to the entry `existing` of this tree."""
         src = self._parent_of(existing, create=False)
-        try:
-            dst = self._parent_of(parts)
-            try:
-                self.clear(dst, parts[-1])
-                if FD_WALK:
-                    os.link(existing[-1], parts[-1], src_dir_fd=src.fd, dst_dir_fd=dst.fd, follow_symlinks=False)
-                else:
-                    os.link(src.path_of(existing[-1]), dst.path_of(parts[-1]))
-            finally:
-                dst.close()
-        finally:
-            src.close()
+        dst = self._parent_of(parts)
+        self.clear(dst, parts[-1])
+        if FD_WALK:
+            os.link(existing[-1], parts[-1], src_dir_fd=src.fd, dst_dir_fd=dst.fd, follow_symlinks=False)
+        else:
+            os.link(src.path_of(existing[-1]), dst.path_of(parts[-1]))
 
     def exists(self, parts: list[str]) -> bool:
         try:
@@ -433,8 +416,6 @@ class LocalTree:
             return True
         except OSError:
             return False
-        finally:
-            at.close()
 
     def unlink(self, parts: list[str]) -> None:
         try:
@@ -445,8 +426,6 @@ class LocalTree:
             os.unlink(at.name(parts[-1]), dir_fd=at.fd)
         except (FileNotFoundError, IsADirectoryError, PermissionError):   # gone, or a directory since
             pass
-        finally:
-            at.close()
 
     def finish_dirs(self, modes: bool) -> None:
         """Directories' times (and with `modes`, their recorded modes), deepest
@@ -459,20 +438,17 @@ class LocalTree:
                 at = self.parent(list(key[:-1]), create=False)
             except (OSError, ValueError):
                 continue
-            try:
-                name = at.name(key[-1])
-                disk = self.policy.disk_mode(mode, True)
-                if modes and disk is not None:
-                    try:
-                        os.chmod(name, disk, dir_fd=at.fd)
-                    except OSError as exc:
-                        self.lose("chmod", exc.strerror or str(exc))
+            name = at.name(key[-1])
+            disk = self.policy.disk_mode(mode, True)
+            if modes and disk is not None:
                 try:
-                    os.utime(name, ns=_times(entry), dir_fd=at.fd)
-                except OSError:
-                    pass
-            finally:
-                at.close()
+                    os.chmod(name, disk, dir_fd=at.fd)
+                except OSError as exc:
+                    self.lose("chmod", exc.strerror or str(exc))
+            try:
+                os.utime(name, ns=_times(entry), dir_fd=at.fd)
+            except OSError:
+                pass
 
     # -- metadata ----------------------------------------------------------------
 
@@ -546,7 +522,8 @@ class LocalTree:
 
 
 class Dir:
-    """A checked directory of the tree: its descriptor (FD_WALK) or its path."""
+    """A checked directory of the tree: its descriptor (FD_WALK; the tree
+    owns it) or its path."""
 
     __slots__ = ("fd", "path")
 
@@ -560,10 +537,6 @@ class Dir:
     def path_of(self, leaf: str) -> str:
         return os.path.join(self.path, leaf) if self.fd is None else leaf
 
-    def close(self) -> None:
-        if self.fd is not None:
-            os.close(self.fd)
-            self.fd = None
 
 
 def _times(entry: Entry) -> tuple[int, int]:
