@@ -112,6 +112,8 @@ class TskFileSystem(FileSystem):
     # -- lookups -------------------------------------------------------------
 
     def _open(self, path: str):
+        if "\0" in path:   # a crafted name holding a NUL: libtsk's path API cannot name it (pytsk3 ValueError)
+            raise FileReadError(f"{path!r}: a name holding a NUL byte cannot be looked up by path")
         try:
             return self._fs.open(path)
         except OSError:
