@@ -162,6 +162,38 @@ def _probe_ntfs(head: bytes) -> Probe | None:
     return Probe("ntfs", None, f"{serial:016X}", size=sectors * bps)
 
 
+def _probe_f2fs(source: ByteSource) -> Probe | None:
+    """f2fs superblock at 1 KiB (include/linux/f2fs_fs.h struct f2fs_super_block)."""
+    sb = source.read(1024, 124 + 128)
+    if len(sb) < 252 or sb[:4] != b"\x10\x20\xf5\xf2":
+        return None
+    label = sb[124:252].decode("utf-16-le", "replace").split("\0", 1)[0].strip() or None
+    block = 1 << min(int.from_bytes(sb[16:20], "little"), 16)
+    return Probe("f2fs", label, str(uuid_mod.UUID(bytes=sb[108:124])),
+                 size=int.from_bytes(sb[36:44], "little") * block, block_size=block)
+
+
+def _probe_jfs(source: ByteSource) -> Probe | None:
+    """JFS superblock at 32 KiB (jfs_superblock.h: magic, ..., uuid at 136, label at 152)."""
+    sb = source.read(32768, 168)
+    if len(sb) < 168 or sb[:4] != b"JFS1":
+        return None
+    return Probe("jfs", _text(sb[152:168]), str(uuid_mod.UUID(bytes=sb[136:152])),
+                 block_size=int.from_bytes(sb[16:20], "little") or None)
+
+
+def _probe_reiserfs(source: ByteSource) -> Probe | None:
+    """ReiserFS superblock at 64 KiB (8 KiB for 3.5): magic at 52, uuid at 84, label at 100."""
+    for at in (65536, 8192):
+        sb = source.read(at, 116)
+        if len(sb) < 116 or not (sb[52:61] in (b"ReIsEr2Fs", b"ReIsEr3Fs") or sb[52:60] == b"ReIsErFs"):
+            continue
+        newer = sb[52:60] != b"ReIsErFs"   # 3.6 superblocks carry a UUID and a label
+        uuid = str(uuid_mod.UUID(bytes=sb[84:100])) if newer and sb[84:100] != bytes(16) else None
+        return Probe("reiserfs", _text(sb[100:116]) if newer else None, uuid)
+    return None
+
+
 def probe(source: ByteSource) -> Probe:
     """Identify the content of a volume (or a whole disk)."""
     head = source.read(0, 8192)
@@ -189,6 +221,10 @@ def probe(source: ByteSource) -> Probe:
         if tail in (b"SWAPSPACE2", b"SWAP-SPACE"):
             label = source.read(1024 + 28, 16)
             return Probe("swap", _text(label), str(uuid_mod.UUID(bytes=source.read(1024 + 12, 16))))
+    for check in (_probe_f2fs, _probe_jfs, _probe_reiserfs):   # what only libguestfs reads
+        found = check(source)
+        if found:
+            return found
     iso = source.read(0x8001, 5)
     if iso == b"CD001":
         return Probe("iso9660", _text(source.read(0x8028, 32)))
