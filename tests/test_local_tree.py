@@ -199,3 +199,27 @@ def test_a_read_only_image_directory_still_takes_its_files_as_an_ordinary_user()
     finally:
         subprocess.run(["chmod", "-R", "u+rwx", work])
         shutil.rmtree(work, ignore_errors=True)
+
+
+def test_a_directory_default_acl_is_not_inherited_by_files_that_lack_it(tmp_path):
+    """A default ACL is set once the directory's files are written: a file made
+    before the ACL in the image must not gain its entries in the target."""
+    if not (shutil.which("setfacl") and shutil.which("mkfs.ext4")):
+        pytest.skip("needs setfacl and mkfs.ext4")
+    from foundation_support import rescue
+    tree = tmp_path / "tree"
+    (tree / "d").mkdir(parents=True)
+    (tree / "d" / "plain").write_text("no ACL here\n")
+    subprocess.run(["setfacl", "-d", "-m", "u:1234:rwx", str(tree / "d")], check=True)
+    image = tmp_path / "acl.img"
+    with open(image, "wb") as f:
+        f.truncate(32 << 20)
+    subprocess.run(["mkfs.ext4", "-q", "-d", str(tree), str(image)], check=True)
+    out = tmp_path / "out"
+    assert rescue("extract", str(image), "-o", f"{out}/").returncode == 0
+
+    def acls(path: Path) -> dict[str, bytes]:
+        return {k: os.getxattr(path, k) for k in os.listxattr(path) if k.startswith("system.posix_acl")}
+
+    assert acls(out / "d" / "plain") == acls(tree / "d" / "plain") == {}
+    assert acls(out / "d")["system.posix_acl_default"] == acls(tree / "d")["system.posix_acl_default"]

@@ -26,7 +26,7 @@ from __future__ import annotations
 import errno
 import os
 import stat as stat_mod
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Iterable
 
 from ..fs.base import BLOCK, CHAR, FIFO, SOCKET, Entry, FileReadError
@@ -39,6 +39,7 @@ STAT_XATTR = "user.rsync.%stat"
 FD_WALK = (hasattr(os, "O_NOFOLLOW") and hasattr(os, "O_DIRECTORY") and os.open in os.supports_dir_fd
            and os.mkdir in os.supports_dir_fd and os.unlink in os.supports_dir_fd)
 _NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+DEFAULT_ACL = "system.posix_acl_default"   # inherited by what is created below
 _DIR_FLAGS = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | _NOFOLLOW
 _NEW_FILE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW | getattr(os, "O_BINARY", 0)
 # xattr errors that mean "this filesystem will not keep it", not a broken target
@@ -261,7 +262,12 @@ class LocalTree:
             os.mkdir(at.name(leaf), 0o755, dir_fd=at.fd)   # the usual mode until finish_dirs()
         fd = os.open(at.name(leaf), _DIR_FLAGS, dir_fd=at.fd) if FD_WALK else None
         try:
-            mode = self._meta(fd if fd is not None else at.path_of(leaf), entry, is_dir=True)
+            # A default ACL waits for finish_dirs(): set now, every file written
+            # below would inherit entries it does not have in the image.
+            now = entry
+            if entry.xattrs and DEFAULT_ACL in entry.xattrs:
+                now = replace(entry, xattrs={k: v for k, v in entry.xattrs.items() if k != DEFAULT_ACL})
+            mode = self._meta(fd if fd is not None else at.path_of(leaf), now, is_dir=True)
         finally:
             if fd is not None:
                 os.close(fd)
@@ -439,6 +445,8 @@ class LocalTree:
             except (OSError, ValueError):
                 continue
             name = at.name(key[-1])
+            if entry.xattrs and DEFAULT_ACL in entry.xattrs:
+                self._default_acl(at, key[-1], entry)
             disk = self.policy.disk_mode(mode, True)
             if modes and disk is not None:
                 try:
@@ -449,6 +457,20 @@ class LocalTree:
                 os.utime(name, ns=_times(entry), dir_fd=at.fd)
             except OSError:
                 pass
+
+    def _default_acl(self, at, leaf: str, entry: Entry) -> None:
+        only = replace(entry, xattrs={DEFAULT_ACL: entry.xattrs[DEFAULT_ACL]})  # type: ignore[index]
+        if at.fd is None:
+            self._xattrs(at.path_of(leaf), only)
+            return
+        try:
+            fd = os.open(at.name(leaf), _DIR_FLAGS, dir_fd=at.fd)
+        except OSError:
+            return   # gone or no longer searchable: nothing to set it on
+        try:
+            self._xattrs(fd, only)
+        finally:
+            os.close(fd)
 
     # -- metadata ----------------------------------------------------------------
 
