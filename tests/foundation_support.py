@@ -15,6 +15,7 @@ import shutil
 import stat
 import subprocess
 import sys
+import time
 import tarfile
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -346,9 +347,19 @@ def mounted(image: Path, fstype: str, mnt: Path, offset: int = 0, size: int | No
         try:
             yield mnt
         finally:
-            subprocess.run(["umount", str(mnt)], check=True)
+            _umount(mnt)
     finally:
         subprocess.run(["losetup", "-d", loop], check=False)
+
+
+def _umount(mnt: Path) -> None:
+    """umount, retried: a FUSE daemon or a busy machine can hold the mount for
+    a moment after the last reader closed it ("target is busy")."""
+    for _ in range(20):
+        if subprocess.run(["umount", str(mnt)], capture_output=True).returncode == 0:
+            return
+        time.sleep(0.25)
+    subprocess.run(["umount", "-l", str(mnt)], check=True)   # detach it; it goes when no longer busy
 
 
 def blkid(image: Path, offset: int = 0, size: int | None = None) -> dict[str, str]:
