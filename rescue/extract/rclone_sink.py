@@ -165,12 +165,13 @@ def rclone_error(target: RemoteTarget, code: int, stderr: str, result: SinkResul
     text = "\n".join(lines).lower()
     arrived = (f"; {result.files} files ({result.bytes} bytes) arrived before that, re-run to send the rest"
                if result.files else "; nothing arrived")
+    # HTTP statuses as whole numbers: a port such as :50712 in a dial error is not "507".
     if any(s in text for s in ("unable to authenticate", "authentication failed", "permission denied",
-                               "access denied", "401", "403 forbidden", "invalidaccesskeyid",
-                               "signaturedoesnotmatch", "unauthorized")):
+                               "access denied", "403 forbidden", "invalidaccesskeyid",
+                               "signaturedoesnotmatch", "unauthorized")) or re.search(r"\b401\b", text):
         problem = f"the rclone remote {target.remote!r} refused the login"
-    elif any(s in text for s in ("no space left", "quota", "insufficient storage", "507", "disk full",
-                                 "entitytoolarge")):
+    elif any(s in text for s in ("no space left", "quota", "insufficient storage", "disk full",
+                                 "entitytoolarge")) or re.search(r"(?<![:\d])\b507\b", text):
         problem = f"the rclone remote {target.remote!r} is full"
     elif any(s in text for s in ("connection refused", "no such host", "i/o timeout", "network is unreachable",
                                  "no route to host", "couldn't connect", "dial tcp")):
