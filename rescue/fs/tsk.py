@@ -65,6 +65,14 @@ _TSK_FS_NAMES = {int(getattr(pytsk3, n)): n[len("TSK_FS_TYPE_"):].lower()
                  for n in dir(pytsk3) if n.startswith("TSK_FS_TYPE_") and not n.endswith(("DETECT", "ENUM"))}
 
 
+def _utf8_encodable(path: str) -> bool:
+    try:
+        path.encode("utf-8")
+    except UnicodeEncodeError:   # a surrogate-escaped byte of a non-UTF-8 name
+        return False
+    return True
+
+
 def _fs_type_name(ftype: int, probed: str | None) -> str:
     name = _TSK_FS_NAMES.get(int(ftype), "unknown")
     if name.startswith("fat") or name == "exfat":
@@ -116,6 +124,26 @@ class TskFileSystem(FileSystem):
             raise FileReadError(f"{path!r}: a name holding a NUL byte cannot be looked up by path")
         try:
             return self._fs.open(path)
+        except UnicodeEncodeError:   # a name that is not UTF-8: pytsk3 takes only str paths
+            return self._open_by_bytes(path)
+        except OSError:
+            raise GuestPathError(f"no such file or directory: {path}", file=self.name) from None
+
+    def _open_by_bytes(self, path: str):
+        """`path` resolved one directory at a time, comparing raw name bytes."""
+        inode = int(self._fs.info.root_inum)
+        for part in path.strip("/").split("/"):
+            wanted = part.encode("utf-8", "surrogateescape")
+            try:
+                found = next((int(h.info.meta.addr) for h in self._fs.open_dir(inode=inode)
+                              if h.info.name.name == wanted and h.info.meta is not None), None)
+            except OSError:
+                found = None
+            if found is None:
+                raise GuestPathError(f"no such file or directory: {path}", file=self.name)
+            inode = found
+        try:
+            return self._fs.open_meta(inode=inode)
         except OSError:
             raise GuestPathError(f"no such file or directory: {path}", file=self.name) from None
 
@@ -150,6 +178,8 @@ class TskFileSystem(FileSystem):
         try:
             # By inode when we have seen the directory: TSK resolves a path from
             # the root every time (4 ms a directory on NTFS).
+            if inode is None and not _utf8_encodable(path):
+                inode = int(self._open_by_bytes(path).info.meta.addr)   # pytsk3 takes only UTF-8 str
             directory = self._fs.open_dir(inode=inode) if inode is not None else self._fs.open_dir(path)
         except OSError as exc:
             entry = self.stat(path) if inode is None else self.inode_entry(path, inode, None)
