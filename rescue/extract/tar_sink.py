@@ -328,7 +328,8 @@ def acl_text(blob: bytes) -> str | None:
 
 
 _HDRCHARSET = b"21 hdrcharset=BINARY\n"
-_USTAR_FIELDS = {b"path": (0, 100), b"linkpath": (157, 100)}   # where a short raw name can go instead
+# where a short raw name can go instead: ustar name, linkname, uname, gname (offset, size)
+_USTAR_FIELDS = {b"path": (0, 100), b"linkpath": (157, 100), b"uname": (265, 32), b"gname": (297, 32)}
 
 
 def _utf8(value: bytes) -> bool:
@@ -352,7 +353,9 @@ def without_hdrcharset(buf: bytes) -> bytes:
     too, but wants names in PAX records to be UTF-8. So the record is dropped,
     and an undecodable name or link target moves to the ustar field (up to 100
     bytes) or a GNU long-name record before the member, both raw bytes that all
-    three read as they are. Only an undecodable user/group name keeps it."""
+    three read as they are. An undecodable user or group name goes raw into
+    the ustar field (32 bytes, raw bytes for all three as well); a longer
+    one is dropped, the numeric id kept: every tool then restores by the id."""
     if _HDRCHARSET not in buf[:BLOCKSIZE * 64] or buf[156:157] != tarfile.XHDTYPE:
         return buf
     size = int(buf[124:136].rstrip(b"\0 ") or b"0", 8)
@@ -366,26 +369,23 @@ def without_hdrcharset(buf: bytes) -> bytes:
         pos += length
     keep: list[bytes] = []
     long_names = b""
-    binary_names = False
     for record in records:
         key, _, value = record[record.index(b" ") + 1:-1].partition(b"=")
         if key == b"hdrcharset":
             continue
-        if key in _USTAR_FIELDS or key in (b"uname", b"gname"):
-            if not _utf8(value):
-                field = _USTAR_FIELDS.get(key)
-                if field and b"\0" not in value:
-                    if len(value) <= field[1]:
-                        member[field[0]:field[0] + field[1]] = value.ljust(field[1], b"\0")
-                    else:   # GNU long-name record: raw bytes for GNU tar, bsdtar and tarfile alike
-                        long_names += tarfile.TarInfo._create_gnu_long_header(
-                            os.fsdecode(value), tarfile.GNUTYPE_LONGNAME if key == b"path"
-                            else tarfile.GNUTYPE_LONGLINK, "utf-8", "surrogateescape")
-                    continue
-                binary_names = True   # a user or group name: only the marker says it is raw
+        field = _USTAR_FIELDS.get(key)
+        if field and not _utf8(value) and b"\0" not in value:
+            at, size = field
+            if len(value) <= size:   # raw in the ustar field
+                member[at:at + size] = value.ljust(size, b"\0")
+            elif key in (b"path", b"linkpath"):   # GNU long-name record: raw bytes for all three
+                long_names += tarfile.TarInfo._create_gnu_long_header(
+                    os.fsdecode(value), tarfile.GNUTYPE_LONGNAME if key == b"path"
+                    else tarfile.GNUTYPE_LONGLINK, "utf-8", "surrogateescape")
+            else:   # a user/group name over 32 bytes: dropped; restored by the numeric id
+                member[at:at + size] = bytes(size)
+            continue
         keep.append(record)
-    if binary_names:
-        keep.insert(0, _HDRCHARSET)
     if len(member) >= BLOCKSIZE:
         head_block = bytearray(member[:BLOCKSIZE])
         _checksum(head_block)
