@@ -1,7 +1,7 @@
 """What goes into the XFS test images, and how the kernel sees them.
 
 Shared by scripts/make-xfs-fixtures (committed fixtures) and the tests that
-build images at run time (tests/test_fs_xfs_kernel.py). `populate()` writes
+build images at run time (tests/fs/test_fs_xfs_kernel.py). `populate()` writes
 through a real loop mount (root only); `kernel_view()` reads a (read-only)
 mount back into the record shape the tests compare with the native reader.
 """

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from foundation_support import sha256_file as sha256  # noqa: F401 (used by the disk tests)
+from common_support import sha256_file as sha256  # noqa: F401 (used by the disk tests)
 
 ROOT = Path(__file__).resolve().parent.parent
 REAL = ROOT.parent / "shared" / "real-images"

@@ -7,7 +7,7 @@ collects the statistics. Needs `pip install atheris` (Linux wheels; tested
 with atheris 3.0.0 on CPython 3.11). A crash (an exception that is not one of
 rescue's classified errors, or a hang past -timeout) is written by libFuzzer as
 crash-*/timeout-* under -artifact_prefix; keep it under
-tests/fuzz/regressions/TARGET/ once fixed, where tests/test_fuzz.py replays it.
+tests/fuzz/regressions/TARGET/ once fixed, where tests/fuzz/test_fuzz.py replays it.
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ Two kinds of target:
   mostly valid filesystem instead of failing at the superblock.
 
 Used by tests/fuzz/run.py (atheris, coverage-guided), by scripts/fuzz (longer
-runs) and by tests/test_fuzz.py (every seed and every kept crash input replayed,
+runs) and by tests/fuzz/test_fuzz.py (every seed and every kept crash input replayed,
 plus a short deterministic mutation run; no atheris needed).
 """
 
