@@ -19,6 +19,7 @@ class Member:
     method: int = 0                # zip compression method (0: stored)
     target: str = ""               # link target
     crc: int = 0                   # zip CRC-32 (to frame a deflate member as gzip)
+    cut: bool = False              # --partial: the archive ends inside this member's data
 
     @property
     def is_file(self) -> bool:

@@ -24,8 +24,10 @@ class FramedStreamSource(CompressedSource):
 
     def __init__(self, source: ByteSource, *, cache: IndexCache | None = None,
                  progress: Progress | None = None, name: str | None = None,
-                 cache_name: str = "stream") -> None:
+                 cache_name: str = "stream", partial: bool = False) -> None:
         super().__init__(source, name)
+        self.partial = partial          # --partial: a stream cut short gives what it holds
+        self.truncated: str | None = None   # then: what was cut (never cached, so a plain open refuses)
         key = f"{cache_name}.{self.codec}frames.json"
         meta = cache.load_json(key) if cache else None
         if meta:
@@ -35,7 +37,7 @@ class FramedStreamSource(CompressedSource):
             self._frames = self._walk(progress)
             if not self._frames:
                 raise self._error(f"{self.codec} stream holds no frames")
-            if cache:
+            if cache and self.truncated is None:
                 cache.store_json(key, {"frames": self._frames})
         # frames: (compressed offset, compressed size, decompressed offset, decompressed size)
         self.size = self._frames[-1][2] + self._frames[-1][3]

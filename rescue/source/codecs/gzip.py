@@ -223,10 +223,13 @@ class GzipSource(CompressedSource):
                 pass
 
 
-def deflate_as_gzip(source: ByteSource, crc32: int, size: int) -> ByteSource:
+def deflate_as_gzip(source: ByteSource, crc32: int | None, size: int) -> ByteSource:
     """A raw deflate stream (a zip member) framed as a gzip member, so that the
-    gzip reader can index it: header and trailer come from the zip directory."""
+    gzip reader can index it: header and trailer come from the zip directory
+    (no trailer, crc32 None: a member the end of a cut zip cuts short)."""
     header = b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\xff"
+    if crc32 is None:
+        return Concat([BytesSource(header), source], name=source.name)
     trailer = crc32.to_bytes(4, "little") + (size & 0xFFFFFFFF).to_bytes(4, "little")
     return Concat([BytesSource(header), source, BytesSource(trailer)], name=source.name)
 

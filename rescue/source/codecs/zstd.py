@@ -19,8 +19,9 @@ def detect(source: ByteSource) -> bool:
 
 
 def open(source: ByteSource, *, cache=None, progress: Progress | None = None, name: str | None = None,   # noqa: A001
-         cache_name: str = "stream", **_ignored) -> CompressedSource:
-    return ZstdSource(source, cache=cache, progress=progress, name=name, cache_name=cache_name)
+         cache_name: str = "stream", partial: bool = False, **_ignored) -> CompressedSource:
+    return ZstdSource(source, cache=cache, progress=progress, name=name, cache_name=cache_name,
+                      partial=partial)
 
 
 # RFC 8878 3.1.1.1.1: Frame_Header_Descriptor, most significant bit first.
@@ -34,6 +35,12 @@ ZstdFrameHeaderDescriptor = BitStruct(
 )
 ZSTD_MAGIC = 0xFD2FB528
 ZSTD_SKIPPABLE_MASK, ZSTD_SKIPPABLE = 0xFFFFFFF0, 0x184D2A50
+TRUNCATED_HINT = ("download it again (`rescue download` resumes), or add --partial to rescue what "
+                  "was decompressed before the cut")
+
+
+class _Cut(Exception):
+    """The file ends inside a frame (an interrupted download): what is missing."""
 
 
 class ZstdSource(FramedStreamSource):
@@ -63,22 +70,43 @@ class ZstdSource(FramedStreamSource):
                     break  # zero padding after the last frame
                 raise self._error(f"zstd frame expected at byte {pos}, found {head[:4].hex()}",
                                   hint="the file is damaged or not zstd")
-            start = pos
-            content_size, pos = self._frame_header(head, pos)
-            pos = self._skip_blocks(start, pos, total, progress)
+            start, content_size = pos, None
+            try:
+                content_size, pos = self._frame_header(head, pos)
+                pos = self._skip_blocks(start, pos, total, progress)
+            except _Cut as cut:
+                frames += self._cut_frame(start, out, content_size, str(cut))
+                break
             if content_size is None:
                 content_size = self._measure(start, pos - start)
             frames.append((start, pos - start, out, content_size))
             out += content_size
         return frames
 
+    def _cut_frame(self, start: int, out: int, content_size: int | None,
+                   missing: str) -> list[tuple[int, int, int, int]]:
+        """The file ends inside the frame at `start`: refused in one line, or
+        with --partial that frame's blocks before the cut are decoded and kept."""
+        total = self.source.size
+        stated = f", which should decompress to {content_size} bytes" if content_size is not None else ""
+        before = f"; {out} bytes decompress from the whole frames before it" if out else ""
+        problem = (f"zstd stream is truncated: the file ends at byte {total}, inside the frame "
+                   f"starting at byte {start}{stated} ({missing}){before}")
+        if not self.partial:
+            raise self._error(problem, hint=TRUNCATED_HINT)
+        have = self._measure(start, total - start, cut=True)
+        self.truncated = problem
+        self.notes.append(f"{problem}; --partial: reading the {out + have} bytes decompressed before the cut")
+        return [(start, total - start, out, have)] if have else []
+
     def _frame_header(self, head: bytes, pos: int) -> tuple[int | None, int]:
         if len(head) < 6:
-            raise self._error(f"zstd stream truncated at byte {pos} (frame header)",
-                              hint="re-download the snapshot and compare its checksum")
+            raise _Cut("its header is incomplete")
         fhd = ZstdFrameHeaderDescriptor.parse(head[4:5])
         at = 5 + (0 if fhd.single_segment else 1) + (0, 1, 2, 4)[fhd.dict_id_flag]
         fcs_len = (1 if fhd.single_segment else 0, 2, 4, 8)[fhd.fcs_flag]
+        if len(head) < at + fcs_len:
+            raise _Cut("its header is incomplete")
         size = int.from_bytes(head[at:at + fcs_len], "little") if fcs_len else None
         if fcs_len == 2:
             size += 256
@@ -93,9 +121,9 @@ class ZstdSource(FramedStreamSource):
                 buf, buf_at = self.source.read(pos, 1 << 20), pos
             header = buf[pos - buf_at:pos - buf_at + 3]
             if len(header) < 3:
-                raise self._error(f"zstd stream truncated at byte {pos} (frame starting at "
-                                  f"{start} is incomplete)",
-                                  hint="re-download the snapshot and compare its checksum")
+                if pos > total:
+                    raise _Cut(f"a block needs bytes up to {pos}: at least {pos - total} bytes missing")
+                raise _Cut(f"the block header at byte {pos} is missing")
             value = int.from_bytes(header, "little")
             last, kind, size = value & 1, (value >> 1) & 3, value >> 3
             if kind == 3:
@@ -109,15 +137,15 @@ class ZstdSource(FramedStreamSource):
                 reported = pos
                 progress(min(pos, total), total)
         if pos > total:
-            raise self._error(f"zstd stream truncated: the frame at byte {start} needs {pos} "
-                              f"bytes, the file has {total}",
-                              hint="re-download the snapshot and compare its checksum")
+            raise _Cut(f"its last block needs bytes up to {pos}: {pos - total} bytes missing")
         if progress:
             progress(pos, total)
         return pos
 
-    def _measure(self, start: int, length: int) -> int:
-        """Decode a frame that does not state its size (`zstd` fed from a pipe)."""
+    def _measure(self, start: int, length: int, cut: bool = False) -> int:
+        """Decode a frame that does not state its size (`zstd` fed from a pipe),
+        or (`cut`) the blocks of a frame the end of the file cuts short:
+        the decoder stops quietly after the last whole block."""
         import zstandard
         reader = self._reader(Window(self.source, start, length))
         size = 0
@@ -128,5 +156,7 @@ class ZstdSource(FramedStreamSource):
                     return size
                 size += got
         except zstandard.ZstdError as exc:
+            if cut and size:   # damage right at the cut: what came before stands
+                return size
             raise self._error(f"zstd data is corrupt in the frame at byte {start}: {exc}",
                               hint="re-download the snapshot and compare its checksum") from None
