@@ -429,8 +429,11 @@ def fast_header(ti: tarfile.TarInfo) -> bytes | None:
     that fit, no PAX records), built directly: tarfile's generic path costs
     ~30 us a member, which is most of the time for 200 000 tiny files.
     Returns None when the member needs tarfile's full treatment. A test checks
-    the bytes are identical to `ti.tobuf(PAX_FORMAT)`."""
-    if ti.pax_headers:
+    the bytes are identical to `ti.tobuf(PAX_FORMAT)`. PAX records of UTF-8
+    text (a nanosecond mtime, text xattrs) are written here too: every file of
+    a filesystem with nanosecond times has one."""
+    pax = _pax_block(ti.pax_headers) if ti.pax_headers else b""
+    if pax is None:
         return None
     name = ti.name + "/" if ti.type == tarfile.DIRTYPE and not ti.name.endswith("/") else ti.name
     try:
@@ -452,7 +455,28 @@ def fast_header(ti: tarfile.TarInfo) -> bytes | None:
     buf = _USTAR.pack(raw_name, b"%07o\0" % (ti.mode & 0o7777), b"%07o\0" % ti.uid, b"%07o\0" % ti.gid,
                       b"%011o\0" % ti.size, b"%011o\0" % ti.mtime, b"        ", ti.type, link, tarfile.POSIX_MAGIC,
                       user, group, major, minor)
-    return buf[:148] + b"%06o\0" % _byte_sum(buf) + buf[155:]
+    return pax + buf[:148] + b"%06o\0" % _byte_sum(buf) + buf[155:]
+
+
+def _pax_block(records: dict[str, str]) -> bytes | None:
+    """The extended header tarfile writes before a member for `records`
+    ("././@PaxHeader", type x, records padded to blocks), or None when a value
+    is not UTF-8 text (tarfile's hdrcharset case, left to it)."""
+    out = []
+    try:
+        for keyword, value in records.items():
+            key, val = keyword.encode("utf-8"), value.encode("utf-8")
+            length = len(key) + len(val) + 3   # ' ' + '=' + '\n'
+            total = length + len(str(length))
+            if len(str(total)) != len(str(length)):   # the length counts its own digits
+                total = length + len(str(total))
+            out.append(b"%d %s=%s\n" % (total, key, val))
+    except UnicodeEncodeError:
+        return None
+    data = b"".join(out)
+    head = _USTAR.pack(b"././@PaxHeader", b"0000000\0", b"0000000\0", b"0000000\0", b"%011o\0" % len(data),
+                       b"00000000000\0", b"        ", tarfile.XHDTYPE, b"", tarfile.POSIX_MAGIC, b"", b"", b"", b"")
+    return b"".join((head[:148], b"%06o\0" % _byte_sum(head), head[155:], data, bytes(-len(data) % BLOCKSIZE)))
 
 
 # The ustar header as one struct ("s" fields are NUL-padded): name, mode, uid, gid,
