@@ -44,6 +44,10 @@ class Entry:
     rdev: tuple[int, int] | None = None  # (major, minor) for device nodes
     xattrs: dict[str, bytes] | None = None  # None = not loaded yet; see FileSystem.xattrs
     dev: int = 0                  # which filesystem of a stitched guest tree: (dev, inode) is unique
+    # The reader's own note on the inode, kept from the walk so reading the
+    # file does not parse it again (ext: where a one-piece file lies); opaque
+    # to everyone else, None when the reader kept nothing.
+    native: object = field(default=None, repr=False, compare=False)
 
     @property
     def name(self) -> str:

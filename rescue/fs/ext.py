@@ -30,7 +30,7 @@ from ..source.base import DATA, UNWRITTEN, ByteSource, Run
 from ..volume.probe import probe
 from .base import BLOCK, CHAR, DIR, FIFO, FILE, SOCKET, SYMLINK, Entry, FileReadError, FileSystem, FsInfo, cover, \
     normalize
-from .ext_dir import FT_KIND, DirectoryDamaged, ExtDirReader
+from .ext_dir import FT_KIND, DirectoryDamaged, DirEntry, ExtDirReader
 from .ext_inode import EXT_MAGIC, INLINE_DATA_FL, SUPERBLOCK_OFFSET, ExtInodeReader
 
 if TYPE_CHECKING:
@@ -76,7 +76,8 @@ class ExtFileSystem(FileSystem):
         self._tsk: TskFileSystem | None = None
         self._tsk_problem: str | None = None      # why TSK cannot help (once known)
         self._dir_inodes: dict[str, int] = {}     # directory path -> inode, filled by listdir
-        self._listings: OrderedDict[int, dict[bytes, tuple[int, int]]] = OrderedDict()   # for lookups
+        # directory inode -> (entries, name -> (inode, file type) once a lookup asked)
+        self._listings: OrderedDict[int, tuple[list[DirEntry], dict[bytes, tuple[int, int]] | None]] = OrderedDict()
         self._warned: set[str] = set()
         self._damaged_dirs: dict[str, str] = {}   # path -> what was wrong (see listing_damage)
 
@@ -111,19 +112,29 @@ class ExtFileSystem(FileSystem):
             entry.kind, entry.size, entry.link_target, entry.rdev = DIR, 0, None, None
         return entry
 
-    def _names(self, ino: int) -> dict[bytes, tuple[int, int]]:
-        """name -> (inode, file type) of a directory (a few kept: stat after
-        listdir, and lookups through a huge directory, ask again)."""
-        names = self._listings.get(ino)
-        if names is not None:
+    def _parsed_dir(self, ino: int) -> list[DirEntry]:
+        """A directory's entries, parsed once for both lookups and listdir (a
+        few kept: the guest layer looks for /X/etc/fstab in every top-level
+        directory, then `ls /X` lists it; a huge one is not parsed twice)."""
+        kept = self._listings.get(ino)
+        if kept is not None:
             self._listings.move_to_end(ino)
-            return names
-        names = {}
-        for e in self._dirs.entries(ino):
-            names.setdefault(e.name, (e.inode, e.file_type))   # twin names: the first, as a lookup finds it
-        self._listings[ino] = names
+            return kept[0]
+        entries = self._dirs.entries(ino)
+        self._listings[ino] = (entries, None)
         if len(self._listings) > DIR_LISTINGS_CACHED:
             self._listings.popitem(last=False)
+        return entries
+
+    def _names(self, ino: int) -> dict[bytes, tuple[int, int]]:
+        """name -> (inode, file type) of a directory, for lookups."""
+        entries = self._parsed_dir(ino)
+        names = self._listings[ino][1]
+        if names is None:
+            names = {}
+            for e in entries:
+                names.setdefault(e.name, (e.inode, e.file_type))   # twin names: the first, as a lookup finds it
+            self._listings[ino] = (entries, names)
         return names
 
     def _lookup(self, path: str) -> tuple[int, str | None] | None:
@@ -155,35 +166,50 @@ class ExtFileSystem(FileSystem):
     def _entry(self, path: str, ino: int, name_kind: str | None) -> Entry | None:
         """An Entry from our own parse of the inode (one struct unpack: the
         per-file cost of a walk). An inode the parser rejects is left to TSK,
-        which shows what it can (or nothing, as its listing does)."""
+        which shows what it can (or nothing, as its listing does). A file
+        lying in one piece keeps where in `native`: reading it needs no
+        second parse."""
         ext = self._ext
         try:
-            inode = ext.inode(ino)
-            times = ext.times(ino)
+            fields = ext.walk_fields(ino)
+            if fields is None:   # an unusual inode: the full parse (which may reject it)
+                parsed = ext.parsed(ino)
+                times = ext.times_of(parsed)
+                inode = parsed[1]
+                fields = (inode.i_mode, inode.i_uid | (inode.l_i_uid_high << 16),
+                          inode.i_gid | (inode.l_i_gid_high << 16), inode.i_size_lo | (inode.i_size_high << 32),
+                          times.atime_ns, times.mtime_ns, times.ctime_ns, inode.i_links_count, inode.i_flags,
+                          True, parsed[0])
         except _PARSE_ERRORS as exc:
             log.debug("%s: %s: inode %d: %s; asking The Sleuth Kit", self.name, path, ino, exc)
             tsk = self._fallback()
             return tsk.inode_entry(path, ino, name_kind) if tsk is not None else None
-        kind = _EXT_KIND.get(inode.i_mode & 0o170000) or name_kind
+        mode, uid, gid, size, atime_ns, mtime_ns, ctime_ns, links, flags, has_xattrs, raw = fields
+        kind = _EXT_KIND.get(mode & 0o170000) or name_kind
         if kind is None:
             return None
-        entry = Entry(
-            path=path, kind=kind, mode=inode.i_mode & 0o7777, uid=inode.i_uid | (inode.l_i_uid_high << 16),
-            gid=inode.i_gid | (inode.l_i_gid_high << 16),
-            size=inode.i_size_lo | (inode.i_size_high << 32) if kind in (FILE, SYMLINK) else 0,
-            mtime_ns=times.mtime_ns, atime_ns=times.atime_ns, ctime_ns=times.ctime_ns,
-            nlink=inode.i_links_count, inode=ino,
-        )
-        if kind == SYMLINK:
+        if kind != FILE and kind != SYMLINK:
+            size = 0
+        entry = Entry(path, kind, mode & 0o7777, uid, gid, size, mtime_ns, atime_ns, ctime_ns, links, ino)
+        if kind == FILE:
+            if size:
+                entry.native = ext.single_run(raw, flags, size)
+        elif kind == SYMLINK:
             try:
-                raw = ext.symlink_target(ino)
+                target = ext.symlink_target(ino)
             except _PARSE_ERRORS as exc:
                 log.debug("%s: %s: symlink target unreadable: %s", self.name, path, exc)
-                raw = b""
-            entry.link_target = raw.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+                target = b""
+            entry.link_target = target.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
         elif kind in (CHAR, BLOCK):
-            entry.rdev = ext.rdev(ino)
-        try:   # the inode is parsed now anyway: its xattrs cost nothing more
+            try:
+                entry.rdev = ext.rdev(ino)
+            except _PARSE_ERRORS as exc:
+                log.debug("%s: %s: device number unreadable: %s", self.name, path, exc)
+        if not has_xattrs:
+            entry.xattrs = _NO_XATTRS
+            return entry
+        try:   # the inode is read now anyway: its xattrs cost little more
             found = ext.xattrs(ino)
             entry.xattrs = found if found else _NO_XATTRS
         except Exception:
@@ -193,7 +219,7 @@ class ExtFileSystem(FileSystem):
     # -- directories ---------------------------------------------------------------
 
     def _listdir_native(self, path: str, ino: int, problems: list[str] | None = None) -> list[Entry]:
-        entries = self._dirs.entries(ino, problems)
+        entries = self._dirs.entries(ino, problems) if problems is not None else self._parsed_dir(ino)
         for text in self._dirs.crafted.pop(ino, ()):   # extra "."/".." entries: reported, not dropped silently
             self._warn_once(f"{text} (directory {path})")
             self._damaged_dirs[path] = text
@@ -202,9 +228,10 @@ class ExtFileSystem(FileSystem):
         # Inodes visited in inode order, listed in directory order: an htree
         # directory holds names in hash order, which would read the inode
         # table at random (a 64 KiB read per inode of a huge directory).
-        for i in sorted(range(len(entries)), key=lambda i: entries[i].inode):
-            e = entries[i]
-            built[i] = self._entry(prefix + e.name.decode("utf-8", "surrogateescape"), e.inode, FT_KIND.get(e.file_type))
+        entry = self._entry
+        for i in sorted(range(len(entries)), key=[e.inode for e in entries].__getitem__):
+            name, ino, file_type = entries[i]
+            built[i] = entry(prefix + name.decode("utf-8", "surrogateescape"), ino, FT_KIND.get(file_type))
         out = [entry for entry in built if entry is not None]
         for entry in out:
             if entry.kind == DIR and len(self._dir_inodes) < MAX_DIR_CACHE:
@@ -291,6 +318,9 @@ class ExtFileSystem(FileSystem):
         is one DATA run without `where` (read_chunks serves it from the inode)."""
         if entry.kind != FILE or entry.size == 0:
             return []
+        where = entry.native
+        if type(where) is int:   # one piece from block 0, seen by the walk (single_run)
+            return [Run(0, entry.size, DATA, where)]
         ino = entry.inode
         try:
             inline = bool(self._ext.inode(ino).i_flags & INLINE_DATA_FL)
@@ -331,7 +361,7 @@ class ExtFileSystem(FileSystem):
     def _stored_how(self, entry: Entry) -> str | TskFileSystem:
         """"inline" for an inline-data file, the TskFileSystem for an inode only
         TSK could parse (it was listed through TSK), else "runs"."""
-        if entry.kind != FILE or not entry.size:
+        if entry.kind != FILE or not entry.size or type(entry.native) is int:
             return "runs"
         try:
             flags = self._ext.inode(entry.inode).i_flags

@@ -122,6 +122,17 @@ def _fast_inode(raw: bytes) -> _InodeFields:
     return _InodeFields(*v[:12], v[12:27], *v[27:])
 
 
+# What a walk needs of an inode, in one unpack (offsets as in Inode/InodeExtra
+# above): i_mode, i_uid, i_size_lo, i_atime, i_ctime, i_mtime, i_gid,
+# i_links_count, i_flags, i_file_acl_lo, i_size_high, l_i_file_acl_high,
+# l_i_uid_high, l_i_gid_high; then i_extra_isize, i_ctime_extra,
+# i_mtime_extra, i_atime_extra. A test checks it against the full parse.
+_WALK_CORE = "<HHIIII4xHH4xI68xII4x2xHHH4x"
+_WALK = struct.Struct(_WALK_CORE)
+_WALK_EXTRA = struct.Struct(_WALK_CORE + "H2xIII")
+_WALK_EXTRA_MIN = 0x8C + 4 - 128   # i_extra_isize reaching i_atime_extra: all three extra times there
+
+
 InodeExtra = Struct(                     # after 128, present as far as i_extra_isize says
     "i_extra_isize" / Int16ul,           # 0x80
     "i_checksum_hi" / Int16ul,
@@ -214,6 +225,8 @@ def _u32s(data: bytes) -> tuple[int, ...]:
     if fmt is None:
         fmt = _U32_CACHE[n] = struct.Struct(f"<{n}I")
     return fmt.unpack_from(data)
+
+_EA_MAGIC = struct.pack("<I", EA_MAGIC)   # in-inode EA area marker, as stored
 
 MAX_EA_VALUE = 64 << 20          # EA-inode values: the kernel's XATTR_SIZE_MAX is 64 KiB; be generous
 MAX_XATTRS = 65536
@@ -468,8 +481,18 @@ class ExtInodeReader:
 
     # -- public API --------------------------------------------------------------
 
+    def parsed(self, ino: int) -> tuple[bytes, _InodeFields, int, _InodeExtraFields | None]:
+        """(raw bytes, core fields, i_extra_isize, extra fields or None) of an
+        inode: one parse for everything a walk wants of it (times_of, rdev,
+        xattrs, single_run). Raises FileReadError / ValueError / struct.error."""
+        return self._parse(ino)
+
     def times(self, ino: int) -> InodeTimes:
-        _, inode, extra_isize, extra = self._parse(ino)
+        return self.times_of(self._parse(ino))
+
+    @staticmethod
+    def times_of(parsed: tuple) -> InodeTimes:
+        _, inode, extra_isize, extra = parsed
         # EXT4_FITS_IN_INODE: a 4-byte field at offset o exists when o + 4 <= 128 + i_extra_isize.
         end = 128 + extra_isize if extra is not None else 0
         ctime_x = extra.i_ctime_extra if end >= 0x84 + 4 else None
@@ -485,9 +508,9 @@ class ExtInodeReader:
             crtime_ns=crtime,
         )
 
-    def rdev(self, ino: int) -> tuple[int, int] | None:
+    def rdev(self, ino: int, parsed: tuple | None = None) -> tuple[int, int] | None:
         """(major, minor) of a character or block device, else None."""
-        _, inode, _, _ = self._parse(ino)
+        _, inode, _, _ = parsed or self._parse(ino)
         if inode.i_mode & S_IFMT not in (S_IFCHR, S_IFBLK):
             return None
         old, new = inode.i_block[0], inode.i_block[1]
@@ -495,6 +518,69 @@ class ExtInodeReader:
             return (old >> 8) & 0xFF, old & 0xFF
         # new_decode_dev: 12-bit major, 20-bit minor split around it
         return (new & 0xFFF00) >> 8, (new & 0xFF) | ((new >> 12) & 0xFFF00)
+
+    def walk_fields(self, ino: int) -> tuple | None:
+        """(i_mode, uid, gid, i_size, atime_ns, mtime_ns, ctime_ns, i_links_count,
+        i_flags, may have xattrs, raw bytes) of an inode in one unpack: the
+        per-inode cost of listing a directory. None when the inode needs the
+        full parse (an inode too small for all three extra times, a bad
+        i_extra_isize: parsed() says what is wrong). Raises FileReadError."""
+        raw = self.raw_inode(ino)
+        if self.inode_size >= _WALK_EXTRA.size:
+            (mode, uid, size_lo, atime, ctime, mtime, gid, links, flags, acl_lo, size_hi, acl_hi, uid_hi, gid_hi,
+             extra_isize, ctime_x, mtime_x, atime_x) = _WALK_EXTRA.unpack_from(raw)
+            if extra_isize < _WALK_EXTRA_MIN or extra_isize & 3 or 128 + extra_isize > self.inode_size:
+                return None
+            ea_at = 128 + extra_isize
+            xattrs = bool(acl_lo or acl_hi) or (ea_at + 4 <= self.inode_size and raw[ea_at:ea_at + 4] == _EA_MAGIC)
+            # ext4_decode_extra_time, inline (see _decode_time)
+            atime_ns = ((atime - ((atime & 0x80000000) << 1) + ((atime_x & 3) << 32)) * 1_000_000_000
+                        + ((atime_x >> 2) & 0x3FFFFFFF))
+            mtime_ns = ((mtime - ((mtime & 0x80000000) << 1) + ((mtime_x & 3) << 32)) * 1_000_000_000
+                        + ((mtime_x >> 2) & 0x3FFFFFFF))
+            ctime_ns = ((ctime - ((ctime & 0x80000000) << 1) + ((ctime_x & 3) << 32)) * 1_000_000_000
+                        + ((ctime_x >> 2) & 0x3FFFFFFF))
+        elif self.inode_size == 128:
+            (mode, uid, size_lo, atime, ctime, mtime, gid, links, flags, acl_lo, size_hi, acl_hi, uid_hi,
+             gid_hi) = _WALK.unpack_from(raw)
+            xattrs = bool(acl_lo or acl_hi)
+            atime_ns = (atime - ((atime & 0x80000000) << 1)) * 1_000_000_000
+            mtime_ns = (mtime - ((mtime & 0x80000000) << 1)) * 1_000_000_000
+            ctime_ns = (ctime - ((ctime & 0x80000000) << 1)) * 1_000_000_000
+        else:
+            return None
+        return (mode, uid | (uid_hi << 16), gid | (gid_hi << 16), size_lo | (size_hi << 32), atime_ns, mtime_ns,
+                ctime_ns, links, flags, xattrs, raw)
+
+    def single_run(self, raw: bytes, flags: int, size: int) -> int | None:
+        """Where on the volume (a byte offset) a file of `size` bytes lies in
+        one piece from its first block: one written extent from block 0 in the
+        inode, or contiguous direct block pointers. None for anything else
+        (inline, several extents, holes, a pointer outside the filesystem):
+        mapped_runs then maps it and says what is wrong. The walk asks this
+        while it holds the raw inode, so a small file is parsed once."""
+        if flags & INLINE_DATA_FL or size <= 0:
+            return None
+        bs = self.block_size
+        nblocks = -(-size // bs)
+        if flags & EXTENTS_FL:
+            eh_magic, eh_entries, _, eh_depth, _ = _EXTENT_HEADER.unpack_from(raw, 0x28)
+            if eh_magic != EXTENT_MAGIC or eh_entries != 1 or eh_depth:
+                return None
+            ee_block, ee_len, ee_start_hi, ee_start_lo = _EXTENT_LEAF.unpack_from(raw, 0x28 + 12)
+            pblk = ee_start_lo | (ee_start_hi << 32)
+            if ee_block or ee_len > EXT_INIT_MAX_LEN or ee_len < nblocks:
+                return None
+        else:
+            if nblocks > 12:
+                return None
+            ptrs = _u32s(raw[0x28:0x28 + 4 * nblocks])
+            pblk = ptrs[0]
+            if ptrs != tuple(range(pblk, pblk + nblocks)):
+                return None
+        if pblk == 0 or pblk + nblocks > self.blocks_count:
+            return None
+        return pblk * bs
 
     def inode(self, ino: int) -> _InodeFields:
         """The inode's 128-byte core fields (i_mode, i_flags, i_block, ...)."""
@@ -703,12 +789,12 @@ class ExtInodeReader:
             self._parse_entries(area, 0, area, ino, "in-inode EA area", found, keep_data=True)
         return data + found.get("system.data", b"")
 
-    def xattrs(self, ino: int) -> dict[str, bytes]:
+    def xattrs(self, ino: int, parsed: tuple | None = None) -> dict[str, bytes]:
         """All extended attributes, named and valued as getxattr(2) on a mount shows
         them (POSIX ACLs converted to the kernel's xattr format; the inline-data
         marker `system.data` left out, as the kernel does). Raises FileReadError
-        for a damaged EA area or block."""
-        raw, inode, extra_isize, _ = self._parse(ino)
+        for a damaged EA area or block. `parsed`: the inode's parsed() already in hand."""
+        raw, inode, extra_isize, _ = parsed or self._parse(ino)
         found: dict[str, bytes] = {}
         # In-inode EAs: magic right after the extra fields, entries after it; value
         # offsets count from the first entry.
