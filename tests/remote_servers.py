@@ -376,23 +376,36 @@ def reference(tmp_path_factory) -> Path:
 
 
 def send_items(sink, items):
-    """Feed a sink as the engine does: abort on any error, else close; the result."""
+    """Feed a sink as the engine does: an entry the target cannot hold
+    (NotWritten: a device node, a FIFO for rclone) is skipped and its name kept
+    in `result.not_written`; any other error aborts; else close. The result."""
+    from rescue.extract.base import NotWritten
+    skipped = []
     try:
         for item in items:
-            sink.add(item)
+            try:
+                sink.add(item)
+            except NotWritten as exc:
+                skipped.append((item.name, str(exc)))
     except BaseException:
         sink.abort()
         raise
-    return sink.close()
+    result = sink.close()
+    result.not_written = skipped
+    return result
 
 
 def add_collecting_damaged(sink, items) -> list[str]:
-    """Add every item; the names whose FileReadError the sink raised (then close)."""
+    """Add every item; the names whose FileReadError the sink raised for damage
+    (then close); entries the target cannot hold (NotWritten) are not damage."""
+    from rescue.extract.base import NotWritten
     raised = []
     try:
         for item in items:
             try:
                 sink.add(item)
+            except NotWritten:
+                pass
             except FileReadError:
                 raised.append(item.name)
     finally:

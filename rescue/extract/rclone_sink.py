@@ -99,11 +99,12 @@ class RcloneSink(StagedTreeSink):
     def _count(self, what: str) -> None:
         self._skipped[what] = self._skipped.get(what, 0) + 1
 
-    def _refuse(self, item: Item) -> bool:
-        if item.entry.kind in (CHAR, BLOCK, FIFO, SOCKET):
-            self._count(f"{item.entry.kind} entries (rclone stores files only)")
-            return True
-        return False
+    def _refuse(self, item: Item) -> str | None:
+        kind = item.entry.kind
+        if kind in (CHAR, BLOCK, FIFO, SOCKET):   # named as skipped by the engine, exit 1
+            what = {FIFO: "FIFO", SOCKET: "socket"}.get(kind, "device node")
+            return f"{what} not sent: rclone stores files only (a tar target keeps it)"
+        return None
 
     def _add_hardlink(self, item: Item, leader: str, name: str) -> None:
         if leader in self._batch_names:

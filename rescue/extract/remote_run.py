@@ -19,7 +19,7 @@ from typing import Callable, Iterable
 
 from ..errors import TargetError
 from ..fs.base import DIR, FILE, FileReadError
-from .base import Item, Sink, SinkResult
+from .base import Item, NotWritten, Sink, SinkResult
 from .remote_target import RemoteTarget
 from .staging import Staging
 
@@ -145,9 +145,10 @@ class StagedTreeSink(Sink):
     def _add_hardlink(self, item: Item, leader: str, name: str) -> None:
         raise NotImplementedError
 
-    def _refuse(self, item: Item) -> bool:
-        """True for an entry this target cannot hold at all (counted, not staged)."""
-        return False
+    def _refuse(self, item: Item) -> str | None:
+        """Why this target cannot hold the entry at all (not staged; the
+        engine names it as skipped and the exit code is 1), or None."""
+        return None
 
     def _staged(self, item: Item, name: str) -> None:
         """A non-directory went into the batch."""
@@ -165,8 +166,9 @@ class StagedTreeSink(Sink):
 
     def add(self, item: Item) -> None:
         entry = item.entry
-        if self._refuse(item):
-            return
+        refused = self._refuse(item)
+        if refused:
+            raise NotWritten(refused)
         need = 0
         try:
             if item.hardlink_to is not None and entry.kind != DIR:

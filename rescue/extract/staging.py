@@ -30,7 +30,7 @@ import tempfile
 
 from ..errors import TargetError
 from ..fs.base import DIR, FILE, SYMLINK, Entry
-from .base import Item
+from .base import Item, NotWritten
 from .local_tree import IS_ROOT, STAT_XATTR, LocalTree, MetadataPolicy, xattrs_supported
 
 __all__ = ["Staging", "split_name", "xattrs_supported", "STAT_XATTR"]
@@ -45,6 +45,15 @@ _LOSSES = {
     "xattr-system": "system.* xattrs (POSIX ACLs)",
     "xattr-reserved": "xattrs named user.rsync.* (reserved by --fake-super)",
     "xattr-unsupported": "xattrs (this system has none)",
+}
+
+
+# Entries the scratch tree cannot hold: each is skipped by name (exit 1), as in a directory target.
+_NOT_STAGED = {
+    "devices": "device node not sent (add --devices to send it; a tar target keeps it)",
+    "devices-need-root": ("device node not sent: not root, and the scratch directory takes no user xattrs "
+                          "for --fake-super (point TMPDIR at a filesystem that does; a tar target keeps it)"),
+    "fifos": "{detail} not sent: this target stores files only (a tar target keeps it)",
 }
 
 
@@ -77,12 +86,14 @@ class Staging:
         self.tree = LocalTree(self.root, self.policy, lose=self._lose)
         self.batch_files: list[str] = []   # non-directories staged since the last clear
         self.batch_bytes = 0               # data bytes (not holes) staged since the last clear
-        self.lost: dict[str, int] = {}     # what could not be staged, by reason -> count
+        self.lost: dict[str, int] = {}     # metadata that could not be staged, by reason -> count
+        self._refused: str | None = None   # why the last entry could not be staged at all
 
     def _lose(self, key: str, detail: str) -> None:
-        if key == "fifos":
-            what = f"{detail} entries"
-        elif key == "xattr-refused":
+        if key in _NOT_STAGED:   # a whole entry: stage() raises NotWritten, the engine names it
+            self._refused = _NOT_STAGED[key].format(detail=detail.upper() if detail == "fifo" else detail)
+            return
+        if key == "xattr-refused":
             what = f"xattrs the scratch filesystem refused ({detail.partition(chr(9))[2] or detail})"
         else:
             what = _LOSSES.get(key) or f"{key} ({detail})"
@@ -90,8 +101,10 @@ class Staging:
 
     def stage(self, item: Item) -> int:
         """Write one item; returns the data bytes it took. Raises FileReadError
-        from the content after removing the partial file, ValueError for an
-        unsafe name, OSError for a local scratch problem."""
+        from the content after removing the partial file, NotWritten for an
+        entry the scratch tree cannot hold (a device node without root or
+        --fake-super), ValueError for an unsafe name, OSError for a local
+        scratch problem."""
         parts = split_name(item.name)
         entry = item.entry
         if not parts:
@@ -108,7 +121,8 @@ class Staging:
                 self.tree.symlink(parts, entry)
                 used = 0
             elif not self.tree.special(parts, entry):
-                return 0
+                why, self._refused = self._refused, None
+                raise NotWritten(why or f"{entry.kind} not sent: the scratch directory cannot hold it")
             else:
                 used = 0
         except IsADirectoryError:
