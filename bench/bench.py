@@ -10,6 +10,10 @@ Workloads are built once with the real tools and cached under bench/work/:
      streamOptimized, and raw inside a .tar.gz (the provider's archive).
   W2 "big empty disk": 64 GiB virtual, a few hundred MiB used.
   W3 "many tiny files": 200 000 files under one tree.
+  W4 "a million entries": 1 000 000 small files (sizes log-normal around 1 KiB, 5 %
+     empty; ~2 GiB) in ~15 000 directories of a server-like tree (mostly a handful
+     of files each, some hundreds, a few thousands; up to 8 levels), generated
+     (seeded) on tmpfs and made into a bare ext4 image by mkfs.ext4 -d.
   B1 "dead Fedora-like VPS": W1's tree on btrfs (filled through a loop mount: root),
      read by the native btrfs reader.
   B2 "btrfs with compress=zstd": W1's shape with text-like (compressible) content,
@@ -37,12 +41,12 @@ import os
 import platform
 import shlex
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from dataclasses import dataclass, field
+
+from measure import Measure, alternate, load, median, ratio, timed, versus
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
@@ -50,6 +54,7 @@ WORK = os.environ.get("RESCUE_BENCH_DIR", os.path.join(HERE, "work"))
 RESCUE = [sys.executable, "-m", "rescue"]
 IS_ROOT = os.geteuid() == 0
 GiB, MiB = 1 << 30, 1 << 20
+W4_FILES = int(os.environ.get("RESCUE_BENCH_W4_FILES", "1000000"))   # fewer: a quick trial build
 # An installed rescue runs from compiled bytecode; a session's PYTHONDONTWRITEBYTECODE
 # would make every timed run compile its ~60 modules again (~0.2 s CPU).
 os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
@@ -90,6 +95,67 @@ def _make_tree(root: str, big_file: int, small_files: int, small_size: int, text
             os.makedirs(d, exist_ok=True)
         with open(os.path.join(d, f"f{i:06d}.dat"), "wb") as f:
             f.write(seed[i % 64:] + seed[:i % 64])
+
+
+MILLION_WORDS = ("lib", "src", "dist", "test", "docs", "assets", "cache", "locale", "img", "css", "util",
+                 "core", "data", "conf", "build", "vendor", "types", "esm", "static", "mail")
+MILLION_EXTS = (".js", ".json", ".md", ".txt", ".html", ".css", ".png", ".py", ".map", ".ts", "", ".conf",
+                ".log", ".dat", ".php", ".gz")
+
+
+def _make_million(root: str, files: int, seed: int = 4) -> int:
+    """`files` small files in a tree shaped like a server's (packages, caches,
+    mail dirs), depth first; returns the bytes their data takes in 4 KiB blocks."""
+    import random
+    rnd = random.Random(seed)
+    blob = os.urandom(4 * MiB)
+    made = blocks = 0
+
+    def fill(d: str, depth: int) -> None:
+        nonlocal made, blocks
+        os.mkdir(d)
+        r = rnd.random()   # files here: mostly a handful, some hundreds, a few thousands
+        n = rnd.randint(1, 12) if r < 0.6 else rnd.randint(13, 120) if r < 0.95 else rnd.randint(121, 2000)
+        for _ in range(min(n, files - made)):
+            size = 0 if rnd.random() < 0.05 else min(int(rnd.lognormvariate(6.8, 1.3)), 256 * 1024)
+            name = f"{rnd.choice(MILLION_WORDS)}-{made}{rnd.choice(MILLION_EXTS)}"
+            fd = os.open(os.path.join(d, name), os.O_CREAT | os.O_WRONLY | os.O_EXCL, 0o644)
+            if size:
+                at = rnd.randrange(len(blob) - size)
+                os.write(fd, blob[at:at + size])
+            os.close(fd)
+            made += 1
+            blocks += -(-size // 4096)
+        if depth < 8:
+            for j in range(rnd.choice((0, 0, 1, 2, 3, 4, 6, 10))):
+                if made >= files:
+                    return
+                fill(os.path.join(d, f"{rnd.choice(MILLION_WORDS)}{j}"), depth + 1)
+
+    os.makedirs(os.path.join(root, "etc"), exist_ok=True)
+    with open(os.path.join(root, "etc", "os-release"), "w") as f:
+        f.write('ID=debian\nPRETTY_NAME="Debian GNU/Linux 12 (bookworm)"\n')
+    os.makedirs(os.path.join(root, "srv"))
+    app = 0
+    while made < files:
+        fill(os.path.join(root, "srv", f"app{app:03d}"), 1)
+        app += 1
+    return blocks * 4096
+
+
+def _build_million(path: str, files: int, log) -> None:
+    """A bare ext4 image (no partition table) of _make_million's tree: the tree
+    is written on tmpfs (/dev/shm) when it has room, and mkfs.ext4 -d copies it."""
+    shm = "/dev/shm"
+    base = shm if os.path.isdir(shm) and shutil.disk_usage(shm).free > 6 * GiB else WORK
+    with tempfile.TemporaryDirectory(dir=base, prefix="rescue-bench-w4-") as tmp:
+        data = _make_million(tmp, files)
+        log(f"  tree written under {base}: {files} files, {data / GiB:.2f} GiB in blocks; mkfs.ext4 -d ...")
+        size = (int((data + files * 512) * 1.4) + GiB) // MiB * MiB   # data, inodes, directories, journal
+        with open(path, "wb") as f:
+            f.truncate(size)
+        sh("mkfs.ext4", "-q", "-F", "-N", str(files + files // 5 + 10_000), "-E", "lazy_itable_init=0",
+           "-d", tmp, path)
 
 
 def _make_disk(path: str, size: int, tree: str, fstype: str = "ext4") -> int:
@@ -149,6 +215,16 @@ def build(name: str, log) -> Workload:
     }
     if name in ("X1", "B1", "B2") and not IS_ROOT:
         raise SystemExit(f"bench: {name} fills its filesystem through a loop mount: run as root")
+    if name == "W4":
+        w = Workload(name, "a million entries: 1 000 000 small files in a server-like tree, bare ext4", "/srv",
+                     offset=0)
+        w.raw = os.path.join(WORK, f"{name}.raw" if W4_FILES == 1_000_000 else f"{name}-{W4_FILES}.raw")
+        if not os.path.exists(w.raw):
+            log(f"building {name} ({w.title}) ...")
+            _build_million(w.raw + ".tmp", W4_FILES, log)
+            os.replace(w.raw + ".tmp", w.raw)
+        w.images["raw"] = w.raw
+        return w
     title, size, big, count, small = specs[name]
     w = Workload(name, title, "/srv")
     w.raw = os.path.join(WORK, f"{name}.raw")
@@ -188,33 +264,7 @@ def build(name: str, log) -> Workload:
     return w
 
 
-# -- measuring --------------------------------------------------------------------
-
-@dataclass
-class Measure:
-    seconds: float
-    peak_rss: int
-    read: int | None = None
-
-
-def timed(cmd: list[str], *, env=None, stdout=subprocess.DEVNULL, parse_json=False, ok=(0, 1)) -> Measure:
-    start = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE if parse_json else stdout, stderr=subprocess.PIPE, env=env)
-    output = proc.stdout.read() if parse_json else b""
-    errors = proc.stderr.read()
-    _, status, usage = os.wait4(proc.pid, 0)
-    elapsed = time.perf_counter() - start
-    code = os.waitstatus_to_exitcode(status)
-    if code not in ok:
-        raise RuntimeError(f"{' '.join(cmd)} failed ({code}): {errors.decode(errors='replace')[-400:]}")
-    read = None
-    if parse_json and output:
-        try:
-            read = json.loads(output).get("bytes_read_from_snapshot")
-        except ValueError:
-            pass
-    return Measure(elapsed, usage.ru_maxrss * 1024, read)
-
+# -- measuring (bench/measure.py: timed runs, alternation, medians) -------------
 
 def rescue_extract(image: str, guest_path: str, out: str) -> Measure:
     if os.path.exists(out):
@@ -270,14 +320,6 @@ def archive_kernel_extract(tgz: str, offset: int, guest_path: str, out: str) -> 
         os.rmdir(mnt)
 
 
-def median_of(fn, runs: int) -> Measure | None:
-    results = [fn() for _ in range(runs)]
-    if any(r is None for r in results):
-        return None
-    return Measure(statistics.median(r.seconds for r in results), max(r.peak_rss for r in results),
-                   results[-1].read)
-
-
 def run_pipe(w: Workload, runs: int, log, paths: list[str]) -> list[dict]:
     """Warm cache, output into a discarding pipe, rescue and the kernel
     alternating run by run: what rescue itself costs, without the disk's
@@ -289,22 +331,16 @@ def run_pipe(w: Workload, runs: int, log, paths: list[str]) -> list[dict]:
             if image is None:
                 continue
             rescue_extract_pipe(image, guest_path)   # warm the page cache for both sides
-            ours_runs, ref_runs = [], []
-            for i in range(runs):
-                pair = [(lambda: rescue_extract_pipe(image, guest_path), ours_runs),
-                        (lambda: kernel_extract_pipe(w.raw, w.offset, guest_path), ref_runs)]
-                for fn, results in pair[::1 if i % 2 == 0 else -1]:
-                    results.append(fn())
-            ours = statistics.median(m.seconds for m in ours_runs)
-            rss = max(m.peak_rss for m in ours_runs)
-            ref = None if None in ref_runs else statistics.median(m.seconds for m in ref_runs)
+            before = load()
+            ours, ref = versus(lambda: rescue_extract_pipe(image, guest_path),
+                               lambda: kernel_extract_pipe(w.raw, w.offset, guest_path), runs)
             r = {"workload": w.name, "task": "extract-pipe", "variant": variant, "path": guest_path,
-                 "seconds": round(ours, 3), "peak_rss_mib": round(rss / MiB, 1),
-                 "reference": "loop mount + tar | cat", "ref_seconds": round(ref, 3) if ref else None,
-                 "ratio": round(ours / ref, 2) if ref else None}
+                 "seconds": round(ours.seconds, 3), "peak_rss_mib": round(ours.peak_rss / MiB, 1),
+                 "reference": "loop mount + tar | cat", "ref_seconds": round(ref.seconds, 3) if ref else None,
+                 "ratio": ratio(ours, ref), "runs": runs, "load_before": before, "load_after": load()}
             rows.append(r)
-            log(f"  {w.name} pipe {guest_path:<12} {variant:<6} {ours:>7.2f}s  kernel {r['ref_seconds']}s  "
-                f"ratio {r['ratio']}  rss {r['peak_rss_mib']} MiB")
+            log(f"  {w.name} pipe {guest_path:<12} {variant:<6} {ours.seconds:>7.2f}s  kernel {r['ref_seconds']}s  "
+                f"ratio {r['ratio']}  rss {r['peak_rss_mib']} MiB  load {before} -> {r['load_after']}")
     return rows
 
 
@@ -324,20 +360,16 @@ def run_workload(w: Workload, runs: int, log) -> list[dict]:
 
     # Alternate ours and the kernel's, run by run, so both see the same cache state.
     for variant, image in w.images.items():
-        ours_runs, ref_runs = [], []
-        for _ in range(runs):
-            ours_runs.append(rescue_extract(image, w.path_in_guest, out))
-            if variant == "tar.gz":
-                ref_runs.append(archive_kernel_extract(image, w.offset, w.path_in_guest, out))
-            else:
-                ref_runs.append(kernel_extract(w.raw, w.offset, w.path_in_guest, out))
-        ours = Measure(statistics.median(m.seconds for m in ours_runs), max(m.peak_rss for m in ours_runs),
-                       ours_runs[-1].read)
-        ref = None if None in ref_runs else Measure(statistics.median(m.seconds for m in ref_runs), 0)
+        if variant == "tar.gz":
+            ours, ref = versus(lambda: rescue_extract(image, w.path_in_guest, out),
+                               lambda: archive_kernel_extract(image, w.offset, w.path_in_guest, out), runs)
+        else:
+            ours, ref = versus(lambda: rescue_extract(image, w.path_in_guest, out),
+                               lambda: kernel_extract(w.raw, w.offset, w.path_in_guest, out), runs)
         ref_name = "tar xzf + mount + tar" if variant == "tar.gz" else "loop mount + tar"
         row("extract", variant, ours, ref, ref_name if ref else "loop mount + tar (needs root: skipped)")
     # inspect: must not grow with the virtual size (W2)
-    inspect = median_of(lambda: timed(RESCUE + ["inspect", "--json", w.raw]), runs)
+    inspect = median(alternate([lambda: timed(RESCUE + ["inspect", "--json", w.raw])], runs)[0])
     rows.append({"workload": w.name, "task": "inspect", "variant": "raw", "seconds": round(inspect.seconds, 3),
                  "peak_rss_mib": round(inspect.peak_rss / MiB, 1)})
     log(f"  {w.name} inspect  raw          {inspect.seconds:>8.2f}s  rss {inspect.peak_rss / MiB:.1f} MiB")
@@ -346,25 +378,24 @@ def run_workload(w: Workload, runs: int, log) -> list[dict]:
         if variant in ("raw", "tar.gz") or not have("qemu-img"):
             continue
         target = os.path.join(WORK, "convert.raw")
-        ours_runs, ref_runs = [], []
         ours_cmd = RESCUE + ["convert", image, "-o", target]
         # qemu-img leaves its output in the page cache; rescue fsyncs: compare like with like.
         ref_cmd = ["bash", "-c", f"qemu-img convert -O raw {shlex.quote(image)} {shlex.quote(target)} "
                                  f"&& sync {shlex.quote(target)}"]
-        try:
-            for i in range(runs):
-                # Who goes first alternates: the page cache's writeback state favours one position.
-                for cmd, results in ([(ours_cmd, ours_runs), (ref_cmd, ref_runs)][::1 if i % 2 == 0 else -1]):
-                    if os.path.exists(target):
-                        os.unlink(target)
-                    results.append(timed(cmd))
+        def fresh(cmd: list[str]) -> Measure:
+            if os.path.exists(target):
                 os.unlink(target)
+            return timed(cmd)
+
+        try:
+            ours, ref = versus(lambda: fresh(ours_cmd), lambda: fresh(ref_cmd), runs)
         except RuntimeError as exc:
             log(f"  convert {variant}: {exc}")
-        if ours_runs and len(ours_runs) == len(ref_runs):
-            ours = Measure(statistics.median(m.seconds for m in ours_runs), max(m.peak_rss for m in ours_runs))
-            ref = Measure(statistics.median(m.seconds for m in ref_runs), 0)
+        else:
             row("convert", variant, ours, ref, "qemu-img convert -O raw")
+        finally:
+            if os.path.exists(target):
+                os.unlink(target)
     if have("guestfish"):
         # -m names the filesystem (the workloads have no OS for inspection to find);
         # exit 1 counts as failure here, unlike rescue's "partial".
@@ -378,13 +409,13 @@ def run_workload(w: Workload, runs: int, log) -> list[dict]:
         command = ["guestfish", "--ro", "-a", w.raw, "-m", "/dev/sda1", "tar-out", w.path_in_guest, out]
         try:
             try:
-                vt = median_of(lambda: timed(command, ok=(0,), env=env), 1)
+                vt = timed(command, ok=(0,), env=env)
             except RuntimeError:
                 # /dev/kvm can exist and still abort qemu (nested virtualisation): emulate.
                 if env.get("LIBGUESTFS_BACKEND_SETTINGS") == "force_tcg":
                     raise
                 env["LIBGUESTFS_BACKEND_SETTINGS"] = "force_tcg"
-                vt = median_of(lambda: timed(command, ok=(0,), env=env), 1)
+                vt = timed(command, ok=(0,), env=env)
             rows.append({"workload": w.name, "task": "extract", "variant": "raw", "reference": "virt-tar-out",
                          "ref_seconds": round(vt.seconds, 3)})
             log(f"  {w.name} virt-tar-out (guestfish tar-out) raw {vt.seconds:.2f}s")

@@ -17,11 +17,11 @@ import argparse
 import json
 import os
 import shlex
-import statistics
 import subprocess
 import sys
 import tempfile
-import time
+
+from measure import Measure, load, ratio, timed, versus
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 WORK = os.environ.get("RESCUE_BENCH_DIR", os.path.join(HERE, "work"))
@@ -60,30 +60,18 @@ def build(entries: int, log) -> str:
     return image
 
 
-def timed(cmd: list[str]) -> tuple[float, int]:
-    """(wall seconds, peak RSS bytes of the first process of a pipeline)."""
-    start = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    errors = proc.stderr.read()
-    _, status, usage = os.wait4(proc.pid, 0)
-    elapsed = time.perf_counter() - start
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed: {errors.decode(errors='replace')[-400:]}")
-    return elapsed, usage.ru_maxrss * 1024
+def rescue_ls(image: str) -> Measure:
+    return timed(RESCUE + ["ls", image, "/big"], ok=(0,))
 
 
-def rescue_ls(image: str) -> tuple[float, int]:
-    return timed(RESCUE + ["ls", image, "/big"])
-
-
-def kernel_ls(image: str) -> tuple[float, int] | None:
+def kernel_ls(image: str) -> Measure | None:
     if os.geteuid() != 0:
         return None
     mnt = tempfile.mkdtemp(prefix="rescue-bench-mnt-")
     script = (f"set -e -o pipefail; mount -o ro,loop {shlex.quote(image)} {mnt}; trap 'umount {mnt}' EXIT; "
               f"ls -l --time-style=full-iso {mnt}/big | cat > /dev/null")
     try:
-        return timed(["bash", "-c", script])
+        return timed(["bash", "-c", script], ok=(0,))
     finally:
         os.rmdir(mnt)
 
@@ -97,19 +85,16 @@ def main() -> int:
     log = (lambda s: print(s, file=sys.stderr)) if args.json else print
     image = build(args.entries, log)
     rescue_ls(image)   # warm the page cache
-    ours, ref = [], []
-    for i in range(max(args.runs, 5)):
-        pair = [(rescue_ls, ours), (kernel_ls, ref)]
-        for fn, results in pair[::1 if i % 2 == 0 else -1]:
-            results.append(fn(image))
-    row = {"task": "ls", "entries": args.entries, "seconds": round(statistics.median(s for s, _ in ours), 3),
-           "peak_rss_mib": round(max(r for _, r in ours) / MiB, 1)}
-    if None not in ref:
-        row["ref_seconds"] = round(statistics.median(s for s, _ in ref), 3)   # type: ignore[misc]
+    before = load()
+    ours, ref = versus(lambda: rescue_ls(image), lambda: kernel_ls(image), max(args.runs, 5))
+    row = {"task": "ls", "entries": args.entries, "seconds": round(ours.seconds, 3),
+           "peak_rss_mib": round(ours.peak_rss / MiB, 1), "load_before": before, "load_after": load()}
+    if ref is not None:
+        row["ref_seconds"] = round(ref.seconds, 3)
         row["reference"] = "loop mount + ls -l | cat"
-        row["ratio"] = round(row["seconds"] / row["ref_seconds"], 2) if row["ref_seconds"] else None
+        row["ratio"] = ratio(ours, ref)
     log(f"ls of {args.entries} entries in one directory: rescue {row['seconds']} s, rss {row['peak_rss_mib']} MiB; "
-        f"kernel {row.get('ref_seconds')} s")
+        f"kernel {row.get('ref_seconds')} s; load {before} -> {row['load_after']}")
     if args.json:
         print(json.dumps(row, indent=2))
     return 0
