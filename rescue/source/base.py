@@ -67,7 +67,61 @@ def open_relative(source: ByteSource, name: str) -> ByteSource:
     return opener(name)
 
 
-class FileSource:
+def clip_read(size: int, offset: int, length: int) -> int:
+    """How many bytes of a read of `length` at `offset` a source of `size`
+    bytes can return: 0 at or past its end. A negative offset is a bug above."""
+    if offset < 0:
+        raise ValueError("negative offset")
+    return min(length, size - offset) if offset < size and length > 0 else 0
+
+
+_HAS_PREAD = hasattr(os, "pread")
+
+
+class DescriptorSource:
+    """What a local file and a block device share: an open descriptor read
+    with pread (lseek + read where there is none) until the range is whole or
+    the end is reached, `fileno()`, `close()`. Subclasses open `_fd` and set
+    `path`, `name`, `size`, `identity`."""
+
+    path: str
+    name: str
+    size: int
+    max_read = 1 << 62   # the most one pread asks for (a device asks in pieces)
+    _fd = -1
+
+    def _pread(self, n: int, pos: int) -> bytes:
+        if _HAS_PREAD:
+            return os.pread(self._fd, n, pos)
+        os.lseek(self._fd, pos, os.SEEK_SET)   # Windows has no pread
+        return os.read(self._fd, n)
+
+    def _read_at(self, offset: int, length: int) -> bytes:
+        """`length` bytes at `offset`, fewer only at the end of the file."""
+        data = self._pread(min(length, self.max_read), offset)
+        if len(data) == length:
+            return data
+        parts = [data]
+        got = len(data)
+        while got < length and data:
+            data = self._pread(min(length - got, self.max_read), offset + got)
+            parts.append(data)
+            got += len(data)
+        return b"".join(parts)
+
+    def fileno(self) -> int:
+        return self._fd
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.path!r})"
+
+
+class FileSource(DescriptorSource):
     """A local file opened read-only (never for writing: non-negotiable)."""
 
     def __init__(self, path: str | os.PathLike) -> None:
@@ -87,40 +141,15 @@ class FileSource:
         self.identity = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
 
     def read(self, offset: int, length: int) -> bytes:
-        if offset >= self.size or length <= 0:
+        length = clip_read(self.size, offset, length)
+        if not length:
             return b""
-        length = min(length, self.size - offset)
         self.bytes_read += length
-        if hasattr(os, "pread"):
-            data = os.pread(self._fd, length, offset)
-            if len(data) == length:
-                return data
-            parts = [data]
-            got = len(data)
-            while got < length:
-                more = os.pread(self._fd, length - got, offset + got)
-                if not more:
-                    break
-                parts.append(more)
-                got += len(more)
-            return b"".join(parts)
-        os.lseek(self._fd, offset, os.SEEK_SET)  # Windows has no pread
-        return os.read(self._fd, length)
+        return self._read_at(offset, length)
 
     def open_relative(self, name: str) -> "FileSource":
         base = os.path.dirname(os.path.abspath(self.path))
         return FileSource(name if os.path.isabs(name) else os.path.join(base, name))
-
-    def fileno(self) -> int:
-        return self._fd
-
-    def close(self) -> None:
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
-
-    def __repr__(self) -> str:
-        return f"FileSource({self.path!r})"
 
 
 class Window:

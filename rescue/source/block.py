@@ -24,6 +24,7 @@ import struct
 import sys
 
 from ..errors import SourceError
+from .base import DescriptorSource, clip_read
 
 BLKGETSIZE64 = 0x80081272    # _IOR(0x12, 114, size_t) on 64-bit Linux
 BLKSSZGET = 0x1268           # _IO(0x12, 104): logical sector size, an int
@@ -70,8 +71,13 @@ def _permission_hint(path: str) -> str:
             f"or run it with sudo")
 
 
-class BlockDeviceSource:
-    """A ByteSource over a block device, opened read-only."""
+class BlockDeviceSource(DescriptorSource):
+    """A ByteSource over a block device, opened read-only. It shares the
+    descriptor reading of FileSource (base.DescriptorSource) without being one:
+    what takes a FileSource for a plain file (split sets, libguestfs drives,
+    zero-copy) does not take a device."""
+
+    max_read = MAX_READ
 
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = os.fspath(path)
@@ -85,7 +91,7 @@ class BlockDeviceSource:
             if sys.platform.startswith("linux"):
                 self.notes += _linux_mounted_rw(self._fd, self.path)
         except BaseException:
-            os.close(self._fd)
+            self.close()
             raise
 
     # -- opening ------------------------------------------------------------
@@ -114,44 +120,22 @@ class BlockDeviceSource:
 
     # -- ByteSource ---------------------------------------------------------
     def read(self, offset: int, length: int) -> bytes:
-        if offset < 0:
-            raise ValueError("negative offset")
-        if offset >= self.size or length <= 0:
+        length = clip_read(self.size, offset, length)
+        if not length:
             return b""
-        length = min(length, self.size - offset)
         self.bytes_read += length
         ss = self.sector_size
         start = offset - offset % ss                     # whole sectors only
         end = min(-(-(offset + length) // ss) * ss, self.size)
-        parts = []
-        pos = start
-        while pos < end:
-            n = min(end - pos, MAX_READ)
-            chunk = self._pread(n, pos)
-            if not chunk:
-                break
-            parts.append(chunk)
-            pos += len(chunk)
-        data = b"".join(parts)
+        data = self._read_at(start, end - start)
         return data[offset - start:offset - start + length]
 
     def _pread(self, n: int, pos: int) -> bytes:
         try:
-            if hasattr(os, "pread"):
-                return os.pread(self._fd, n, pos)
-            os.lseek(self._fd, pos, os.SEEK_SET)   # Windows has no pread
-            return os.read(self._fd, n)
+            return super()._pread(n, pos)
         except OSError as exc:
             raise SourceError(f"read error at byte {pos}: {exc.strerror or exc}", file=self.path,
                               hint="the disk may be failing; copy it with ddrescue first") from None
-
-    def fileno(self) -> int:
-        return self._fd
-
-    def close(self) -> None:
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
 
     def __repr__(self) -> str:
         return f"BlockDeviceSource({self.path!r}, size={getattr(self, 'size', '?')})"

@@ -13,6 +13,7 @@ from __future__ import annotations
 import threading
 
 from ..lru import LRU
+from .base import clip_read
 
 
 class CachedRemote:
@@ -36,11 +37,9 @@ class CachedRemote:
         raise NotImplementedError
 
     def read(self, offset: int, length: int) -> bytes:
-        if offset < 0:
-            raise ValueError("negative offset")
-        if offset >= self.size or length <= 0:
+        length = clip_read(self.size, offset, length)
+        if not length:
             return b""
-        length = min(length, self.size - offset)
         with self._lock:
             self._track_sequential(offset, length)
             if length > self.cache_size // 4:
