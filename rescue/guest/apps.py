@@ -38,7 +38,7 @@ from typing import Any
 
 from ..errors import RescueError
 from ..fs.base import DIR, FILE, SYMLINK, FileSystem, normalize
-from .valuables import WALK_BUDGET, allocated_bytes, walk_entries
+from .valuables import WALK_BUDGET, Size, measure
 
 DOCKER_DEFAULT_ROOT = "/var/lib/docker"
 PODMAN_ROOTFUL = "/var/lib/containers/storage"
@@ -55,14 +55,6 @@ class Mount:
     rw: bool = True
     guest_path: str | None = None  # where its data is in the snapshot (volume _data, bind source)
     present: bool = True         # guest_path exists in the snapshot
-
-
-@dataclass
-class Size:
-    files: int = 0
-    bytes: int = 0               # apparent size (sum of file sizes)
-    allocated: int = 0           # what the files hold (holes not counted)
-    complete: bool = True        # False: walk budget ran out (lower bounds)
 
 
 @dataclass
@@ -179,21 +171,6 @@ def _read_json(fs: FileSystem, path: str, warnings: list[str]) -> Any:
     except ValueError as exc:
         warnings.append(f"{path}: not valid JSON ({exc}); the record is damaged or was being written")
         return None
-
-
-def measure(fs: FileSystem, path: str, budget: int = WALK_BUDGET) -> Size:
-    size = Size()
-    left = budget
-    for entry in walk_entries(fs, path):
-        if left <= 0:
-            size.complete = False
-            break
-        left -= 1
-        if entry.kind == FILE:
-            size.files += 1
-            size.bytes += entry.size
-            size.allocated += allocated_bytes(fs, entry)
-    return size
 
 
 # -- Docker -----------------------------------------------------------------------------

@@ -92,16 +92,34 @@ def _measure(fs: FileSystem, findings: list[Finding], budget: int) -> None:
     """Fill in files/bytes; nested findings (a volume under /srv) are counted in both.
     Each finding has its own budget, so one huge tree does not blank the others."""
     for finding in findings:
-        left = budget
-        for entry in _walk(fs, finding.path):
-            if left <= 0:
-                finding.complete = False
-                break
-            left -= 1
-            if entry.kind == FILE:
-                finding.files += 1
-                finding.bytes += entry.size
-                finding.allocated += allocated_bytes(fs, entry)
+        size = measure(fs, finding.path, budget)
+        finding.files, finding.bytes, finding.allocated, finding.complete = (
+            size.files, size.bytes, size.allocated, size.complete)
+
+
+@dataclass
+class Size:
+    files: int = 0
+    bytes: int = 0               # apparent size (sum of file sizes)
+    allocated: int = 0           # what the files hold (holes not counted)
+    complete: bool = True        # False: walk budget ran out (lower bounds)
+
+
+def measure(fs: FileSystem, path: str, budget: int = WALK_BUDGET) -> Size:
+    """Files and bytes below `path`, from a walk of at most `budget` entries
+    (past it, `complete` is False and the counts are lower bounds)."""
+    size = Size()
+    left = budget
+    for entry in _walk(fs, path):
+        if left <= 0:
+            size.complete = False
+            break
+        left -= 1
+        if entry.kind == FILE:
+            size.files += 1
+            size.bytes += entry.size
+            size.allocated += allocated_bytes(fs, entry)
+    return size
 
 
 def allocated_bytes(fs: FileSystem, entry: Entry) -> int:
@@ -114,11 +132,6 @@ def allocated_bytes(fs: FileSystem, entry: Entry) -> int:
     if ranges is None:
         return entry.size
     return min(entry.size, sum(length for _, length in ranges))
-
-
-def walk_entries(fs: FileSystem, top: str) -> Iterator[Entry]:
-    """Entries below `top` (a survey: unreadable directories are skipped)."""
-    return _walk(fs, top)
 
 
 def _walk(fs: FileSystem, top: str) -> Iterator[Entry]:
