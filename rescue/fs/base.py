@@ -11,9 +11,11 @@ import functools
 import posixpath
 import stat as stat_mod
 from dataclasses import dataclass, field
-from typing import ClassVar, Iterator
+from typing import ClassVar, Iterator, Sequence, TypeVar
 
 from ..source.base import DATA, HOLE_KINDS, ZERO, ByteSource, Run
+
+R = TypeVar("R", bound=tuple)   # Run, or a reader's record that starts like one (see cover)
 
 # Entry kinds, named like tar's member types.
 FILE, DIR, SYMLINK, FIFO, CHAR, BLOCK, SOCKET = "file", "dir", "symlink", "fifo", "char", "block", "socket"
@@ -263,29 +265,38 @@ def _last_runs_kept(file_runs):
     return kept
 
 
-def cover(runs: list[Run], size: int) -> list[Run]:
+def cover(runs: Sequence[R], size: int) -> list[R]:
     """A file's runs as `file_runs` returns them: sorted `runs` clipped to
     `size`, gaps (and the tail) as ZERO, neighbours that continue each other
-    on the volume merged. Readers hand in only what their maps store."""
-    out: list[Run] = []
+    on the volume merged. Readers hand in only what their maps store.
+
+    `runs` may be any NamedTuple that starts with Run's four fields and gives
+    defaults to the rest: a reader's own record with a payload (btrfs: the
+    compressed extent a piece inflates from). Such fields stay as they are on
+    every piece, so they must not depend on where a piece starts (store where
+    the extent's first byte would sit, not an offset into it); neighbours
+    merge only when those fields are equal too."""
+    out: list = []
     pos = 0
+    kind_of = type(runs[0]) if runs else Run
     for run in sorted(runs, key=lambda r: r.offset):
         start, end = max(run.offset, pos), min(run.offset + run.length, size)
         if start >= end:
             continue
         if start > pos:
-            out.append(Run(pos, start - pos, ZERO))
+            out.append(kind_of(pos, start - pos, ZERO))
         where = None if run.where is None else run.where + (start - run.offset)
         last = out[-1] if out else None
         if last is not None and last.kind == run.kind and last.offset + last.length == start and (
                 (last.where is None and where is None and run.kind != DATA)
-                or (last.where is not None and where is not None and last.where + last.length == where)):
-            out[-1] = Run(last.offset, last.length + end - start, run.kind, last.where)
+                or (last.where is not None and where is not None and last.where + last.length == where)) \
+                and last[4:] == run[4:]:
+            out[-1] = type(last)(last.offset, last.length + end - start, last.kind, last.where, *last[4:])
         else:
-            out.append(Run(start, end - start, run.kind, where))
+            out.append(type(run)(start, end - start, run.kind, where, *run[4:]))
         pos = end
     if pos < size:
-        out.append(Run(pos, size - pos, ZERO))
+        out.append(kind_of(pos, size - pos, ZERO))
     return out
 
 

@@ -216,7 +216,7 @@ def test_a_data_copy_failing_its_checksum_is_read_from_the_other(work):
     fs = BtrfsFileSystem(source)
     for name, want in (("plain", plain), ("text", text)):
         ext = fs._file_extents(fs.stat(f"/{name}"))[0]
-        logical = ext.logical if ext.extent is None else ext.extent[0]
+        logical = ext.where if ext.extent is None else ext.extent[0]
         (_n, copies), = fs.vol.map(logical, 4096)
         assert len(copies) == 2
         one = BtrfsFileSystem(Patched(source, {copies[0][1] + 100: b"XXXX"}))

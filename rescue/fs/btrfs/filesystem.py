@@ -39,7 +39,8 @@ import construct
 
 from ...errors import FilesystemError, GuestPathError, RescueError
 from ...source.base import COMPRESSED, DATA, UNWRITTEN, ZERO, ByteSource, Run
-from ..base import BLOCK, CHAR, DIR, FIFO, FILE, SOCKET, SYMLINK, Entry, FileReadError, FileSystem, FsInfo, normalize
+from ..base import (BLOCK, CHAR, DIR, FIFO, FILE, SOCKET, SYMLINK, Entry, FileReadError, FileSystem, FsInfo, cover,
+                    normalize)
 from . import structs as S
 from .checksum import name_hash
 from .lzo import LzoError, btrfs_lzo_decompress
@@ -106,15 +107,17 @@ class Subvolume:
 
 
 class _Ext(NamedTuple):
-    """One piece of a file: `kind` DATA (logical address), ZERO, UNWRITTEN,
-    COMPRESSED (extent tuple, offset inside the inflated extent) or inline."""
+    """One piece of a file, in the shape fs.base.cover() clips and merges
+    (Run's four fields first): DATA readable as is at logical address `where`;
+    ZERO, UNWRITTEN; or COMPRESSED / inline DATA (`where` None) inflated from
+    `extent`, whose first inflated byte would sit at file offset `base`."""
 
     offset: int
     length: int
     kind: str
-    logical: int = 0
+    where: int | None = None      # logical address (DATA stored as is)
     extent: tuple | None = None   # (disk_bytenr, disk_num_bytes, ram_bytes, compression) or ("inline", bytes, ram, comp)
-    skip: int = 0
+    base: int = 0
 
 
 def _clone(entry: Entry) -> Entry:
@@ -531,7 +534,7 @@ class BtrfsFileSystem(FileSystem):
                 length = ram if comp else len(inline)
                 if length > MAX_EXTENT:
                     raise FileReadError(f"{path}: inline extent claims {length} bytes")
-                raw.append(_Ext(start, length, COMPRESSED if comp else DATA, -1, ("inline", inline, ram, comp)))
+                raw.append(_Ext(start, length, COMPRESSED if comp else DATA, None, ("inline", inline, ram, comp), start))
                 continue
             if etype not in (S.FILE_EXTENT_REG, S.FILE_EXTENT_PREALLOC):
                 raise FileReadError(f"{path}: extent at offset {start} has unknown type {etype}")
@@ -543,30 +546,12 @@ class BtrfsFileSystem(FileSystem):
             elif comp:
                 if disk_len > MAX_EXTENT or ram > MAX_EXTENT:
                     raise FileReadError(f"{path}: compressed extent at offset {start} claims {disk_len} -> {ram} bytes")
-                raw.append(_Ext(start, num, COMPRESSED, disk_bytenr, (disk_bytenr, disk_len, ram, comp), offset))
+                raw.append(_Ext(start, num, COMPRESSED, None, (disk_bytenr, disk_len, ram, comp), start - offset))
             else:
                 raw.append(_Ext(start, num, DATA, disk_bytenr + offset))
         if damage:
             raise FileReadError(f"{path}: extent tree damaged: {'; '.join(damage)}")
-        out: list[_Ext] = []
-        pos = 0
-        for ext in sorted(raw, key=lambda e: e.offset):
-            start, end = max(ext.offset, pos), min(ext.offset + ext.length, size)
-            if start >= end:
-                continue
-            if start > pos:
-                out.append(_Ext(pos, start - pos, ZERO))
-            cut = start - ext.offset
-            if ext.kind == DATA and ext.logical >= 0:
-                out.append(_Ext(start, end - start, DATA, ext.logical + cut))
-            elif ext.kind in (COMPRESSED, DATA):
-                out.append(_Ext(start, end - start, ext.kind, ext.logical, ext.extent, ext.skip + cut))
-            else:
-                out.append(_Ext(start, end - start, ext.kind))
-            pos = end
-        if pos < size:
-            out.append(_Ext(pos, size - pos, ZERO))
-        return out
+        return cover(raw, size)
 
     def _file_extents(self, entry: Entry) -> list[_Ext]:
         if entry.kind not in (FILE, SYMLINK) or entry.inode >> 128 or entry.size == 0:
@@ -592,7 +577,7 @@ class BtrfsFileSystem(FileSystem):
             for ext in self._file_extents(entry):
                 if ext.kind == DATA and ext.extent is None:
                     pos = ext.offset
-                    for n, where in self.vol.physical_runs(ext.logical, ext.length):
+                    for n, where in self.vol.physical_runs(ext.where, ext.length):
                         last = out[-1] if out else None
                         if last and last.kind == DATA and where is not None and last.where is not None \
                                 and last.where + last.length == where:
@@ -685,9 +670,9 @@ class BtrfsFileSystem(FileSystem):
         if ext.kind in (ZERO, UNWRITTEN):
             return bytes(length)
         if ext.kind == DATA and ext.extent is None:
-            return self._read_data(ext.logical + inside, length, path)
+            return self._read_data(ext.where + inside, length, path)
         data = self._inflate(ext.extent, path)
-        start = ext.skip + inside
+        start = ext.offset - ext.base + inside
         piece = data[start:start + length]
         return piece + bytes(length - len(piece)) if len(piece) < length else piece
 
