@@ -18,6 +18,7 @@ import sys
 import threading
 import zlib
 from array import array
+from bisect import bisect_right
 from functools import partial
 from typing import Any
 
@@ -400,6 +401,30 @@ class Qcow2Disk(MappedDisk):
         have = ", ".join(f"{s['id']}:{s['name']}" for s in self.snapshots) or "none"
         raise DiskFormatError(f"no internal snapshot named {wanted!r} (snapshots: {have})",
                               file=self.source.name, hint="see `rescue inspect` for the list")
+
+    # -- the per-file fast path ---------------------------------------------
+
+    def file_extents(self, offset: int, length: int) -> list[tuple[int, int, int, int]] | None:
+        """As MappedDisk.file_extents; a range inside one decoded data extent
+        (a small file: most of them) is answered from the table directly,
+        without the generic piece walk (~15 us a file on 20 000 small files)."""
+        span = self.span
+        if length > 0 and 0 <= offset and offset + length <= self.size and span:
+            index, within = divmod(offset, span)
+            if within + length <= span:
+                starts, extents = self._table(index)
+                i = bisect_right(starts, within) - 1
+                if i >= 0:
+                    start, ext_length, kind, host = extents[i]
+                    skip = within - start
+                    if kind == DATA and skip + length <= ext_length:
+                        src = self.data_source
+                        fileno = getattr(src, "fileno", None)
+                        where = host + skip
+                        if fileno is None or where + length > src.size:
+                            return None
+                        return [(offset, length, fileno(), where)]
+        return super().file_extents(offset, length)
 
     # -- the tables --------------------------------------------------------
 
