@@ -15,13 +15,17 @@ Progress comes back through callbacks, never printed here.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from .errors import FilesystemError, GuestPathError, TargetError
-from .extract.run import ExtractOptions, Plan, Report, check_file, plan
-from .extract.targets import TargetOptions, open_sink
+from .extract.select import select_file, select_path
 from .fs.base import DIR, FILE, Entry
+from .fs.names import listed_name
 from .guest import Snapshot, SnapshotOptions, open_snapshot
+
+if TYPE_CHECKING:   # the extract machinery is imported when an extract runs: `ls` and `cat` start lean
+    from .extract.run import Plan, Report
+    from .extract.targets import TargetOptions
 
 # (bytes done, files done, guest path being written)
 Progress = Callable[[int, int, str], None]
@@ -156,26 +160,76 @@ def inspect(snapshot: str, options: SnapshotOptions | None = None) -> InspectRep
         return InspectReport.from_json(snap.inspect())
 
 
-def listdir(snapshot: str, path: str = "/", options: SnapshotOptions | None = None) -> list[Entry]:
-    """The entries of a guest directory (or the one entry, for a file), sorted by name."""
-    from .extract.select import resolve_selection
-    with open_snapshot(snapshot, options) as snap:
-        fs = snap.filesystem()
-        _, entry = resolve_selection(fs, path)
-        return sorted(fs.listdir(entry.path), key=lambda e: e.path) if entry.kind == DIR else [entry]
+@dataclass
+class Listing:
+    """What `rescue ls` shows: a guest directory's entries, or the one entry a
+    file path names. Names are whole (a crafted one may hold '/'); show them
+    with `fs.names.escape_name`, which `ls`, `cat` and `extract --path` take back."""
+
+    path: str                          # as asked, normalised (an unwritable last name in escaped form)
+    entry: Entry                       # what `path` names (a symlink to a directory: the directory)
+    entries: list[Entry]               # sorted by path
+    names: list[str]                   # each entry's name as its directory holds it
+    users: dict[int, str] = field(default_factory=dict)    # uid -> name, from the guest's /etc/passwd
+    groups: dict[int, str] = field(default_factory=dict)
+    damage: list[str] = field(default_factory=list)        # why entries may be missing (a damaged directory)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"path": self.path, "type": self.entry.kind, "damage": self.damage,
+                "entries": [{"path": e.path, "name": name, "type": e.kind, "mode": f"{e.mode:04o}", "uid": e.uid,
+                             "gid": e.gid, "user": self.users.get(e.uid), "group": self.groups.get(e.gid),
+                             "size": e.size, "mtime_ns": e.mtime_ns, "nlink": e.nlink,
+                             "link_target": e.link_target}
+                            for e, name in zip(self.entries, self.names)]}
 
 
-def read_file(snapshot: str, path: str, options: SnapshotOptions | None = None) -> Iterator[bytes]:
-    """A guest file's bytes in chunks (symlinks followed inside the guest)."""
+def ls(snapshot: str | Snapshot, path: str = "/", options: SnapshotOptions | None = None) -> Listing:
+    """List a guest directory (symlinks shown, not followed; a symlink named
+    itself is followed to a directory). `path` may name an entry as `ls` shows
+    it escaped ('/srv/..\\x2fx'). A directory listed only in part (damaged) is
+    listed as far as it reads, with the reason in `damage`."""
+    snap = snapshot if isinstance(snapshot, Snapshot) else open_snapshot(snapshot, options)
+    try:
+        fs = snap.filesystem()
+        users, groups = snap.user_names(), snap.group_names()
+        chosen = select_path(fs, path)
+        entry = chosen.entry
+        if entry.kind != DIR:
+            return Listing(chosen.shown, entry, [entry],
+                           [chosen.renamed or entry.name], users, groups)
+        entries = sorted(fs.listdir(entry.path), key=lambda e: e.path)
+        damage = fs.listing_damage(entry.path)
+        cut = len(entry.path.rstrip("/")) + 1
+        names = [e.path[cut:] if len(e.path) > cut else listed_name(entry.path, e.path) for e in entries]
+        return Listing(chosen.shown, entry, entries, names, users, groups, [damage] if damage else [])
+    finally:
+        if snap is not snapshot:
+            snap.close()
+
+
+def cat(snapshot: str, path: str, options: SnapshotOptions | None = None) -> Iterator[bytes]:
+    """A guest file's bytes in chunks (symlinks followed inside the guest; `path`
+    may name an entry as `ls` shows it escaped). Errors (no such file, not a
+    file, damaged) are raised before the first chunk."""
+    from .extract.run import check_file
     with open_snapshot(snapshot, options) as snap:
         fs = snap.filesystem()
-        entry = fs.resolve(path)
+        entry = select_file(fs, path)
         if entry.kind != FILE:
-            raise GuestPathError(f"{path} is a {entry.kind}, not a file", file=snapshot)
+            raise GuestPathError(f"{path} is a {entry.kind}, not a file", file=snapshot,
+                                 hint=f"rescue ls {snapshot} {path}")
         damage = check_file(fs, entry)
         if damage:
             raise FilesystemError(f"{path}: {damage}", file=snapshot)
         yield from fs.read_chunks(entry)
+
+
+def listdir(snapshot: str, path: str = "/", options: SnapshotOptions | None = None) -> list[Entry]:
+    """The entries of a guest directory (or the one entry, for a file), sorted by name."""
+    return ls(snapshot, path, options).entries
+
+
+read_file = cat   # the earlier name
 
 
 def extract(snapshot: str | Snapshot, output: str | None, request: ExtractRequest | None = None, *,
@@ -190,7 +244,9 @@ def extract(snapshot: str | Snapshot, output: str | None, request: ExtractReques
     the CLI takes (opened and closed here)."""
     from .extract.db_closure import databases_in, plan_with_databases
     from .extract.manifest import ManifestWriter
+    from .extract.run import ExtractOptions, Report
     from .extract.run import extract as run_extract
+    from .extract.targets import open_sink
     from .source.stats import bytes_fetched
 
     request = request or ExtractRequest(paths=list(paths or []))
@@ -213,7 +269,7 @@ def extract(snapshot: str | Snapshot, output: str | None, request: ExtractReques
             work, closure = plan_with_databases(fs, chosen_options)
             databases, notes = closure.databases, closure.notes
             chosen_options.paths = list(chosen_options.paths) + closure.added
-        result = ExtractReport(report=Report(skipped=list(work.skipped)), plan=work, warnings=list(snap.warnings),
+        result = ExtractReport(report=Report(skipped=list(work.skipped), warnings=list(work.warnings)), plan=work, warnings=list(snap.warnings),
                                notes=list(notes), databases=list(databases), dry_run=dry_run or output is None)
         if chosen is not None:
             result.restore_commands = list(chosen.commands)
@@ -249,5 +305,12 @@ def extract(snapshot: str | Snapshot, output: str | None, request: ExtractReques
             snap.close()
 
 
-__all__ = ["ExtractJob", "ExtractReport", "ExtractRequest", "InspectReport", "VolumeReport", "extract", "inspect", "listdir", "read_file",
-           "SnapshotOptions", "TargetOptions"]
+def __getattr__(name: str) -> Any:
+    if name == "TargetOptions":   # api.TargetOptions, without importing the extract machinery for ls/cat
+        from .extract.targets import TargetOptions
+        return TargetOptions
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = ["ExtractJob", "ExtractReport", "ExtractRequest", "InspectReport", "Listing", "VolumeReport", "cat",
+           "extract", "inspect", "listdir", "ls", "read_file", "SnapshotOptions", "TargetOptions"]

@@ -19,6 +19,8 @@ from rich.console import Console
 from .errors import (EXIT_ERROR, EXIT_OK, EXIT_PARTIAL, DamagedRange, RescueError, install_signal_handlers,
                      interruption)
 from .fs.base import DIR, FILE, SYMLINK, FileReadError
+from .fs.names import escape_name
+from .fs.names import visible as _visible   # names from an image may hold a NUL, an escape sequence, a newline
 from .units import human_size
 
 if TYPE_CHECKING:   # rich's progress and tables are imported when one is shown: start-up stays lean
@@ -44,9 +46,17 @@ def _main(debug: bool = typer.Option(False, "--debug", help="Show tracebacks for
 
 
 class _WarningLines(logging.Handler):
+    recent: list[str] = []   # the last warnings printed, so a command does not repeat one
+
     def emit(self, record: logging.LogRecord) -> None:
         prefix = "warning" if record.levelno >= logging.WARNING else "info"
-        err.print(f"{prefix}: {_visible(record.getMessage())}", markup=False)
+        text = record.getMessage()
+        _WarningLines.recent = [*_WarningLines.recent[-99:], text]
+        err.print(f"{prefix}: {_visible(text)}", markup=False)
+
+    @staticmethod
+    def said(text: str) -> bool:
+        return any(text in line for line in _WarningLines.recent)
 
 
 # -- shared pieces ------------------------------------------------------------
@@ -310,41 +320,45 @@ def _mode_string(kind: str, mode: int) -> str:
 
 
 @app.command()
-def ls(snapshot: str = SnapshotArg, path: str = typer.Argument("/", help="Directory or file in the guest."),
+def ls(snapshot: str = SnapshotArg, path: str = typer.Argument("/", help="Directory or file in the guest "
+                                                                        "(a name as ls shows it, escapes included)."),
        long: bool = typer.Option(False, "-l", "--long", help="Modes, owners, sizes, times."),
        volume: Optional[str] = VolumeOpt, member: Optional[str] = MemberOpt,
        backing: Optional[str] = BackingOpt, qsnap: Optional[str] = QSnapOpt, backend: str = BackendOpt,
        partial: bool = PartialOpt, disk: List[str] = DiskOpt,
        as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")) -> None:
-    """List a directory inside the snapshot (like ls; symlinks are shown, not followed)."""
-    from .extract.select import resolve_selection
+    """List a directory inside the snapshot (like ls; symlinks are shown, not followed).
+
+    Every name is shown whole: a byte no file name can hold or a terminal could
+    misread as an escape (a '/' inside a crafted name as \\x2f, a backslash
+    doubled); `cat` and `extract --path` take names in that form."""
+    from . import api
     with _errors(snapshot):
-        with _open(snapshot, volume, member, backing, qsnap, backend, partial, disk) as snap:
-            fs = snap.filesystem()
-            users, groups = snap.user_names(), snap.group_names()
-            _, entry = resolve_selection(fs, path)
-            entries = sorted(fs.listdir(entry.path), key=lambda e: e.path) if entry.kind == DIR else [entry]
-        parent = entry.path if entry.kind == DIR else None
+        listing = api.ls(snapshot, path, _options(volume, member, backing, qsnap, backend, partial, disk))
+        for damage in listing.damage:   # once: the reader may have said it already
+            if not _WarningLines.said(damage):
+                _warn(f"{listing.path}: listed only in part: {damage}")
         if as_json:
-            _print_json([{"path": e.path, "name": _listed_name(parent, e), "type": e.kind, "mode": f"{e.mode:04o}", "uid": e.uid,
-                          "gid": e.gid, "user": users.get(e.uid), "group": groups.get(e.gid), "size": e.size,
-                          "mtime_ns": e.mtime_ns, "nlink": e.nlink, "link_target": e.link_target}
-                         for e in entries])
+            _print_json(listing.to_json())
             return
-        lines = []
-        for e in entries:
-            # whole, with a '/' inside a crafted name shown as \x2f (not just the part after it)
-            name = _visible(_listed_name(parent, e)).replace("/", "\\x2f")
-            if e.kind == SYMLINK:
-                name += f" -> {_visible(e.link_target or '')}"
-            if long:
-                when = time.strftime("%Y-%m-%d %H:%M", time.gmtime(e.mtime_ns // 1_000_000_000))
-                size = f"{e.rdev[0]}, {e.rdev[1]}" if e.rdev else str(e.size)
-                lines.append(f"{_mode_string(e.kind, e.mode)} {e.nlink:>3} {users.get(e.uid, e.uid):<8} "
-                             f"{groups.get(e.gid, e.gid):<8} {size:>10} {when} {name}")
-            else:
-                lines.append(name + ("/" if e.kind == DIR else ""))
-        _print_lines(lines)
+        _print_lines(_ls_lines(listing, long))
+
+
+def _ls_lines(listing, long: bool) -> list[str]:
+    users, groups = listing.users, listing.groups
+    lines = []
+    for e, name in zip(listing.entries, listing.names):
+        name = escape_name(name)
+        if e.kind == SYMLINK:
+            name += f" -> {_visible(e.link_target or '')}"
+        if long:
+            when = time.strftime("%Y-%m-%d %H:%M", time.gmtime(e.mtime_ns // 1_000_000_000))
+            size = f"{e.rdev[0]}, {e.rdev[1]}" if e.rdev else str(e.size)
+            lines.append(f"{_mode_string(e.kind, e.mode)} {e.nlink:>3} {users.get(e.uid, e.uid):<8} "
+                         f"{groups.get(e.gid, e.gid):<8} {size:>10} {when} {name}")
+        else:
+            lines.append(name + ("/" if e.kind == DIR else ""))
+    return lines
 
 
 def _print_lines(lines: list[str]) -> None:
@@ -357,27 +371,18 @@ def _print_lines(lines: list[str]) -> None:
 
 
 @app.command()
-def cat(snapshot: str = SnapshotArg, path: str = typer.Argument(..., help="File in the guest."),
+def cat(snapshot: str = SnapshotArg,
+        path: str = typer.Argument(..., help="File in the guest (a name as ls shows it, escapes included)."),
         volume: Optional[str] = VolumeOpt, member: Optional[str] = MemberOpt,
         backing: Optional[str] = BackingOpt, qsnap: Optional[str] = QSnapOpt, backend: str = BackendOpt,
         partial: bool = PartialOpt, disk: List[str] = DiskOpt) -> None:
     """Print a file from the snapshot to stdout (symlinks followed inside the guest)."""
-    from .errors import FilesystemError, GuestPathError
-    from .extract.run import check_file
+    from . import api
     with _errors(snapshot):
-        with _open(snapshot, volume, member, backing, qsnap, backend, partial, disk) as snap:
-            fs = snap.filesystem()
-            entry = fs.resolve(path)
-            if entry.kind != FILE:
-                raise GuestPathError(f"{path} is a {entry.kind}, not a file", file=snapshot,
-                                     hint=f"rescue ls {snapshot} {path}")
-            damage = check_file(fs, entry)
-            if damage:
-                raise FilesystemError(f"{path}: {damage}", file=snapshot)
-            sink = sys.stdout.buffer
-            for chunk in fs.read_chunks(entry):
-                sink.write(chunk)
-            sink.flush()
+        sink = sys.stdout.buffer
+        for chunk in api.cat(snapshot, path, _options(volume, member, backing, qsnap, backend, partial, disk)):
+            sink.write(chunk)
+        sink.flush()
 
 
 # -- extract --------------------------------------------------------------------
@@ -497,7 +502,8 @@ def _render_plan(work, list_: bool, as_json: bool) -> None:
         _print_json({"entries": [{"name": p.name, "type": p.entry.kind, "size": p.entry.size}
                                  for p in work.items] if list_ else len(work.items),
                      "bytes": work.total_bytes,
-                     "skipped": [{"path": s.path, "reason": s.reason} for s in work.skipped]})
+                     "skipped": [{"path": s.path, "reason": s.reason} for s in work.skipped],
+                     "warnings": work.warnings})
         return
     if list_:
         for p in work.items:
@@ -506,6 +512,8 @@ def _render_plan(work, list_: bool, as_json: bool) -> None:
             out.print(f"{p.entry.kind:<8} {size:>12} {_visible(p.name)}{suffix}", markup=False)
     for skip in work.skipped:
         err.print(f"would skip: {_visible(skip.path)}: {_visible(skip.reason)}", markup=False)
+    for warning in work.warnings:
+        _warn(warning)
     err.print(f"would write {len(work.items)} entries, {_human(work.total_bytes)} (dry run: nothing written)",
               markup=False)
 
@@ -787,26 +795,6 @@ def snapshots(provider: str = typer.Argument(..., metavar="kiwivm", help="Provid
 
 def _warn(text: str) -> None:
     err.print(f"warning: {_visible(text)}", markup=False)
-
-
-def _listed_name(parent: str | None, e) -> str:
-    """An entry's name as its directory holds it: all of it after the parent's
-    path, so a crafted name holding '/' ('../../tmp/x') is shown whole."""
-    prefix = parent.rstrip("/") + "/" if parent is not None else None
-    if prefix is not None and e.path.startswith(prefix) and len(e.path) > len(prefix):
-        return e.path[len(prefix):]
-    return e.name
-
-
-def _visible(text: str) -> str:
-    """Names from an image may hold control characters (a NUL, an escape
-    sequence, a newline): show them as \\xNN so they cannot garble the terminal
-    or forge a line; bytes that are not UTF-8 (surrogate escapes) likewise."""
-    if text.isprintable():
-        return text
-    return "".join(c if c.isprintable() else
-                   f"\\x{ord(c) - 0xDC00:02x}" if 0xDC80 <= ord(c) <= 0xDCFF else
-                   f"\\x{ord(c):02x}" if ord(c) < 0x100 else f"\\u{ord(c):04x}" for c in text)
 
 
 @contextmanager

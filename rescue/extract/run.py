@@ -7,16 +7,16 @@ walk order. Damaged files are skipped and reported; the rest is rescued.
 
 from __future__ import annotations
 
-import posixpath
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
 from ..errors import GuestPathError, RescueError, TargetError
 from ..fs.base import DIR, FILE, SOCKET, Entry, FileReadError, FileSystem
+from ..fs.names import escape_name, listed_name, visible
 from .base import Content, Item, NotWritten, Sink
 from .manifest import ManifestWriter
-from .select import excluded, output_name, resolve_selection, unsafe_name
+from .select import excluded, output_name, select_path, unsafe_name
 from .zerocopy import plain_pieces
 
 # A file claiming more than this is not a real file (ext4's own limit is 16 TiB).
@@ -71,6 +71,7 @@ class Plan:
     items: list[Planned]
     total_bytes: int
     skipped: list[Skipped]
+    warnings: list[str] = field(default_factory=list)   # e.g. an unwritable name written under a replacement
 
 
 Progress = Callable[[int, int, str], None]   # (bytes_done, files_done, current path)
@@ -84,25 +85,39 @@ def plan(fs: FileSystem, options: ExtractOptions, on_entry: Callable[[int], None
     empty success."""
     items: list[Planned] = []
     skipped: list[Skipped] = []
+    warnings: list[str] = []
     total = 0
-    seen_names: set[str] = set()
+    seen_names: dict[str, tuple[int, int]] = {}   # output name -> (dev, inode) written under it
+    replacements: set[str] = set()
     for wanted in options.paths:
         try:
-            shown, top = resolve_selection(fs, wanted)
+            chosen = select_path(fs, wanted)
         except GuestPathError as exc:
             raise GuestPathError(exc.problem, file=getattr(fs, "name", None),
                                  hint="`rescue ls SNAPSHOT /` shows what is there") from None
+        shown, top = chosen.shown, chosen.entry
+        if chosen.renamed is not None:
+            replacement = shown.rpartition("/")[2]
+            replacements.add(replacement)
+            warnings.append(f"{visible(top.path)} written as {replacement}: its {unsafe_name(chosen.renamed)}, "
+                            "which no file name can")
         for entry, guest_path in _walk(fs, top, shown, options, skipped):
             name = output_name(guest_path, options.strip_components)
-            if name is None or name in seen_names:
+            if name is None:
                 continue
-            seen_names.add(name)
+            if name in seen_names:
+                # the same entry selected twice is written once; a replacement name
+                # already taken by another entry is not written at all
+                if name in replacements and seen_names[name] != (getattr(entry, "dev", 0), entry.inode):
+                    skipped.append(Skipped(guest_path, f"another entry is written as {name}"))
+                continue
+            seen_names[name] = (getattr(entry, "dev", 0), entry.inode)
             items.append(Planned(entry, name))
             if entry.kind == FILE:
                 total += entry.size
             if on_entry:
                 on_entry(len(items))
-    return Plan(items, total, skipped)
+    return Plan(items, total, skipped, warnings)
 
 
 def _walk(fs: FileSystem, top: Entry, shown: str, options: ExtractOptions,
@@ -131,21 +146,18 @@ def _walk(fs: FileSystem, top: Entry, shown: str, options: ExtractOptions,
         # unreachable by path anyway) and report the others.
         # The name is what follows the directory's path: a dirent named
         # "a/b" (a crafted image) must stay "a/b" to be seen as unsafe.
-        prefix = directory.path.rstrip("/") + "/"
-
-        def name_of(child: Entry) -> str:
-            return child.path[len(prefix):] if child.path.startswith(prefix) else posixpath.basename(child.path)
-
         by_name: dict[str, list[Entry]] = {}
         for child in listing:
-            by_name.setdefault(name_of(child), []).append(child)
+            by_name.setdefault(listed_name(directory.path, child.path), []).append(child)
         shown_prefix = dir_shown.rstrip("/") + "/"
         for child in listing:
-            name = name_of(child)
+            name = listed_name(directory.path, child.path)
             child_shown = shown_prefix + name
             why = unsafe_name(name)
-            if why:
-                skipped.append(Skipped(child_shown, f"unsafe {why}"))
+            if why:   # shown as ls shows it: the path that fetches it under a safe name
+                how = "" if child.kind == DIR or name in ("", ".", "..") else \
+                    f"; --path {shown_prefix}{escape_name(name)} fetches it under a safe name"
+                skipped.append(Skipped(shown_prefix + escape_name(name), f"unsafe {why}{how}"))
                 continue
             twins = by_name[name]
             if len(twins) > 1:
@@ -189,7 +201,7 @@ def extract(fs: FileSystem, sink: Sink, options: ExtractOptions, *,
     started = time.monotonic()
     users, groups = users or {}, groups or {}
     work = planned or plan(fs, options)
-    report = Report(skipped=list(work.skipped))
+    report = Report(skipped=list(work.skipped), warnings=list(work.warnings))
     first_name: dict[tuple[int, int], str] = {}
     done_bytes = written = 0
     try:

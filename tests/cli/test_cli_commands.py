@@ -128,7 +128,7 @@ def test_ls_lists_the_docker_volumes():
 def test_ls_json_gives_each_entrys_metadata():
     res = rescue("ls", "--json", str(SAMPLE), T.UP)
     assert res.returncode == 0, explain(res)
-    entries = {e["name"]: e for e in json.loads(res.stdout)}
+    entries = {e["name"]: e for e in json.loads(res.stdout)["entries"]}
     want = _children(T.UP)
     assert sorted(entries) == sorted(want)
     bad = []

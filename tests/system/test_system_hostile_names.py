@@ -41,7 +41,7 @@ def test_ls_shows_names_holding_a_slash_whole():
     lines = res.stdout.decode().splitlines()
     assert r"..\x2f..\x2f..\x2fesc" in lines and r"a\x2fb\x2fc\x2fd" in lines, lines
     assert "esc" not in lines and "d" not in lines
-    listed = json.loads(rescue("ls", "--json", str(NAMES), "/").stdout)
+    listed = json.loads(rescue("ls", "--json", str(NAMES), "/").stdout)["entries"]
     names = {e["name"] for e in listed}
     assert {"../../../esc", "a/b/c/d", "n\x00l"} <= names, names
 
