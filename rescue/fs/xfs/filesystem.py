@@ -25,8 +25,11 @@ from ..base import DIR, FILE, SYMLINK, BLOCK, CHAR, Entry, FileReadError, FileSy
 from .attr import read_xattrs
 from .crc import crc_ok
 from .dir import read_directory
-from .inode import FMT_BTREE, FMT_EXTENTS, FMT_LOCAL, Inode, InodeReader, XfsDamage, rdev
-from .structs import DIFLAG_REALTIME, REMOTE_CRC_OFF, REMOTE_HDR, SB_MAGIC, SYMLINK_MAGIC
+from .inode import (
+    FMT_BTREE, FMT_EXTENTS, FMT_LOCAL, Extent, Inode, InodeReader, XfsDamage, decode_extents, extent_records, rdev,
+    sorted_map,
+)
+from .structs import DIFLAG_REALTIME, EXT_FLAG_SHIFT, MASK54, REMOTE_CRC_OFF, REMOTE_HDR, SB_MAGIC, SYMLINK_MAGIC
 from .superblock import log_state, parse_superblock
 
 log = logging.getLogger(__name__)
@@ -37,6 +40,7 @@ MAX_SYMLINK = 1024               # XFS_SYMLINK_MAXLEN
 DIRS_CACHED = 8                  # name maps kept for path lookups
 RUNS_CACHED = 64                 # file maps kept (a big fragmented file's map can be large)
 T = TypeVar("T")
+_REC = struct.Struct(">QQ")      # one packed extent record (xfs_bmbt_rec)
 
 
 class XfsFileSystem(FileSystem):
@@ -154,11 +158,24 @@ class XfsFileSystem(FileSystem):
             raise FileReadError(f"{self.name}: {path}: {exc}") from None
 
     def _entry(self, path: str, inode: Inode) -> Entry:
-        entry = Entry(path=path, kind=inode.kind, mode=inode.mode, uid=inode.uid, gid=inode.gid,
-                      size=inode.size if inode.kind in (FILE, SYMLINK, DIR) else 0,
-                      mtime_ns=inode.mtime_ns, atime_ns=inode.atime_ns, ctime_ns=inode.ctime_ns,
-                      nlink=inode.nlink, inode=inode.ino)
-        if inode.kind == SYMLINK:
+        kind = inode.kind
+        entry = Entry(path, kind, inode.mode, inode.uid, inode.gid,
+                      inode.size if kind in (FILE, SYMLINK, DIR) else 0,
+                      inode.mtime_ns, inode.atime_ns, inode.ctime_ns, inode.nlink, inode.ino)
+        # What the inode says now, so reading the file later parses it no more:
+        # its extent records (file_runs) and its attributes when they lie in the inode.
+        if not inode.forkoff:
+            entry.xattrs = {}
+        elif inode.attr_format == FMT_LOCAL:
+            try:
+                entry.xattrs = read_xattrs(self.reader, inode)
+            except (XfsDamage, *PARSER_ERRORS):
+                pass   # left unloaded: xattrs() reads them again and reports the damage
+        if kind == FILE:
+            records = extent_records(inode)
+            if records is not None:
+                entry.native = (inode.ino, records)
+        elif kind == SYMLINK:
             entry.link_target = self._symlink(inode, path)
         elif inode.kind in (CHAR, BLOCK):
             entry.rdev = rdev(inode)
@@ -219,15 +236,23 @@ class XfsFileSystem(FileSystem):
             raise FileReadError(f"{self.name}: {path}: {exc}") from None
         out = []
         problems = list(damage)
+        prefix = path.rstrip("/") + "/"
+        inode_of, entry_of = self.reader.inode, self._entry
         for name, ino in pairs:
-            child = posixpath.join(path, name.decode("utf-8", "surrogateescape"))
+            child = prefix + name.decode("utf-8", "surrogateescape")
             if b"/" in name or b"\0" in name:
                 problems.append(f"name {name!r} holds '/' or NUL")
                 continue
-            try:
-                entry = self._guard(child, lambda: self._entry(child, self.reader.inode(ino)))
+            try:   # as _guard, without a closure a child
+                entry = entry_of(child, inode_of(ino))
             except (FileReadError, XfsDamage) as exc:
                 problems.append(f"{child}: {exc}")
+                continue
+            except PARSER_ERRORS as exc:
+                problems.append(f"{child}: malformed XFS metadata ({type(exc).__name__}: {exc})")
+                continue
+            except MemoryError:
+                problems.append(f"{child}: metadata claims absurd sizes")
                 continue
             if entry.kind == DIR and ino in ancestors:
                 problems.append(f"{child}: names directory inode {ino}, which contains it (a loop)")
@@ -242,6 +267,13 @@ class XfsFileSystem(FileSystem):
         return self._damage.get(normalize(path))
 
     def file_runs(self, entry: Entry) -> list[Run]:
+        native = getattr(entry, "native", None)   # Entry.native: the walk's note (fs/base.py)
+        if type(native) is tuple and native[0] == entry.inode and entry.kind == FILE:
+            # the walk kept the inode's extent records: no inode to read again
+            try:
+                return self._runs_of(entry, native[1])
+            except XfsDamage as exc:
+                raise FileReadError(f"{self.name}: {entry.path}: {exc}") from None
         # The map of an inode on a read-only volume never changes: keep the last few
         # (extract asks for a file's runs for its sparse map, its data and its manifest).
         runs = self._runs.get(entry.inode)
@@ -270,6 +302,26 @@ class XfsFileSystem(FileSystem):
             extents = self.reader.extents(inode)
         except XfsDamage as exc:
             raise FileReadError(f"{self.name}: {entry.path}: {exc}") from None
+        return self._runs_from(entry, extents)
+
+    def _runs_of(self, entry: Entry, records: bytes) -> list[Run]:
+        """file_runs from the packed extent records the walk kept."""
+        size = entry.size
+        if size == 0:
+            return []
+        sb = self.sb
+        if len(records) == 16:   # one extent: most files; the same checks as _runs_from
+            l0, l1 = _REC.unpack(records)
+            block, count = ((l0 & 0x1FF) << 43) | (l1 >> 21), l1 & 0x1FFFFF
+            if not l0 >> EXT_FLAG_SHIFT and (l0 >> 9) & MASK54 == 0 and count << sb.block_log >= size:
+                where, last = sb.fsb_to_byte(block), sb.fsb_to_byte(block + count - 1)
+                if where is not None and last is not None and last >= where:
+                    return [Run(0, size, DATA, where)]
+        what = f"inode {entry.inode} data fork"
+        return self._runs_from(entry, sorted_map(decode_extents(records, len(records) // 16), what))
+
+    def _runs_from(self, entry: Entry, extents: list[Extent]) -> list[Run]:
+        size = entry.size
         blog = self.sb.block_log
         runs = []
         for ext in extents:
@@ -285,6 +337,9 @@ class XfsFileSystem(FileSystem):
         return cover(runs, size)
 
     def xattrs(self, entry: Entry) -> dict[str, bytes]:
+        if entry.xattrs is not None:   # read with the inode by the walk
+            return entry.xattrs
+
         def load() -> dict[str, bytes]:
             inode = self._inode(entry.inode, entry.path) if entry.inode else self._lookup(entry.path)
             try:
