@@ -13,10 +13,11 @@ import sys
 from pathlib import Path
 from typing import Iterator
 
-REPO = Path(__file__).resolve().parent.parent
+from repo_paths import REPO
 sys.path.insert(0, str(REPO / "scripts"))
 import btrfs_trees  # noqa: E402,F401
 
+from kernel_view_support import view_differences  # noqa: E402
 from rescue.fs.base import FileSystem  # noqa: E402
 
 FIELDS = ("kind", "mode", "uid", "gid", "size", "mtime_ns", "ctime_ns", "nlink", "target", "rdev", "xattrs",
@@ -102,24 +103,4 @@ def reader_links(fs: FileSystem) -> set[frozenset[str]]:
 
 def differences(expected: dict[str, tuple], got: dict[str, tuple], limit: int = 20,
                 skip: dict[str, set[str]] | None = None) -> list[str]:
-    """Human-readable differences, empty when the views agree. `skip` maps a
-    path to fields not compared there (what the kernel makes up at run time)."""
-    out = []
-    for path in sorted(set(expected) | set(got)):
-        if path not in got:
-            out.append(f"{path!r}: missing from the reader")
-        elif path not in expected:
-            out.append(f"{path!r}: not in the kernel's view")
-        elif expected[path] != got[path]:
-            for name, a, b in zip(FIELDS, expected[path], got[path]):
-                if a == b or name in (skip or {}).get(path, ()):
-                    continue
-                if name == "xattrs":
-                    for key in sorted(set(a) | set(b)):
-                        if a.get(key) != b.get(key):
-                            out.append(f"{path!r}: xattr {key} kernel={a.get(key)!r:.120} reader={b.get(key)!r:.120}")
-                else:
-                    out.append(f"{path!r}: {name} kernel={a!r:.200} reader={b!r:.200}")
-        if len(out) >= limit:
-            break
-    return out
+    return view_differences(FIELDS, expected, got, limit, skip)

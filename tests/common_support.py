@@ -321,6 +321,19 @@ def can_mount(fstype: str) -> str | None:
 
 
 @contextlib.contextmanager
+def loop_device(image: Path, *losetup_args: str) -> Iterator[str]:
+    """`image` attached to a free loop device (`-r` for read-only, `-o`, ...); skips the test when losetup cannot."""
+    res = subprocess.run(["losetup", "-f", "--show", *losetup_args, str(image)], capture_output=True, text=True)
+    if res.returncode != 0:
+        pytest.skip(f"losetup failed: {res.stderr.strip()}")
+    dev = res.stdout.strip()
+    try:
+        yield dev
+    finally:
+        subprocess.run(["losetup", "-d", dev], check=False)
+
+
+@contextlib.contextmanager
 def mounted(image: Path, fstype: str, mnt: Path, offset: int = 0, size: int | None = None) -> Iterator[Path]:
     """Mount a read-only loop device over (offset, size) of `image` at `mnt`."""
     reason = can_mount(fstype)

@@ -6,34 +6,19 @@ user may not read and for a filesystem mounted read-write underneath."""
 from __future__ import annotations
 
 from repo_paths import REPO
-import contextlib
 import json
 import os
 import shutil
 import subprocess
-from pathlib import Path
-from typing import Iterator
 
 import pytest
 
-from common_support import IS_ROOT, SAMPLE, assert_one_line_error, explain, rescue, tar_view
+from common_support import IS_ROOT, SAMPLE, assert_one_line_error, explain, loop_device, rescue, tar_view
 from rescue.source import open_source
 from rescue.source.block import BlockDeviceSource, is_block_device
 
 pytestmark = pytest.mark.skipif(not IS_ROOT or not shutil.which("losetup"),
                                 reason="needs root and losetup to attach loop devices")
-
-
-@contextlib.contextmanager
-def loop(image: Path, *extra: str) -> Iterator[str]:
-    res = subprocess.run(["losetup", "-f", "--show", *extra, str(image)], capture_output=True, text=True)
-    if res.returncode != 0:
-        pytest.skip(f"losetup failed: {res.stderr.strip()}")
-    dev = res.stdout.strip()
-    try:
-        yield dev
-    finally:
-        subprocess.run(["losetup", "-d", dev], check=False)
 
 
 def _inspect_json(spec: str) -> dict:
@@ -45,7 +30,7 @@ def _inspect_json(spec: str) -> dict:
 
 
 def test_loop_device_is_claimed_and_sized_from_the_device():
-    with loop(SAMPLE, "-r") as dev:
+    with loop_device(SAMPLE, "-r") as dev:
         assert is_block_device(dev)
         assert not is_block_device(str(SAMPLE))
         src = open_source(dev)
@@ -58,7 +43,7 @@ def test_loop_device_is_claimed_and_sized_from_the_device():
 
 
 def test_reads_are_widened_to_4k_logical_sectors():
-    with loop(SAMPLE, "-r", "--sector-size", "4096") as dev:
+    with loop_device(SAMPLE, "-r", "--sector-size", "4096") as dev:
         src = BlockDeviceSource(dev)
         try:
             assert src.sector_size == 4096
@@ -70,7 +55,7 @@ def test_reads_are_widened_to_4k_logical_sectors():
 
 
 def test_inspect_ls_cat_extract_equal_the_image_file(tmp_path):
-    with loop(SAMPLE, "-r") as dev:
+    with loop_device(SAMPLE, "-r") as dev:
         assert _inspect_json(dev) == _inspect_json(str(SAMPLE))
         for args in (("ls", "-l", "/etc"), ("ls", "--json", "/var/lib/docker/volumes"), ("cat", "/etc/fstab")):
             via_dev, via_file = rescue(args[0], dev, *args[1:]), rescue(args[0], str(SAMPLE), *args[1:])
@@ -87,7 +72,7 @@ def test_inspect_ls_cat_extract_equal_the_image_file(tmp_path):
 def test_a_device_the_user_may_not_read_says_how_to_fix_it():
     if not shutil.which("setpriv"):
         pytest.skip("needs setpriv to drop privileges")
-    with loop(SAMPLE, "-r") as dev:
+    with loop_device(SAMPLE, "-r") as dev:
         os.chmod(dev, 0o660)
         repo = REPO
         python = repo / ".venv" / "bin" / "python"
@@ -107,7 +92,7 @@ def test_a_filesystem_mounted_read_write_on_the_device_is_warned_about(tmp_path)
     shutil.copyfile(SAMPLE, copy)
     mnt = tmp_path / "mnt"
     mnt.mkdir()
-    with loop(copy, "-o", str(6291456), "--sizelimit", str(26 << 20)) as dev:
+    with loop_device(copy, "-o", str(6291456), "--sizelimit", str(26 << 20)) as dev:
         if subprocess.run(["mount", "-t", "ext4", dev, str(mnt)], capture_output=True).returncode != 0:
             pytest.skip("cannot mount the loop device")
         try:

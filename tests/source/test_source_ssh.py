@@ -5,7 +5,6 @@ twice mid-read changes nothing in the output; each failure is one line, exit 2."
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
@@ -17,7 +16,7 @@ from typing import Iterator
 
 import pytest
 
-from common_support import SAMPLE, assert_one_line_error, dir_view, explain, rescue, tar_view
+from common_support import SAMPLE, assert_one_line_error, dir_view, explain, loop_device, rescue, tar_view
 from ssh_support import Relay, SshServer, sshd_missing
 from rescue.source import open_source
 from rescue.source.ssh import SshSource, SshTarget
@@ -58,18 +57,6 @@ def server(request, sftp_server, plain_server, monkeypatch) -> SshServer:
     for k, v in s.env.items():
         monkeypatch.setenv(k, v)
     return s
-
-
-@contextlib.contextmanager
-def loop_device(image: Path) -> Iterator[str]:
-    res = subprocess.run(["losetup", "-r", "-f", "--show", str(image)], capture_output=True, text=True)
-    if res.returncode != 0:
-        pytest.skip(f"losetup failed: {res.stderr.strip()}")
-    dev = res.stdout.strip()
-    try:
-        yield dev
-    finally:
-        subprocess.run(["losetup", "-d", dev], check=False)
 
 
 _LOCAL: dict[tuple, tuple] = {}
@@ -137,7 +124,7 @@ def test_qcow2_on_the_server(sftp_server, images, tmp_path, monkeypatch):
 
 
 def test_block_device_over_ssh_equals_local(server, images, tmp_path):
-    with loop_device(images / "sample-vps.disk") as dev:
+    with loop_device(images / "sample-vps.disk", "-r") as dev:
         src = open_source(f"ssh://root@rtest{dev}")
         try:
             assert isinstance(src, SshSource) and src.is_device and src.size == SAMPLE.stat().st_size
@@ -261,7 +248,7 @@ def test_permission_denied_device_is_one_line(tmp_path, images, monkeypatch):
     server = SshServer(tmp_path / "sshd-int", sftp="internal")
     try:
         _env(monkeypatch, server)
-        with loop_device(images / "sample-vps.disk") as dev:
+        with loop_device(images / "sample-vps.disk", "-r") as dev:
             os.chmod(dev, 0o660)
             res = rescue("inspect", f"ssh://nobody@rtest{dev}")
             assert_one_line_error(res)
