@@ -518,15 +518,20 @@ def _pax_block(records: dict[str, str]) -> bytes | None:
     except UnicodeEncodeError:
         return None
     data = b"".join(out)
-    head = _USTAR.pack(b"././@PaxHeader", b"0000000\0", b"0000000\0", b"0000000\0", b"%011o\0" % len(data),
-                       b"00000000000\0", b"        ", tarfile.XHDTYPE, b"", tarfile.POSIX_MAGIC, b"", b"", b"", b"")
-    return b"".join((head[:148], b"%06o\0" % _byte_sum(head), head[155:], data, bytes(-len(data) % BLOCKSIZE)))
+    size = b"%011o\0" % len(data)   # the only field of the header that varies
+    return b"".join((_PAX_NAME_TO_GID, size, _PAX_MTIME, b"%06o\0" % (_PAX_SUM + sum(size)), _PAX_REST,
+                     data, bytes(-len(data) % BLOCKSIZE)))
 
 
 # The ustar header as one struct ("s" fields are NUL-padded): name, mode, uid, gid,
 # size, mtime, chksum, typeflag, linkname, magic+version, uname, gname, devmajor,
 # devminor, then prefix and padding left NUL.
 _USTAR = struct.Struct("100s8s8s8s12s12s8sc100s8s32s32s8s8s167x")
+# The extended header before a member with PAX records (see _pax_block).
+_PAX_HEAD = _USTAR.pack(b"././@PaxHeader", b"0000000\0", b"0000000\0", b"0000000\0", b"", b"00000000000\0",
+                        b"        ", tarfile.XHDTYPE, b"", tarfile.POSIX_MAGIC, b"", b"", b"", b"")
+_PAX_NAME_TO_GID, _PAX_MTIME, _PAX_REST = _PAX_HEAD[:124], _PAX_HEAD[136:148], _PAX_HEAD[155:]
+_PAX_SUM = sum(_PAX_HEAD)   # the size field (NULs here) adds its own digits
 
 
 def _byte_sum(block: bytes) -> int:

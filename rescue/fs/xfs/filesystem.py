@@ -166,8 +166,8 @@ class XfsFileSystem(FileSystem):
         # its extent records (file_runs) and its attributes when they lie in the inode.
         if not inode.forkoff:
             entry.xattrs = {}
-        elif inode.attr_format == FMT_LOCAL:
-            try:
+        elif inode.attr_format == FMT_LOCAL or (inode.attr_format == FMT_EXTENTS and not inode.anextents):
+            try:   # in the inode (or an emptied fork, left after the last attribute went): no reads
                 entry.xattrs = read_xattrs(self.reader, inode)
             except (XfsDamage, *PARSER_ERRORS):
                 pass   # left unloaded: xattrs() reads them again and reports the damage
