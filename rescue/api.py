@@ -178,7 +178,7 @@ class Listing:
         return {"path": self.path, "type": self.entry.kind, "damage": self.damage,
                 "entries": [{"path": e.path, "name": name, "type": e.kind, "mode": f"{e.mode:04o}", "uid": e.uid,
                              "gid": e.gid, "user": self.users.get(e.uid), "group": self.groups.get(e.gid),
-                             "size": e.size, "mtime_ns": e.mtime_ns, "nlink": e.nlink,
+                             "size": e.size, "mtime_ns": e.mtime_ns, "nlink": e.nlink, "inode": e.inode,
                              "link_target": e.link_target}
                             for e, name in zip(self.entries, self.names)]}
 
