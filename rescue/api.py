@@ -5,6 +5,8 @@
     print(report.os_name, [v.id for v in report.volumes])
     result = api.extract("snapshot.qcow2", "volumes.tar.zst", paths=["/var/lib/docker/volumes"])
     if result.skipped: ...
+    listing = api.ls("snapshot.qcow2", "/etc")          # entries, names, owners, damage
+    data = b"".join(api.cat("snapshot.qcow2", "/etc/fstab"))
 
 Each function opens the stack (source -> disk -> volume -> fs -> guest), does
 one job and returns a typed report; `to_json()` of a report is what `--json`
