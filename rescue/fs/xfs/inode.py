@@ -131,6 +131,7 @@ class InodeReader:
         self._chunks: OrderedDict[int, bytes] = OrderedDict()
         self._inodes: OrderedDict[int, Inode] = OrderedDict()
         self._agino_bits = sb.agblklog + sb.inopblog
+        self._last_base, self._last_chunk = -1, b""   # the inode table piece read last
 
     # -- raw reads -------------------------------------------------------------------------
     def read_fsb(self, fsb: int, count: int, what: str) -> bytes:
@@ -162,6 +163,17 @@ class InodeReader:
         if pos is None:
             raise XfsDamage(f"inode {ino} is not a valid inode number for this filesystem")
         base = pos - pos % INODE_CHUNK
+        if base == self._last_base:   # a directory's inodes mostly lie together: no cache walk
+            chunk = self._last_chunk
+        else:
+            chunk = self._chunk(base, ino)
+            self._last_base, self._last_chunk = base, chunk
+        raw = chunk[pos - base:pos - base + self.sb.inode_size]
+        if len(raw) != self.sb.inode_size:
+            raise XfsDamage(f"inode {ino} lies past the end of the image (truncated?)")
+        return raw
+
+    def _chunk(self, base: int, ino: int) -> bytes:
         chunk = self._chunks.get(base)
         if chunk is None:
             try:
@@ -173,10 +185,7 @@ class InodeReader:
                 self._chunks.popitem(last=False)
         else:
             self._chunks.move_to_end(base)
-        raw = chunk[pos - base:pos - base + self.sb.inode_size]
-        if len(raw) != self.sb.inode_size:
-            raise XfsDamage(f"inode {ino} lies past the end of the image (truncated?)")
-        return raw
+        return chunk
 
     # -- inode core -------------------------------------------------------------------------
     def inode(self, ino: int) -> Inode:
