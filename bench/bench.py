@@ -337,10 +337,12 @@ def run_pipe(w: Workload, runs: int, log, paths: list[str]) -> list[dict]:
             r = {"workload": w.name, "task": "extract-pipe", "variant": variant, "path": guest_path,
                  "seconds": round(ours.seconds, 3), "peak_rss_mib": round(ours.peak_rss / MiB, 1),
                  "reference": "loop mount + tar | cat", "ref_seconds": round(ref.seconds, 3) if ref else None,
-                 "ratio": ratio(ours, ref), "runs": runs, "load_before": before, "load_after": load()}
+                 "ratio": ratio(ours, ref), "runs": runs, "load_before": before, "load_after": load(),
+                 "cpu_seconds": round(ours.cpu, 3), "ref_cpu_seconds": round(ref.cpu, 3) if ref else None}
             rows.append(r)
             log(f"  {w.name} pipe {guest_path:<12} {variant:<6} {ours.seconds:>7.2f}s  kernel {r['ref_seconds']}s  "
-                f"ratio {r['ratio']}  rss {r['peak_rss_mib']} MiB  load {before} -> {r['load_after']}")
+                f"ratio {r['ratio']}  rss {r['peak_rss_mib']} MiB  cpu {r['cpu_seconds']} vs "
+                f"{r['ref_cpu_seconds']} s  load {before} -> {r['load_after']}")
     return rows
 
 

@@ -24,6 +24,9 @@ class Measure:
     seconds: float
     peak_rss: int                 # bytes, of the process started (the first of a pipeline)
     read: int | None = None       # bytes rescue read from the snapshot (--json), when asked
+    cpu: float = 0.0              # user + system seconds of the process and its children: steadier
+                                  # than wall time on a loaded shared machine (the kernel side's loop
+                                  # device workers are not counted: a lower bound for it)
 
 
 def timed(cmd: list[str], *, env=None, stdout=subprocess.DEVNULL, parse_json: bool = False,
@@ -44,7 +47,7 @@ def timed(cmd: list[str], *, env=None, stdout=subprocess.DEVNULL, parse_json: bo
             read = json.loads(output).get("bytes_read_from_snapshot")
         except ValueError:
             pass
-    return Measure(elapsed, usage.ru_maxrss * 1024, read)
+    return Measure(elapsed, usage.ru_maxrss * 1024, read, usage.ru_utime + usage.ru_stime)
 
 
 Side = Callable[[], "Measure | None"]   # one timed run; None: this side cannot run here (needs root)
@@ -67,7 +70,7 @@ def median(measures: Sequence[Measure | None]) -> Measure | None:
     if not measures or any(m is None for m in measures):
         return None
     return Measure(statistics.median(m.seconds for m in measures), max(m.peak_rss for m in measures),
-                   measures[-1].read)
+                   measures[-1].read, statistics.median(m.cpu for m in measures))
 
 
 def versus(ours: Side, ref: Side | None, runs: int) -> tuple[Measure, Measure | None]:
