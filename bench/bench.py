@@ -444,6 +444,7 @@ def main() -> int:
     ap.add_argument("--workloads", default="W1,W2,W3")
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--json", action="store_true", help="print the results as JSON on stdout")
+    ap.add_argument("--paths", help="pipe mode: only these guest paths (comma-separated), e.g. /srv/files")
     ap.add_argument("--build-only", action="store_true", help="build (cache) the workloads, measure nothing")
     ap.add_argument("--mode", choices=("file", "pipe", "both"), default="both",
                     help="file: output to a file + fsync (the disk path); pipe: output into a discarding "
@@ -463,6 +464,8 @@ def main() -> int:
         log(f"{w.name}: {w.title}")
         if args.mode in ("pipe", "both"):
             paths = [w.path_in_guest] + (["/srv/files"] if w.name in ("W1", "X1", "B1", "B2") else [])
+            if args.paths:
+                paths = [p for p in args.paths.split(",") if p]
             rows += run_pipe(w, max(args.runs, 5), log, paths)
         if args.mode in ("file", "both"):
             rows += run_workload(w, args.runs, log)
