@@ -25,6 +25,7 @@ References:
 
 from __future__ import annotations
 
+import functools
 import struct
 from typing import NamedTuple
 
@@ -63,6 +64,9 @@ class DirEntry(NamedTuple):
     name: bytes
     inode: int
     file_type: int     # EXT4_FT_*; 0 when the filesystem has no filetype feature
+
+
+_new_dir_entry = functools.partial(tuple.__new__, DirEntry)   # DirEntry(...) without its Python-level __new__
 
 
 class ExtDirReader:
@@ -159,7 +163,7 @@ class ExtDirReader:
             if ino:
                 name = block[pos + HEADER_SIZE:pos + HEADER_SIZE + name_len]
                 if name != b"." and name != b"..":
-                    out.append(DirEntry(name, ino, file_type))
+                    out.append(_new_dir_entry((name, ino, file_type)))
                 elif not (first_block and entries < 2):
                     self.crafted.setdefault(self._ino, []).append(f"{where}: entry at offset {base + pos}: an extra entry named "
                                         f"{name.decode()!r} (inode {ino}) cannot be a file name; not listed")

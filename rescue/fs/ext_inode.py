@@ -295,6 +295,7 @@ class ExtInodeReader:
         self.name = source.name
         self._last = None   # (ino, parsed) of the last inode asked for
         self._descs: dict[int, tuple[int, int, int]] = {}   # group -> (inode table, bitmap, flags)
+        self._table_at: dict[int, int] = {}   # group -> byte offset of its (valid) inode table
         self._chunks: dict[int, bytes] = {}   # inode table pieces, oldest first
         raw = self._read(SUPERBLOCK_OFFSET, 1024, "superblock")
         if len(raw) < 1024:
@@ -437,10 +438,20 @@ class ExtInodeReader:
         if table == 0 or table >= self.blocks_count:
             raise FileReadError(f"{self.name}: inode {ino}: group {group} inode table at block "
                                 f"{table} is outside the filesystem")
+        if len(self._table_at) < 65536:   # bounded like _descs
+            self._table_at[group] = table * self.block_size
         return table * self.block_size + index * self.inode_size
 
     def raw_inode(self, ino: int) -> bytes:
         """The inode's on-disk bytes (s_inode_size of them)."""
+        # The walk's path: a group already located, its piece of the table held.
+        table_at = self._table_at.get((ino - 1) // self.inodes_per_group) if 0 < ino <= self.inodes_count else None
+        if table_at is not None:
+            offset = table_at + (ino - 1) % self.inodes_per_group * self.inode_size
+            start = offset % INODE_CHUNK
+            chunk = self._chunks.get(offset - start)
+            if chunk is not None and start + self.inode_size <= len(chunk):
+                return chunk[start:start + self.inode_size]
         offset = self.inode_offset(ino)
         data = self._inode_bytes(offset, ino)
         if len(data) < self.inode_size:
