@@ -68,7 +68,11 @@ class FramedStreamSource(CompressedSource):
             if any(cur[0] == index and cur[1] > inner for cur in self._cursors):
                 STATS["stream_restarts"] += 1
             cstart, csize, _, _ = self._frames[index]
-            best = [index, 0, self._reader(Window(self.source, cstart, csize))]
+            window = Window(self.source, cstart, csize)
+            if self.truncated is not None and index == len(self._frames) - 1:   # --partial: cut short
+                best = [index, 0, self._reader(window, cut=True)]
+            else:
+                best = [index, 0, self._reader(window)]
             self._cursors.append(best)
             if len(self._cursors) > self.MAX_CURSORS:
                 self._cursors.pop(0)

@@ -15,7 +15,13 @@ NAME = "zstd"
 
 
 def detect(source: ByteSource) -> bool:
-    return source.read(0, 4) == b"\x28\xb5\x2f\xfd"
+    """A zstd frame at 0, or a skippable frame followed by one (what pzstd writes)."""
+    head = source.read(0, 8)
+    if head[:4] == b"\x28\xb5\x2f\xfd":
+        return True
+    if len(head) == 8 and int.from_bytes(head[:4], "little") & ZSTD_SKIPPABLE_MASK == ZSTD_SKIPPABLE:
+        return source.read(8 + int.from_bytes(head[4:], "little"), 4) == b"\x28\xb5\x2f\xfd"
+    return False
 
 
 def open(source: ByteSource, *, cache=None, progress: Progress | None = None, name: str | None = None,   # noqa: A001
@@ -50,8 +56,10 @@ class ZstdSource(FramedStreamSource):
 
     codec = "zstd"
 
-    def _reader(self, frame_source: ByteSource):
+    def _reader(self, frame_source: ByteSource, cut: bool = False):
         import zstandard
+        if cut:
+            return _CutFrameReader(frame_source)
         return zstandard.ZstdDecompressor(max_window_size=1 << 31).stream_reader(
             SourceFile(frame_source), read_size=1 << 20, read_across_frames=False)
 
@@ -147,7 +155,7 @@ class ZstdSource(FramedStreamSource):
         or (`cut`) the blocks of a frame the end of the file cuts short:
         the decoder stops quietly after the last whole block."""
         import zstandard
-        reader = self._reader(Window(self.source, start, length))
+        reader = self._reader(Window(self.source, start, length), cut=cut)
         size = 0
         try:
             while True:
@@ -160,3 +168,40 @@ class ZstdSource(FramedStreamSource):
                 return size
             raise self._error(f"zstd data is corrupt in the frame at byte {start}: {exc}",
                               hint="re-download the snapshot and compare its checksum") from None
+
+
+class _CutFrameReader:
+    """Forward reads of a frame the end of the file cuts short. python-zstandard's
+    stream_reader returns nothing once its input has ended, even with decoded
+    bytes still held back, so the input goes through a decompressobj in small
+    pieces instead (small pieces: the output of each stays bounded)."""
+
+    FEED = 1024          # compressed bytes per step: at most 256 blocks (RLE ones: 4 bytes), 32 MiB out
+    READ = 1 << 20       # compressed bytes per read of the source
+
+    def __init__(self, source: ByteSource) -> None:
+        import zstandard
+        self._source = source
+        self._dec = zstandard.ZstdDecompressor(max_window_size=1 << 31).decompressobj()
+        self._pos = 0                 # next byte of the source to read
+        self._raw = b""               # read, not yet fed
+        self._out = bytearray()       # decoded, not yet returned
+        self._done = False
+
+    def read(self, n: int) -> bytes:
+        import zstandard
+        while len(self._out) < n and not self._done:
+            if not self._raw:
+                self._raw = self._source.read(self._pos, self.READ)
+                self._pos += len(self._raw)
+                if not self._raw:
+                    self._done = True
+                    break
+            piece, self._raw = self._raw[:self.FEED], self._raw[self.FEED:]
+            try:
+                self._out += self._dec.decompress(piece)
+            except zstandard.ZstdError:   # damage right at the cut: what came before stands
+                self._done = True
+        out = bytes(self._out[:n])
+        del self._out[:n]
+        return out
