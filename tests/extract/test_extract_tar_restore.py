@@ -140,3 +140,54 @@ def test_without_hdrcharset_keeps_what_tarfile_reads():
             member = tf.next()
             assert os.fsencode(member.name) == b"n\xe9"
             assert os.fsencode(member.pax_headers["SCHILY.xattr.user.x"]) == b"\xff\x00"
+
+
+# An owner's name that is not UTF-8 (a guest's /etc/passwd in Latin-1), short and over 32 bytes.
+ODD_USERS = [(os.fsdecode(b"caf\xe9"), os.fsdecode(b"gr\xfcppe"), 1234, 99),
+             (os.fsdecode(b"\xe9" * 40), "staff", 1235, 50)]
+
+
+@pytest.fixture(scope="module")
+def odd_owners(tmp_path_factory) -> Path:
+    """A tar written by the tar target for members whose user/group names are not UTF-8."""
+    from rescue.extract.base import Content, Item
+    from rescue.extract.tar_sink import TarSink
+    from rescue.fs.base import FILE, Entry
+    out = tmp_path_factory.mktemp("odd-owners") / "owners.tar"
+    sink = TarSink(str(out))
+    for number, (user, group, uid, gid) in enumerate(ODD_USERS):
+        data = f"file {number}\n".encode()
+        entry = Entry(path=f"/f{number}", kind=FILE, mode=0o640, uid=uid, gid=gid, size=len(data),
+                      mtime_ns=1_600_000_000_000_000_000, xattrs={"user.bin": b"\xff\x00"})
+        sink.add(Item(f"f{number}", entry, Content(len(data), lambda data=data: iter([data])),
+                      user=user, group=group))
+    sink.close()
+    return out
+
+
+def test_undecodable_owner_names_restore_by_id_without_warnings(odd_owners, tmp_path):
+    """GNU tar 1.34 warns about a 'hdrcharset' record; bsdtar warns about a PAX
+    uname that is not UTF-8. So such a name goes raw into the 32-byte ustar
+    field (or is dropped when longer: the numeric id stays) and every tool
+    restores the numeric owners without a word."""
+    data = odd_owners.read_bytes()
+    assert b"hdrcharset" not in data and b"caf\xe9\0" in data and b"gr\xfcppe\0" in data
+    assert b"\xe9" * 40 not in data
+    runs = {"gnu": ["tar", "--xattrs", "--xattrs-include=*", "--acls", "-xpf"], "bsd": ["bsdtar", "--xattrs", "-xpf"]}
+    for tool, argv in runs.items():
+        _need(argv[0])
+        dest = tmp_path / tool
+        dest.mkdir()
+        res = subprocess.run([*argv, str(odd_owners), "-C", str(dest)], capture_output=True)
+        assert res.returncode == 0 and res.stderr == b"", (tool, res.stderr.decode(errors="replace"))
+        for number, (_, _, uid, gid) in enumerate(ODD_USERS):
+            st = (dest / f"f{number}").lstat()
+            assert (st.st_mode & 0o7777, st.st_size) == (0o640, len(f"file {number}\n")), tool
+            if os.geteuid() == 0:   # no such names here: restored by the ids
+                assert (st.st_uid, st.st_gid) == (uid, gid), tool
+            assert os.getxattr(dest / f"f{number}", "user.bin") == b"\xff\x00", tool
+    with tarfile.open(odd_owners) as tf:
+        members = tf.getmembers()
+    assert [(m.uname, m.gname, m.uid, m.gid) for m in members] == [
+        (ODD_USERS[0][0], ODD_USERS[0][1], 1234, 99), ("", "staff", 1235, 50)]
+    assert all(os.fsencode(m.pax_headers["SCHILY.xattr.user.bin"]) == b"\xff\x00" for m in members)
