@@ -155,7 +155,7 @@ def _open_cut(source: ByteSource, partial: bool, notes: list[str] | None) -> lis
         where = (f"member {scan.cut.name!r} is cut short: its data starts at byte {scan.cut.offset} "
                  f"and does not end before the end of the file")
     else:
-        where = scan.lost or "the local header after them is cut short"
+        where = scan.lost or "the local header of the next member is cut short"
     problem = (f"zip archive is truncated: the file ends at byte {total} without its central "
                f"directory; {whole} whole member{'s' if whole != 1 else ''} before the cut, {where}")
     if not partial or not (scan.members or scan.cut):
