@@ -201,8 +201,10 @@ def ls(snapshot: str | Snapshot, path: str = "/", options: SnapshotOptions | Non
                            [chosen.renamed or entry.name], users, groups)
         entries = sorted(fs.listdir(entry.path), key=lambda e: e.path)
         damage = fs.listing_damage(entry.path)
-        cut = len(entry.path.rstrip("/")) + 1
-        names = [e.path[cut:] if len(e.path) > cut else listed_name(entry.path, e.path) for e in entries]
+        prefix = entry.path.rstrip("/") + "/"
+        cut = len(prefix)
+        names = [e.path[cut:] if e.path.startswith(prefix) and len(e.path) > cut else listed_name(entry.path, e.path)
+                 for e in entries]
         return Listing(chosen.shown, entry, entries, names, users, groups, [damage] if damage else [])
     finally:
         if snap is not snapshot:
