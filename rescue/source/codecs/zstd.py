@@ -173,33 +173,25 @@ class ZstdSource(FramedStreamSource):
 class _CutFrameReader:
     """Forward reads of a frame the end of the file cuts short. python-zstandard's
     stream_reader returns nothing once its input has ended, even with decoded
-    bytes still held back, so the input goes through a decompressobj in small
-    pieces instead (small pieces: the output of each stays bounded)."""
+    bytes still held back; read_to_iter flushes them, in pieces of at most
+    WRITE bytes (memory stays bounded however well the data compressed)."""
 
-    FEED = 1024          # compressed bytes per step: at most 256 blocks (RLE ones: 4 bytes), 32 MiB out
-    READ = 1 << 20       # compressed bytes per read of the source
+    WRITE = 1 << 20
 
     def __init__(self, source: ByteSource) -> None:
         import zstandard
-        self._source = source
-        self._dec = zstandard.ZstdDecompressor(max_window_size=1 << 31).decompressobj()
-        self._pos = 0                 # next byte of the source to read
-        self._raw = b""               # read, not yet fed
+        self._chunks = zstandard.ZstdDecompressor(max_window_size=1 << 31).read_to_iter(
+            SourceFile(source), read_size=1 << 20, write_size=self.WRITE)
         self._out = bytearray()       # decoded, not yet returned
         self._done = False
 
     def read(self, n: int) -> bytes:
         import zstandard
         while len(self._out) < n and not self._done:
-            if not self._raw:
-                self._raw = self._source.read(self._pos, self.READ)
-                self._pos += len(self._raw)
-                if not self._raw:
-                    self._done = True
-                    break
-            piece, self._raw = self._raw[:self.FEED], self._raw[self.FEED:]
             try:
-                self._out += self._dec.decompress(piece)
+                self._out += next(self._chunks)
+            except StopIteration:
+                self._done = True
             except zstandard.ZstdError:   # damage right at the cut: what came before stands
                 self._done = True
         out = bytes(self._out[:n])
