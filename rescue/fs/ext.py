@@ -47,6 +47,7 @@ _NO_XATTRS: dict[str, bytes] = MappingProxyType({})  # type: ignore[assignment] 
 EXT_ROOT_INO = 2
 MAX_DIR_CACHE = 1_000_000   # directory paths remembered (metadata-sized)
 DIR_LISTINGS_CACHED = 4     # parsed directories kept for name lookups
+LISTED_ENTRIES_KEPT = 20_000   # entries of whole listings kept for a second listdir (see _listed)
 MAX_WARNED = 10_000         # damage warnings remembered (each printed once)
 _PARSE_ERRORS = (FileReadError, ValueError, struct.error)
 
@@ -79,6 +80,10 @@ class ExtFileSystem(FileSystem):
         # directory inode -> (entries, name -> (inode, file type) once a lookup asked)
         self._listings: OrderedDict[int, tuple[list[DirEntry], dict[bytes, tuple[int, int]] | None]] = OrderedDict()
         self._warned: set[str] = set()
+        # Listings kept for one more listdir of the same path (what the guest layer's
+        # database and fstab searches list, the walk lists next), while there is room.
+        self._listed: dict[str, list[Entry]] = {}
+        self._listed_count = 0
         self._damaged_dirs: dict[str, str] = {}   # path -> what was wrong (see listing_damage)
 
     # -- The Sleuth Kit, for damaged spots only ----------------------------------
@@ -240,6 +245,10 @@ class ExtFileSystem(FileSystem):
 
     def listdir(self, path: str) -> list[Entry]:
         path = normalize(path)
+        kept = self._listed.pop(path, None)
+        if kept is not None:   # the guest layer's searches listed it; the walk now does (once)
+            self._listed_count -= len(kept)
+            return kept
         inode = self._dir_inodes.get(path)
         found = (inode, DIR) if inode is not None else self._lookup(path)
         damaged: DirectoryDamaged | None = None
@@ -247,7 +256,7 @@ class ExtFileSystem(FileSystem):
             ino = found[0]
             self._check_dir(path, ino)
             try:
-                return self._listdir_native(path, ino)
+                out = self._listdir_native(path, ino)
             except DirectoryDamaged as exc:
                 damaged = exc
             except _PARSE_ERRORS as exc:   # unsupported (encrypted, huge) or an unreadable inode
@@ -256,6 +265,11 @@ class ExtFileSystem(FileSystem):
                 if tsk is None:
                     raise FileReadError(f"cannot list {path}: {exc}") from None
                 return self._remember(tsk.listdir_inode(path, ino))
+            else:
+                if path not in self._damaged_dirs and self._listed_count + len(out) <= LISTED_ENTRIES_KEPT:
+                    self._listed[path] = list(out)
+                    self._listed_count += len(out)
+                return out
         else:
             tsk = self._fallback()
             if tsk is None:
