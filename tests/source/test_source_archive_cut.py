@@ -182,3 +182,30 @@ def test_cut_in_the_last_bytes(made, kind, tmp_path):
     else:
         skipped = _skipped(text)
         assert code in (0, 1) and all(_named(name, skipped) for name in set(files) - kept), text
+
+
+def test_pzstd_cut_between_frames(made, tmp_path):
+    """pzstd puts a skippable frame holding the next frame's size before each
+    frame: a cut inside it, or right after it, is a cut stream too (refused;
+    --partial keeps the whole frames). A cut exactly before it leaves a valid
+    zstd stream: the tar inside then says it is truncated."""
+    from rescue.errors import SourceError
+    from rescue.source.base import BytesSource
+    from rescue.source.codecs.zstd import ZstdSource
+    _, _, archives = made
+    data = archives["pzstd"].read_bytes()
+    frames = ZstdSource(BytesSource(data, name="whole"))._frames
+    assert len(frames) >= 3, frames
+    start, _, out, _ = frames[2]
+    header = start - 12   # 8-byte skippable frame header + the 4-byte size
+    for at, where in ((header + 2, "magic number"), (header + 9, "skippable frame"), (start, "pzstd header")):
+        with pytest.raises(SourceError) as exc:
+            ZstdSource(BytesSource(data[:at], name="cut"))
+        assert "truncated" in str(exc.value) and where in str(exc.value) and f"ends at byte {at}" in str(exc.value)
+        assert "--partial" in str(exc.value.hint)
+        kept = ZstdSource(BytesSource(data[:at], name="cut"), partial=True)
+        assert kept.size == out and kept.truncated and any("--partial" in n for n in kept.notes)
+    cut = _cut(archives["pzstd"], header, tmp_path / "boundary.tar.zst")
+    code, text = _run("ls", str(cut), "/", cache=tmp_path / "cache")
+    assert code == 2 and len(text.strip().splitlines()) == 1, text
+    assert "tar archive is truncated" in text and "--partial" in text, text

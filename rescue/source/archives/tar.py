@@ -130,11 +130,14 @@ def open(source: ByteSource, *, progress: Progress | None = None, partial: bool 
             raise
         if root_tree_prefix(m.name for m in members) is not None:
             return members   # a server's file tree: fs/tartree.py rescues the files before the damage
-        if not (partial and members):
+        # tarfile's word for "the last member's data runs past the end": a cut archive,
+        # refused below (by _clamp_members) with the member and the bytes it lacks
+        cut = members and str(exc) == "unexpected end of data"
+        if not (partial and members) and not cut:
             raise SourceError(f"tar archive is damaged after {len(members)} members: {describe(exc)}",
                               file=source.name, hint="re-download the snapshot and compare its checksum",
                               ) from None
-        if notes is not None:   # --partial: the members before the cut, the last one clamped below
+        if partial and notes is not None:   # --partial: the members before the cut, the last one clamped below
             notes.append(f"tar archive ends early after {len(members)} members ({describe(exc)})")
     for m in members:
         if m.size < 0 or m.offset < 0:   # base-256 header fields may be negative

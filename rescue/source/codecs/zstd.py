@@ -41,6 +41,7 @@ ZstdFrameHeaderDescriptor = BitStruct(
 )
 ZSTD_MAGIC = 0xFD2FB528
 ZSTD_SKIPPABLE_MASK, ZSTD_SKIPPABLE = 0xFFFFFFF0, 0x184D2A50
+PZSTD_HEADER = b"\x50\x2a\x4d\x18\x04\x00\x00\x00"   # pzstd: skippable frame holding the next frame's size
 TRUNCATED_HINT = ("download it again (`rescue download` resumes), or add --partial to rescue what "
                   "was decompressed before the cut")
 
@@ -70,9 +71,20 @@ class ZstdSource(FramedStreamSource):
         while pos < total:
             head = self.source.read(pos, 18)
             magic = int.from_bytes(head[:4], "little")
-            if magic & ZSTD_SKIPPABLE_MASK == ZSTD_SKIPPABLE and len(head) >= 8:
-                pos += 8 + int.from_bytes(head[4:8], "little")
+            if magic & ZSTD_SKIPPABLE_MASK == ZSTD_SKIPPABLE:   # pzstd puts one before each frame
+                end = pos + 8 + int.from_bytes(head[4:8], "little")
+                if len(head) < 8 or end > total:   # frames may follow it: the cut is inside the stream
+                    self._cut_between(pos, out, "inside a skippable frame (the next frame's header)")
+                    break
+                if end == total and head[:8] == PZSTD_HEADER:   # it announces a frame that is not there
+                    self._cut_between(pos, out, "after the pzstd header announcing a frame of "
+                                                f"{int.from_bytes(head[8:12], 'little')} bytes")
+                    break
+                pos = end
                 continue
+            if len(head) < 4 and head.strip(b"\0"):
+                self._cut_between(pos, out, "inside the next frame's magic number")
+                break
             if magic != ZSTD_MAGIC:
                 if not self.source.read(pos, 1 << 16).strip(b"\0"):
                     break  # zero padding after the last frame
@@ -106,6 +118,15 @@ class ZstdSource(FramedStreamSource):
         self.truncated = problem
         self.notes.append(f"{problem}; --partial: reading the {out + have} bytes decompressed before the cut")
         return [(start, total - start, out, have)] if have else []
+
+    def _cut_between(self, pos: int, out: int, where: str) -> None:
+        """The file ends between frames: refused, or with --partial the whole frames are kept."""
+        problem = (f"zstd stream is truncated: the file ends at byte {self.source.size}, {where} "
+                   f"starting at byte {pos}; {out} bytes decompress from the whole frames before it")
+        if not self.partial:
+            raise self._error(problem, hint=TRUNCATED_HINT)
+        self.truncated = problem
+        self.notes.append(f"{problem}; --partial: reading those")
 
     def _frame_header(self, head: bytes, pos: int) -> tuple[int | None, int]:
         if len(head) < 6:
