@@ -207,6 +207,8 @@ class TarTreeFileSystem(FileSystem):
                 self._damage = f"member {info.name!r} could not be read ({exc})"
         if count == 0:
             raise FilesystemError("the tar archive holds no members", file=self.name)
+        if self._damage is None and getattr(_tree_source(self.source), "truncated", None):   # --partial
+            self._damage = "the archive is cut short; files stored after the cut are missing"
         return count
 
     def _new_inode(self) -> int:

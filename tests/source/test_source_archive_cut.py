@@ -209,3 +209,28 @@ def test_pzstd_cut_between_frames(made, tmp_path):
     code, text = _run("ls", str(cut), "/", cache=tmp_path / "cache")
     assert code == 2 and len(text.strip().splitlines()) == 1, text
     assert "tar archive is truncated" in text and "--partial" in text, text
+
+
+@pytest.mark.parametrize("fraction", [0.3, 0.5, 0.7])
+def test_cut_tree_archive_with_partial_rescues_the_files_before_and_exits_1(made, fraction, tmp_path):
+    """A .tar.zst of a server's files (read as a filesystem of its own): with
+    --partial the files before the cut come out whole, and the listing says
+    the archive is cut short (files after the cut cannot be named: their
+    headers are lost), so the exit code is 1 even when the cut falls between
+    two members."""
+    base, files, _ = made
+    tree = tmp_path / "tree"
+    shutil.copytree(base / "tree", tree)
+    (tree / "etc" / "os-release").write_bytes(b"ID=debian\n")   # what marks a server's root
+    whole = tmp_path / "tree.tar.zst"
+    subprocess.run(["tar", "--zstd", "-cf", str(whole), "-C", str(tree), "./etc", "./srv", "./home"], check=True)
+    cut = _cut(whole, int(whole.stat().st_size * fraction), tmp_path / "cut.tar.zst")
+    out = tmp_path / "out"
+    code, text = _run("extract", "--partial", str(cut), "-o", f"{out}/", cache=tmp_path / "cache")
+    assert code == 1, text
+    assert "internal error" not in text and "zstd stream is truncated" in text, text
+    assert "partly readable" in text, text
+    kept = {name for name in files if (out / name).exists()}
+    assert 0 < len(kept) < len(files), text
+    for name in kept:
+        assert (out / name).read_bytes() == files[name], name

@@ -274,6 +274,8 @@ class TarTreeSource:
         self.name = archive.source.name
         self.size = archive.inner.size
         self.notes = list(archive.notes)   # the decompressor's and the member table's
+        # --partial: the stream was cut (what is missing); the tree reader reports the files after it lost
+        self.truncated: str | None = getattr(archive.inner, "truncated", None)
         outer = source_key(archive.source)
         self.identity = ("tar-tree", outer) if outer else None
 
