@@ -3,7 +3,7 @@ need: a server whose root is read natively and whose /var (named in fstab)
 needs the appliance extracts /etc without starting it; reading /var starts it
 once and reads the real bytes.
 
-Which kinds need the appliance is a list in the guest layer (GUESTFS_ONLY:
+Which kinds need the appliance is a list in the guest layer (stack.GUESTFS_ONLY:
 f2fs, reiserfs, jfs, ... no fixture tool makes those small and everywhere);
 here it names ext2 for this test, and the disk is the real thing: GPT by
 sgdisk, an ext4 root and an ext2 /var made by mkfs -d."""
@@ -60,9 +60,9 @@ def server(tmp_path_factory):
 @pytest.fixture
 def var_needs_the_appliance(monkeypatch):
     import rescue.fs.guestfs as guestfs_backend
-    import rescue.guest.snapshot as snapshot
+    import rescue.guest.stack as stack
 
-    monkeypatch.setattr(snapshot, "GUESTFS_ONLY", snapshot.GUESTFS_ONLY | {"ext2"})
+    monkeypatch.setattr(stack, "GUESTFS_ONLY", stack.GUESTFS_ONLY | {"ext2"})
     starts: list[int] = []
     real_init = guestfs_backend.GuestfsAppliance.__init__
 
@@ -117,12 +117,12 @@ def test_a_path_on_the_mounted_volume_starts_it_once(server, var_needs_the_appli
 
 def test_without_libguestfs_the_volume_is_named_as_unreadable(server, monkeypatch):
     import rescue.fs.guestfs as guestfs_backend
-    import rescue.guest.snapshot as snapshot
+    import rescue.guest.stack as stack
     from rescue.errors import FilesystemError
     from rescue.extract.run import ExtractOptions, plan
     from rescue.guest import Snapshot
 
-    monkeypatch.setattr(snapshot, "GUESTFS_ONLY", snapshot.GUESTFS_ONLY | {"ext2"})
+    monkeypatch.setattr(stack, "GUESTFS_ONLY", stack.GUESTFS_ONLY | {"ext2"})
     monkeypatch.setattr(guestfs_backend, "guestfs_unavailable", lambda: "the libguestfs Python bindings are "
                                                                         "not installed")
     with Snapshot(str(server)) as snap:
