@@ -66,7 +66,9 @@ SnapshotArg = typer.Argument(..., metavar="SNAPSHOT", show_default=False,
 VolumeOpt = typer.Option(None, "--volume", "-V", metavar="ID", help="Volume to read (see `rescue inspect`): 2, vg0/root, whole.")
 MemberOpt = typer.Option(None, "--member", metavar="NAME", help="File inside an archive, when it holds several disks.")
 BackingOpt = typer.Option(None, "--backing", metavar="FILE", help="Parent image of a qcow2/VHD/VMDK overlay.")
-QSnapOpt = typer.Option(None, "--snapshot", metavar="NAME", help="qcow2 internal snapshot to read (name or id); for a Proxmox VMA, the disk (e.g. drive-scsi1).")
+QSnapOpt = typer.Option(None, "--internal-snapshot", metavar="NAME", help="qcow2 internal snapshot to read (name or id); for a Proxmox VMA, the disk (e.g. drive-scsi1).")
+# --snapshot was --internal-snapshot's name: kept, hidden, so scripts that use it keep working.
+QSnapAlias = typer.Option(None, "--snapshot", metavar="NAME", hidden=True)
 BackendOpt = typer.Option("auto", "--backend", metavar="NAME",
                           help="Filesystem reader: auto (libguestfs last), native (never libguestfs), tsk, guestfs.")
 DiskOpt = typer.Option([], "--disk", metavar="FILE",
@@ -74,10 +76,10 @@ DiskOpt = typer.Option([], "--disk", metavar="FILE",
 PartialOpt = typer.Option(False, "--partial", help="Read a truncated image anyway: rescue what it still holds.")
 
 
-def _options(volume, member, backing, snapshot, backend, partial=False, disks=()):
+def _options(volume, member, backing, internal_snapshot, backend, partial=False, disks=()):
     from .guest import SnapshotOptions
-    return SnapshotOptions(volume=volume, member=member, backing=backing, snapshot=snapshot, backend=backend,
-                           partial=partial, extra_disks=list(disks), progress=_IndexProgress(),
+    return SnapshotOptions(volume=volume, member=member, backing=backing, internal_snapshot=internal_snapshot,
+                           backend=backend, partial=partial, extra_disks=list(disks), progress=_IndexProgress(),
                            # a library's message may hold [brackets]: never rich markup
                            status=lambda text: err.print(f"{_visible(text)}...", style="dim", markup=False))
 
@@ -164,12 +166,13 @@ def _print_json(data) -> None:
 @app.command()
 def inspect(snapshot: str = SnapshotArg, volume: Optional[str] = VolumeOpt, member: Optional[str] = MemberOpt,
             backing: Optional[str] = BackingOpt, qsnap: Optional[str] = QSnapOpt,
+            qsnap_alias: Optional[str] = QSnapAlias,
             backend: str = BackendOpt, disk: List[str] = DiskOpt,
             as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")) -> None:
     """Show what is inside a snapshot: disk format, partitions, volumes, filesystems, and the guest OS."""
     from . import api
     with _errors(snapshot):
-        report = api.inspect(snapshot, _options(volume, member, backing, qsnap, backend, disks=disk))
+        report = api.inspect(snapshot, _options(volume, member, backing, qsnap or qsnap_alias, backend, disks=disk))
         if as_json:
             _print_json(report.to_json())
             return
@@ -196,7 +199,7 @@ def _render_inspect(data: dict) -> None:
                 line += f", taken {snap['date']}"
             if snap.get("disk_size"):
                 line += f", disk {_human(snap['disk_size'])}"
-            out.print(line + " (read it with --snapshot NAME)", markup=False)
+            out.print(line + " (read it with --internal-snapshot NAME)", markup=False)
         else:
             out.print(f"  snapshot: {snap}", markup=False)
     if data.get("archive"):
@@ -324,7 +327,8 @@ def ls(snapshot: str = SnapshotArg, path: str = typer.Argument("/", help="Direct
                                                                         "(a name as ls shows it, escapes included)."),
        long: bool = typer.Option(False, "-l", "--long", help="Modes, owners, sizes, times."),
        volume: Optional[str] = VolumeOpt, member: Optional[str] = MemberOpt,
-       backing: Optional[str] = BackingOpt, qsnap: Optional[str] = QSnapOpt, backend: str = BackendOpt,
+       backing: Optional[str] = BackingOpt, qsnap: Optional[str] = QSnapOpt,
+       qsnap_alias: Optional[str] = QSnapAlias, backend: str = BackendOpt,
        partial: bool = PartialOpt, disk: List[str] = DiskOpt,
        as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")) -> None:
     """List a directory inside the snapshot (like ls; symlinks are shown, not followed).
@@ -334,7 +338,8 @@ def ls(snapshot: str = SnapshotArg, path: str = typer.Argument("/", help="Direct
     doubled); `cat` and `extract --path` take names in that form."""
     from . import api
     with _errors(snapshot):
-        listing = api.ls(snapshot, path, _options(volume, member, backing, qsnap, backend, partial, disk))
+        listing = api.ls(snapshot, path,
+                         _options(volume, member, backing, qsnap or qsnap_alias, backend, partial, disk))
         for damage in listing.damage:   # once: the reader may have said it already
             if not _WarningLines.said(damage):
                 _warn(f"{listing.path}: listed only in part: {damage}")
@@ -374,13 +379,15 @@ def _print_lines(lines: list[str]) -> None:
 def cat(snapshot: str = SnapshotArg,
         path: str = typer.Argument(..., help="File in the guest (a name as ls shows it, escapes included)."),
         volume: Optional[str] = VolumeOpt, member: Optional[str] = MemberOpt,
-        backing: Optional[str] = BackingOpt, qsnap: Optional[str] = QSnapOpt, backend: str = BackendOpt,
+        backing: Optional[str] = BackingOpt, qsnap: Optional[str] = QSnapOpt,
+        qsnap_alias: Optional[str] = QSnapAlias, backend: str = BackendOpt,
         partial: bool = PartialOpt, disk: List[str] = DiskOpt) -> None:
     """Print a file from the snapshot to stdout (symlinks followed inside the guest)."""
     from . import api
     with _errors(snapshot):
         sink = sys.stdout.buffer
-        for chunk in api.cat(snapshot, path, _options(volume, member, backing, qsnap, backend, partial, disk)):
+        for chunk in api.cat(snapshot, path,
+                             _options(volume, member, backing, qsnap or qsnap_alias, backend, partial, disk)):
             sink.write(chunk)
         sink.flush()
 
@@ -411,7 +418,8 @@ def extract(snapshot: str = SnapshotArg,
             scratch_limit: str = typer.Option("1G", "--scratch-limit",
                                               help="Local scratch space for rsync/rclone tree targets (e.g. 512M)."),
             volume: Optional[str] = VolumeOpt, member: Optional[str] = MemberOpt,
-            backing: Optional[str] = BackingOpt, qsnap: Optional[str] = QSnapOpt, backend: str = BackendOpt,
+            backing: Optional[str] = BackingOpt, qsnap: Optional[str] = QSnapOpt,
+            qsnap_alias: Optional[str] = QSnapAlias, backend: str = BackendOpt,
             partial: bool = PartialOpt, disk: List[str] = DiskOpt,
             manifest: Optional[str] = typer.Option(None, "--manifest", metavar="FILE",
                                                    help="Also write the manifest (every entry with its SHA-256) to FILE."),
@@ -455,7 +463,7 @@ def extract(snapshot: str = SnapshotArg,
                 return progress
 
             result = api.extract(snapshot, output, request, dry_run=dry_run, target=target,
-                                 options=_options(volume, member, backing, qsnap, backend, partial, disk),
+                                 options=_options(volume, member, backing, qsnap or qsnap_alias, backend, partial, disk),
                                  on_plan=on_plan)
         if result.dry_run:
             for note in result.notes:
@@ -572,7 +580,8 @@ def verify(args: List[str] = typer.Argument(..., metavar="[SNAPSHOT] TARGET",
            exclude: List[str] = typer.Option([], "--exclude", "-x", metavar="GLOB", help="The --exclude the extract used."),
            strip_components: Optional[int] = typer.Option(None, "--strip-components", metavar="N"),
            volume: Optional[str] = VolumeOpt, member: Optional[str] = MemberOpt,
-           backing: Optional[str] = BackingOpt, qsnap: Optional[str] = QSnapOpt, backend: str = BackendOpt,
+           backing: Optional[str] = BackingOpt, qsnap: Optional[str] = QSnapOpt,
+           qsnap_alias: Optional[str] = QSnapAlias, backend: str = BackendOpt,
            partial: bool = PartialOpt, disk: List[str] = DiskOpt,
            as_json: bool = typer.Option(False, "--json", help="Print the result as JSON.")) -> None:
     """Check that a tarball, folder, rsync or rclone target holds exactly what the snapshot (or a manifest) does.
@@ -602,7 +611,7 @@ def verify(args: List[str] = typer.Argument(..., metavar="[SNAPSHOT] TARGET",
         if snapshot is None:
             report = verify_target(target, manifest=given)
         else:
-            with _open(snapshot, volume, member, backing, qsnap, backend, partial, disk) as snap:
+            with _open(snapshot, volume, member, backing, qsnap or qsnap_alias, backend, partial, disk) as snap:
                 fs = snap.filesystem()
 
                 def expected(header):
@@ -648,6 +657,7 @@ def convert(snapshot: str = SnapshotArg,
             force: bool = typer.Option(False, "--force", help="Overwrite an existing output file."),
             member: Optional[str] = MemberOpt, backing: Optional[str] = BackingOpt,
             qsnap: Optional[str] = QSnapOpt,
+            qsnap_alias: Optional[str] = QSnapAlias,
             as_json: bool = typer.Option(False, "--json", help="Print the result as JSON.")) -> None:
     """Write the whole virtual disk as a sparse raw file, to hand it to any other tool.
 
@@ -662,7 +672,7 @@ def convert(snapshot: str = SnapshotArg,
     with _errors():
         source = open_source(snapshot, member=member)
         try:
-            disk = open_disk(source, DiskOptions(backing=backing, snapshot=qsnap))
+            disk = open_disk(source, DiskOptions(backing=backing, internal_snapshot=qsnap or qsnap_alias))
             try:
                 for warning in disk.info.warnings:
                     _warn(warning)

@@ -206,19 +206,19 @@ class Images:
             pytest.skip(f"{name} is only built at test time (needs qemu-img, qemu-io, mkfs.ext4)")
         return p
 
-    def reference(self, name: str, snapshot: str | None = None) -> Path:
+    def reference(self, name: str, internal_snapshot: str | None = None) -> Path:
         """The raw bytes qemu-img reads from `name` (committed copy without qemu-img)."""
-        key = (name, snapshot)
+        key = (name, internal_snapshot)
         if key in self._refs:
             return self._refs[key]
         src = self.path(name)
         if QEMU_IMG:
-            out = self.root / f"{name}.{snapshot or 'active'}.qemu.raw"
+            out = self.root / f"{name}.{internal_snapshot or 'active'}.qemu.raw"
             cmd = [QEMU_IMG, "convert", "-O", "raw"]
-            if snapshot:
-                cmd += ["-l", f"snapshot.name={snapshot}"]
+            if internal_snapshot:
+                cmd += ["-l", f"snapshot.name={internal_snapshot}"]
             subprocess.run(cmd + [src.name, str(out)], cwd=src.parent, check=True)
-        elif snapshot == "before" or name in SAME_AS_BASE or name.endswith(".vdi"):
+        elif internal_snapshot == "before" or name in SAME_AS_BASE or name.endswith(".vdi"):
             out = self.root / "base.raw"
         else:
             out = self.root / f"{Path(name).stem}.expected.raw"

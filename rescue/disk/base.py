@@ -21,7 +21,7 @@ class DiskOptions:
     """Choices the user can make about a container."""
 
     backing: str | None = None       # --backing PATH: override a qcow2/VHD parent
-    snapshot: str | None = None      # --snapshot NAME: qcow2 internal snapshot
+    internal_snapshot: str | None = None   # --internal-snapshot NAME: a qcow2 internal snapshot (a VMA: its drive)
     max_chain: int = 16              # backing chains longer than this are a loop
 
 

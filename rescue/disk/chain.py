@@ -78,12 +78,12 @@ def open_parent(child: DiskImage, names: list[str], what: str, options: DiskOpti
 def open_as_parent(src: ByteSource, options: DiskOptions,
                    open_image: Callable[[ByteSource, DiskOptions], DiskImage] | None = None) -> DiskImage:
     """`src` opened as a parent image with `open_image`, else as a raw disk;
-    closed again if that fails. --backing and --snapshot are the child's
+    closed again if that fails. --backing and --internal-snapshot are the child's
     choices, so they are not passed up the chain."""
     if open_image is None:
         return RawDisk(src)
     try:
-        return open_image(src, dataclasses.replace(options, backing=None, snapshot=None))
+        return open_image(src, dataclasses.replace(options, backing=None, internal_snapshot=None))
     except BaseException:
         close_quietly(src)
         raise

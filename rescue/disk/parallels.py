@@ -87,10 +87,10 @@ def _is_descriptor(head: bytes) -> bool:
 
 
 def open(source: ByteSource, options: DiskOptions) -> DiskImage:  # noqa: A001 (reader interface)
-    if options.snapshot is not None:
-        raise DiskFormatError(f"--snapshot {options.snapshot}: choosing a Parallels snapshot is not "
-                              "supported; the newest state is read", file=source.name,
-                              hint="drop --snapshot")
+    if options.internal_snapshot is not None:
+        raise DiskFormatError(f"--internal-snapshot {options.internal_snapshot}: choosing a Parallels snapshot "
+                              "is not supported; the newest state is read", file=source.name,
+                              hint="drop --internal-snapshot")
     if _is_descriptor(source.read(0, 512)):
         disk: DiskImage = open_in_chain(source, options, lambda: ParallelsBundle(source, options))
     else:

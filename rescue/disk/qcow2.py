@@ -242,13 +242,13 @@ class Qcow2Disk(MappedDisk):
         # Internal snapshots.
         self.snapshots = self._read_snapshots(h, cs)
         l1_offset, l1_size, size = h.l1_table_offset, h.l1_size, h.size
-        if options.snapshot is not None:
-            snap = self._pick_snapshot(options.snapshot)
+        if options.internal_snapshot is not None:
+            snap = self._pick_snapshot(options.internal_snapshot)
             l1_offset, l1_size = snap["_l1_offset"], snap["_l1_size"]
             size = snap.get("disk_size", size)
             details["snapshot"] = f"{snap['id']} ({snap['name']})"
         self.virtual_size = size
-        self._load_l1(l1_offset, l1_size, "l1_table_offset" if options.snapshot is None
+        self._load_l1(l1_offset, l1_size, "l1_table_offset" if options.internal_snapshot is None
                       else "snapshot l1_table_offset")
 
         # External data file.

@@ -74,8 +74,8 @@ def detect(source: ByteSource) -> bool:
 
 
 def open(source: ByteSource, options: DiskOptions) -> "VdiDisk":  # noqa: A001 (reader interface)
-    if options.snapshot is not None:
-        raise DiskFormatError(f"--snapshot {options.snapshot}: VDI files hold no internal snapshots "
+    if options.internal_snapshot is not None:
+        raise DiskFormatError(f"--internal-snapshot {options.internal_snapshot}: VDI files hold no internal snapshots "
                               "(VirtualBox keeps each snapshot in its own differencing VDI)",
                               file=source.name)
     return open_in_chain(source, options, lambda: VdiDisk(source, options))

@@ -14,7 +14,7 @@ and keeps, for the chosen device, one u64 per cluster ((file offset / 512) << 16
 | mask): 8 bytes per 64 KiB.
 
 A VMA holds every disk of the VM: the first device (by id) that is not
-`vmstate` is read; all are listed in info.details, and `--snapshot NAME`
+`vmstate` is read; all are listed in info.details, and `--internal-snapshot NAME`
 (a VMA has no snapshots) picks another device by name, e.g. drive-scsi1.
 """
 
@@ -84,7 +84,7 @@ def detect(source: ByteSource) -> bool:
 
 
 def open(source: ByteSource, options: DiskOptions) -> "VmaDisk":  # noqa: A001 (reader interface)
-    return VmaDisk(source, device=options.snapshot)
+    return VmaDisk(source, device=options.internal_snapshot)
 
 
 @lru_cache(maxsize=4096)
@@ -138,7 +138,7 @@ class VmaDisk(MappedDisk):
             details={"uuid": str(uuid.UUID(bytes=h.uuid)), "ctime": h.ctime, "configs": configs,
                      "devices": [{"id": i, "name": n, "size": s} for i, (n, s) in sorted(devices.items())],
                      "selected": self.device_name,
-                     "hint": "pick another device with --snapshot NAME"},
+                     "hint": "pick another device with --internal-snapshot NAME"},
         )
 
     def _header(self):

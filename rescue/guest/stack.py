@@ -35,7 +35,7 @@ class SnapshotOptions:
     backend: str = "auto"            # "auto", "native" (never libguestfs), "tsk", "guestfs", or a reader's name
     member: str | None = None        # --member: file inside an archive
     backing: str | None = None       # --backing: parent image override
-    snapshot: str | None = None      # --snapshot: qcow2 internal snapshot
+    internal_snapshot: str | None = None   # --internal-snapshot: a qcow2 internal snapshot (a VMA: its drive)
     partial: bool = False            # --partial: read a truncated image anyway
     extra_disks: list[str] = field(default_factory=list)   # --disk: more disks of the same server
     status: Callable[[str], None] | None = None   # progress notes ("starting libguestfs ...")
@@ -121,7 +121,7 @@ class Stack:
         self.extra: list = []   # (source, disk) of each --disk
         try:
             self.disk = open_disk(self.source, DiskOptions(backing=self.options.backing,
-                                                           snapshot=self.options.snapshot))
+                                                           internal_snapshot=self.options.internal_snapshot))
             for spec in self.options.extra_disks:
                 extra_source = open_source(spec, progress=self.options.progress)
                 self.extra.append((extra_source, open_disk(extra_source, DiskOptions())))

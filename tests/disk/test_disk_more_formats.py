@@ -178,7 +178,7 @@ def test_committed_fixtures_read_as_their_maker_says(name):
     assert disk.size == entry["size"]
     assert hashlib.sha256(disk.read(0, disk.size)).hexdigest() == entry["sha256"]
     if "drive-virtio1" in entry:
-        other = open_disk(open_source(FIXTURES / f"{name}.gz"), DiskOptions(snapshot="drive-virtio1"))
+        other = open_disk(open_source(FIXTURES / f"{name}.gz"), DiskOptions(internal_snapshot="drive-virtio1"))
         assert hashlib.sha256(other.read(0, other.size)).hexdigest() == entry["drive-virtio1"]["sha256"]
     code, out, err, escaped = _cli("ls", str(FIXTURES / f"{name}.gz"), "/etc")
     assert escaped is None and code == 0 and "hostname" in out, err
@@ -452,12 +452,17 @@ def test_encrypted_dmg_is_refused_by_name(work):
 
 def test_vma_device_choice_through_the_cli(vma_file):
     path, disks = vma_file
-    res = rescue("inspect", str(path), "--snapshot", "drive-virtio1")
+    res = rescue("inspect", str(path), "--internal-snapshot", "drive-virtio1")
     no_traceback(res)
     assert res.returncode == 0 and "drive-virtio1" in res.stdout.decode()
-    res = rescue("inspect", str(path), "--snapshot", "drive-sata9")
+    res = rescue("inspect", str(path), "--internal-snapshot", "drive-sata9")
     err = no_traceback(res)
     assert res.returncode == 2 and "drive-scsi0, drive-virtio1, vmstate" in err
+    # --snapshot, the option's old name, still works for scripts, but --help shows only the new one
+    res = rescue("inspect", str(path), "--snapshot", "drive-virtio1")
+    assert res.returncode == 0 and "drive-virtio1" in res.stdout.decode()
+    shown = rescue("inspect", "--help").stdout.decode()
+    assert "--internal-snapshot" in shown and "--snapshot" not in shown
 
 
 def test_dmg_gap_between_chunks_and_damaged_plist(work):
@@ -515,7 +520,7 @@ def test_vma_reads_first_disk_and_lists_all_devices(vma_file, ext4_raw):
 
 def test_vma_other_device_by_name_and_unknown_name(vma_file, work):
     path, disks = vma_file
-    d = open_disk(FileSource(path), DiskOptions(snapshot="drive-virtio1"))
+    d = open_disk(FileSource(path), DiskOptions(internal_snapshot="drive-virtio1"))
     want = disks[1][1]
     assert d.size == len(want) and d.read(0, d.size) == want
     rng = random.Random(1)
@@ -523,7 +528,7 @@ def test_vma_other_device_by_name_and_unknown_name(vma_file, work):
         off, n = rng.randrange(len(want)), rng.randrange(1, 200_000)
         assert d.read(off, n) == want[off:off + n]
     with pytest.raises(DiskFormatError, match="drive-virtio1"):
-        open_disk(FileSource(path), DiskOptions(snapshot="drive-sata9"))
+        open_disk(FileSource(path), DiskOptions(internal_snapshot="drive-sata9"))
 
 
 def test_vma_zst_opens_through_rescue_inspect_and_extracts_like_raw(vma_file, work, raw_extract):
@@ -784,8 +789,8 @@ def test_tarball_of_a_bundle_is_not_guessed(work, bundles):
 @need_real
 def test_snapshot_and_backing_options_on_formats_without_them(samples):
     for name in ("parallels-v1", "empty.bochs", "simple-pattern.cloop", "simple-dmg.dmg"):
-        with pytest.raises(DiskFormatError, match="--snapshot x"):
-            open_disk(FileSource(samples[name]), DiskOptions(snapshot="x"))
+        with pytest.raises(DiskFormatError, match="--internal-snapshot x"):
+            open_disk(FileSource(samples[name]), DiskOptions(internal_snapshot="x"))
         disk = open_disk(FileSource(samples[name]), DiskOptions(backing="parent.img"))
         assert any("--backing parent.img ignored" in w for w in disk.info.warnings), name
 

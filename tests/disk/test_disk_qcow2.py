@@ -62,15 +62,15 @@ def test_internal_snapshots_are_listed_and_selectable(images):
     disk = open_path(path)
     assert [s["name"] for s in disk.info.snapshots] == ["before", "after"]
     ids = [s["id"] for s in disk.info.snapshots]
-    before_ref = images.reference("snap.qcow2", snapshot="before")
+    before_ref = images.reference("snap.qcow2", internal_snapshot="before")
     for wanted in ("before", ids[0]):
-        snap = open_path(path, snapshot=wanted)
+        snap = open_path(path, internal_snapshot=wanted)
         assert snap.info.details["snapshot"].startswith(ids[0])
         assert_reads_like(snap, before_ref, seed=3, reads=50)
     # The active state differs from "before" (written after the snapshot).
     assert disk.read(4096, 4096) != snap.read(4096, 4096)
     with pytest.raises(DiskFormatError, match="before"):
-        open_path(path, snapshot="nope")
+        open_path(path, internal_snapshot="nope")
 
 
 def test_backing_chain_inside_an_archive(images, tmp_path):
@@ -462,7 +462,7 @@ def test_absurd_snapshot_disk_size_is_refused(images, tmp_path):
         f.write((1 << 61).to_bytes(8, "big"))
     assert open_path(path).info.snapshots[0]["disk_size"] == 1 << 61  # listing still works
     with pytest.raises(DiskFormatError, match="size"):
-        open_path(path, snapshot="before")
+        open_path(path, internal_snapshot="before")
 
 
 def test_failed_convert_leaves_no_output_behind(images, tmp_path):

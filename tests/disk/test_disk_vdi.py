@@ -229,5 +229,5 @@ def test_qcow2_only_options_are_not_silently_applied(tmp_path):
     path = tmp_path / "plain.vdi"
     make_vdi(path, [0])
     with pytest.raises(DiskFormatError, match="no internal snapshots"):
-        open_path(path, snapshot="before")
+        open_path(path, internal_snapshot="before")
     assert "ignored" in open_path(path, backing="/nonexistent").info.warnings[0]

@@ -116,7 +116,7 @@ class _Ext(NamedTuple):
     length: int
     kind: str
     where: int | None = None      # logical address (DATA stored as is)
-    extent: tuple | None = None   # (disk_bytenr, disk_num_bytes, ram_bytes, compression) or ("inline", bytes, ram, comp)
+    extent: tuple | None = None   # (disk_bytenr, disk_num_bytes, ram, compression) or ("inline", bytes, ram, comp)
     base: int = 0
 
 
@@ -534,7 +534,8 @@ class BtrfsFileSystem(FileSystem):
                 length = ram if comp else len(inline)
                 if length > MAX_EXTENT:
                     raise FileReadError(f"{path}: inline extent claims {length} bytes")
-                raw.append(_Ext(start, length, COMPRESSED if comp else DATA, None, ("inline", inline, ram, comp), start))
+                raw.append(_Ext(start, length, COMPRESSED if comp else DATA, None, ("inline", inline, ram, comp),
+                                start))
                 continue
             if etype not in (S.FILE_EXTENT_REG, S.FILE_EXTENT_PREALLOC):
                 raise FileReadError(f"{path}: extent at offset {start} has unknown type {etype}")
