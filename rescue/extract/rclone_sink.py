@@ -11,7 +11,8 @@ Tree: like the rsync sink, items are staged in bounded batches (`Staging`)
 and each batch goes up with `rclone copy --links --create-empty-src-dirs`.
 rclone's own check (size + modification time) makes a re-run send only what
 is missing or changed. Object stores keep contents and modification times
-only: owners, modes, xattrs, devices and fifos are not kept; symlinks become
+only: owners, modes and xattrs are not kept; device nodes, FIFOs and sockets
+are skipped by name (the engine lists them, exit 1); symlinks become
 NAME.rclonelink files holding the target (rclone's --links convention, so
 `rclone copy --links` brings them back as symlinks); a hard link becomes a
 second copy (a server-side `rclone copyto` when the first name went up in an

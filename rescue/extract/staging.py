@@ -18,7 +18,8 @@ rsync's xattrs.c) and `trusted.x`/`security.x` xattrs from
 `user.rsync.trusted.x`/`user.rsync.security.x`, and sends them as if they
 were real. Staging uses that whenever the scratch filesystem takes user xattrs
 (`fake_super`); otherwise it falls back to real chown/mknod when root and
-loses owners and devices (with a warning) when not. The rules are the
+loses owners (with a warning) when not; a device node it cannot hold is
+skipped by name (NotWritten: the engine lists it, exit 1). The rules are the
 writer's `MetadataPolicy`, the same one the directory target uses.
 """
 
@@ -40,8 +41,6 @@ _LOSSES = {
     "owners-unset": "owners (not root, no xattrs for --fake-super)",
     "symlink-owners": "symlink owners",
     "setuid": "setuid/setgid bits (dropped as asked)",
-    "devices": "device nodes (add --devices to send them)",
-    "devices-need-root": "device nodes (not root, no xattrs for --fake-super)",
     "xattr-system": "system.* xattrs (POSIX ACLs)",
     "xattr-reserved": "xattrs named user.rsync.* (reserved by --fake-super)",
     "xattr-unsupported": "xattrs (this system has none)",
