@@ -234,3 +234,17 @@ def test_cut_tree_archive_with_partial_rescues_the_files_before_and_exits_1(made
     assert 0 < len(kept) < len(files), text
     for name in kept:
         assert (out / name).read_bytes() == files[name], name
+
+
+def test_zip_with_a_damaged_central_directory_is_damage_not_a_cut(made, tmp_path):
+    """The end record is there (the file is whole) but the central directory it
+    points at is not: that is damage, said so, not a cut to --partial over."""
+    _, _, archives = made
+    data = bytearray(archives["zip"].read_bytes())
+    at = data.rfind(b"PK\x01\x02")
+    data[at:at + 4] = b"XXXX"
+    bad = tmp_path / "bad.zip"
+    bad.write_bytes(bytes(data))
+    code, text = _run("ls", str(bad), "/", cache=tmp_path / "cache")
+    assert code == 2 and len(text.strip().splitlines()) == 1, text
+    assert "damaged" in text and "truncated" not in text, text

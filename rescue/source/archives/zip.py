@@ -62,8 +62,8 @@ def open(source: ByteSource, *, partial: bool = False, notes: list[str] | None =
         try:
             zf = zipfile.ZipFile(SourceFile(source))
         except zipfile.BadZipFile:
-            if source.read(0, 4) != ZIP_LOCAL:
-                raise
+            if source.read(0, 4) != ZIP_LOCAL or _has_end_record(source):
+                raise   # not a zip, or its directory is damaged rather than cut off
             return _open_cut(source, partial, notes)
         with zf:
             infos = zf.infolist()
@@ -140,6 +140,20 @@ class _Scan:
         self.cut_needs: int | None = None     # where its data should end, when the header says
         self.lost: str | None = None          # a member that cannot be read at all: why
         self.directory = False                # the central directory starts before the end
+
+
+def _has_end_record(source: ByteSource) -> bool:
+    """APPNOTE 4.3.16: the end of central directory record lies in the last
+    22 bytes + a comment of up to 64 KiB; a cut file has lost it."""
+    at = max(0, source.size - (22 + 0xFFFF))
+    tail = source.read(at, source.size - at)
+    found = tail.rfind(b"PK\x05\x06")
+    while found >= 0:
+        comment = int.from_bytes(tail[found + 20:found + 22], "little")
+        if found + 22 <= len(tail) and found + 22 + comment <= len(tail):   # whole, comment included
+            return True
+        found = tail.rfind(b"PK\x05\x06", 0, found)
+    return False
 
 
 def _open_cut(source: ByteSource, partial: bool, notes: list[str] | None) -> list[Member]:
