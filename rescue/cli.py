@@ -26,6 +26,8 @@ from .units import human_size
 if TYPE_CHECKING:   # rich's progress and tables are imported when one is shown: start-up stays lean
     from rich.progress import Progress
 
+    from .api import Listing
+
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,
                   help="Get your data out of a dead server's snapshot, without mounting anything.")
 err = Console(stderr=True, highlight=False, soft_wrap=True)
@@ -349,7 +351,7 @@ def ls(snapshot: str = SnapshotArg, path: str = typer.Argument("/", help="Direct
         _print_lines(_ls_lines(listing, long))
 
 
-def _ls_lines(listing, long: bool) -> list[str]:
+def _ls_lines(listing: "Listing", long: bool) -> list[str]:
     users, groups = listing.users, listing.groups
     lines = []
     for e, name in zip(listing.entries, listing.names):
