@@ -42,6 +42,7 @@ def _main(debug: bool = typer.Option(False, "--debug", help="Show tracebacks for
     # Damage the layers notice while reading (logged, not raised) reaches the
     # user as "warning: ..." lines, names escaped like every other message.
     logger = logging.getLogger("rescue")
+    _WarningLines.recent = []   # per command (CliRunner runs several in one process)
     if not any(isinstance(h, _WarningLines) for h in logger.handlers):
         logger.addHandler(_WarningLines())
     logger.setLevel(logging.INFO if debug else logging.WARNING)
