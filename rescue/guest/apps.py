@@ -38,7 +38,8 @@ from typing import Any
 
 from ..errors import RescueError
 from ..fs.base import DIR, FILE, SYMLINK, FileSystem, normalize
-from .valuables import WALK_BUDGET, Size, measure
+from . import survey
+from .survey import WALK_BUDGET, Size, measure
 
 DOCKER_DEFAULT_ROOT = "/var/lib/docker"
 PODMAN_ROOTFUL = "/var/lib/containers/storage"
@@ -139,27 +140,6 @@ class Applications:
 
 # -- small readers ------------------------------------------------------------------
 
-def _stat(fs: FileSystem, path: str):
-    try:
-        return fs.stat(path)
-    except (RescueError, OSError):
-        return None
-
-
-def _resolve(fs: FileSystem, path: str):
-    try:
-        return fs.resolve(path)
-    except (RescueError, OSError):
-        return None
-
-
-def _listdir(fs: FileSystem, path: str) -> list:
-    try:
-        return sorted(fs.listdir(path), key=lambda e: e.name)
-    except (RescueError, OSError):
-        return []
-
-
 def _read_json(fs: FileSystem, path: str, warnings: list[str]) -> Any:
     try:
         raw = fs.read_file(path, limit=RECORD_LIMIT)
@@ -179,7 +159,7 @@ def docker_root(fs: FileSystem, warnings: list[str]) -> Engine:
     """Where this server's Docker keeps its data, and how we know."""
     root, why = DOCKER_DEFAULT_ROOT, "default"
     daemon = "/etc/docker/daemon.json"
-    if _resolve(fs, daemon) is not None:
+    if survey.resolve(fs, daemon) is not None:
         conf = _read_json(fs, daemon, warnings)
         if isinstance(conf, dict):
             for key in ("data-root", "graph"):
@@ -188,7 +168,7 @@ def docker_root(fs: FileSystem, warnings: list[str]) -> Engine:
                     break
     if why == "default":
         for unit_dir in ("/etc/systemd/system/docker.service.d", "/etc/default"):
-            for e in _listdir(fs, unit_dir):
+            for e in survey.listdir(fs, unit_dir):
                 if e.kind != FILE or not (e.name.endswith(".conf") or e.name == "docker"):
                     continue
                 try:
@@ -199,7 +179,7 @@ def docker_root(fs: FileSystem, warnings: list[str]) -> Engine:
                 if m:
                     root, why = normalize(m.group(1)), e.path
     engine = Engine("docker", root, False, why)
-    real = _resolve(fs, root)
+    real = survey.resolve(fs, root)
     if real is not None and real.kind == DIR:
         engine.found, engine.real_root = True, real.path
         return engine
@@ -220,7 +200,7 @@ def _first_link(fs: FileSystem, path: str) -> tuple[str, str] | None:
     cur = "/"
     for part in [p for p in path.split("/") if p]:
         cur = posixpath.join(cur, part)
-        entry = _stat(fs, cur)
+        entry = survey.stat(fs, cur)
         if entry is None:
             return None
         if entry.kind == SYMLINK:
@@ -248,11 +228,11 @@ def read_docker(fs: FileSystem, engine: Engine, apps: Applications, budget: int)
     root = engine.real_root or engine.root
     shown = engine.root
     volumes_dir = posixpath.join(root, "volumes")
-    for e in _listdir(fs, volumes_dir):
+    for e in survey.listdir(fs, volumes_dir):
         data = posixpath.join(e.path, "_data")
-        if e.kind == DIR and (st := _stat(fs, data)) is not None and st.kind == DIR:
+        if e.kind == DIR and (st := survey.stat(fs, data)) is not None and st.kind == DIR:
             apps.volumes.append(Volume("docker", e.name, posixpath.join(shown, "volumes", e.name, "_data")))
-    for e in _listdir(fs, posixpath.join(root, "containers")):
+    for e in survey.listdir(fs, posixpath.join(root, "containers")):
         if e.kind != DIR:
             continue
         rec_path = posixpath.join(shown, "containers", e.name, "config.v2.json")
@@ -260,7 +240,7 @@ def read_docker(fs: FileSystem, engine: Engine, apps: Applications, budget: int)
         if not isinstance(cfg, dict):
             continue
         host = _read_json(fs, posixpath.join(e.path, "hostconfig.json"), apps.warnings) \
-            if _stat(fs, posixpath.join(e.path, "hostconfig.json")) else None
+            if survey.stat(fs, posixpath.join(e.path, "hostconfig.json")) else None
         host = host if isinstance(host, dict) else {}
         config = cfg.get("Config") if isinstance(cfg.get("Config"), dict) else {}
         labels = config.get("Labels") if isinstance(config.get("Labels"), dict) else {}
@@ -281,10 +261,10 @@ def read_docker(fs: FileSystem, engine: Engine, apps: Applications, budget: int)
                 name = str(mp.get("Name") or "")
                 guest = posixpath.join(shown, "volumes", name, "_data")
                 c.mounts.append(Mount("volume", dest, name, bool(mp.get("RW", True)), guest,
-                                      _stat(fs, posixpath.join(root, "volumes", name, "_data")) is not None))
+                                      survey.stat(fs, posixpath.join(root, "volumes", name, "_data")) is not None))
             elif kind == "bind":
                 src = normalize(str(mp.get("Source") or ""))
-                c.mounts.append(Mount("bind", dest, src, bool(mp.get("RW", True)), src, _resolve(fs, src) is not None))
+                c.mounts.append(Mount("bind", dest, src, bool(mp.get("RW", True)), src, survey.resolve(fs, src) is not None))
             else:
                 c.mounts.append(Mount(kind, dest, str(mp.get("Source") or ""), bool(mp.get("RW", True))))
         tmpfs = host.get("Tmpfs") if isinstance(host.get("Tmpfs"), dict) else {}
@@ -303,7 +283,7 @@ def read_docker(fs: FileSystem, engine: Engine, apps: Applications, budget: int)
                 mount_id = ""
             if re.fullmatch(r"[0-9a-f]{16,128}", mount_id):
                 diff = posixpath.join(root, driver, mount_id, "diff")
-                if _stat(fs, diff) is not None:
+                if survey.stat(fs, diff) is not None:
                     c.layer_path = posixpath.join(shown, driver, mount_id, "diff")
                     size = measure(fs, diff, budget)
                     c.layer = size if size.files else None
@@ -344,7 +324,7 @@ def podman_roots(fs: FileSystem, warnings: list[str]) -> list[tuple[str, str | N
     except (RescueError, OSError):
         pass
     roots.append((graphroot, None, why))
-    homes = [("/root", "root")] + [(e.path, e.name) for e in _listdir(fs, "/home") if e.kind == DIR]
+    homes = [("/root", "root")] + [(e.path, e.name) for e in survey.listdir(fs, "/home") if e.kind == DIR]
     for home, owner in homes:
         roots.append((posixpath.join(home, PODMAN_ROOTLESS), owner, "rootless"))
     return roots
@@ -352,16 +332,16 @@ def podman_roots(fs: FileSystem, warnings: list[str]) -> list[tuple[str, str | N
 
 def read_podman(fs: FileSystem, apps: Applications, budget: int) -> None:
     for root, owner, why in podman_roots(fs, apps.warnings):
-        real = _resolve(fs, root)
+        real = survey.resolve(fs, root)
         if real is None or real.kind != DIR:
             continue
         apps.engines.append(Engine("podman", root, True, why, real.path))
         engine = "podman" if owner is None else f"podman (rootless, {owner})"
-        for e in _listdir(fs, posixpath.join(real.path, "volumes")):
-            if e.kind == DIR and _stat(fs, posixpath.join(e.path, "_data")) is not None:
+        for e in survey.listdir(fs, posixpath.join(real.path, "volumes")):
+            if e.kind == DIR and survey.stat(fs, posixpath.join(e.path, "_data")) is not None:
                 apps.volumes.append(Volume(engine, e.name, posixpath.join(root, "volumes", e.name, "_data")))
         records = posixpath.join(real.path, "overlay-containers", "containers.json")
-        listed = _read_json(fs, records, apps.warnings) if _stat(fs, records) else None
+        listed = _read_json(fs, records, apps.warnings) if survey.stat(fs, records) else None
         if not isinstance(listed, list):
             continue
         libpod = _podman_db(fs, real.path, root, apps.warnings) or _podman_bolt(fs, real.path, root, apps.warnings)
@@ -383,7 +363,7 @@ def read_podman(fs: FileSystem, apps: Applications, budget: int) -> None:
             layer = rec.get("layer")
             if isinstance(layer, str) and re.fullmatch(r"[0-9a-f]{16,128}", layer):
                 diff = posixpath.join(real.path, "overlay", layer, "diff")
-                if _stat(fs, diff) is not None:
+                if survey.stat(fs, diff) is not None:
                     c.layer_path = posixpath.join(root, "overlay", layer, "diff")
                     size = measure(fs, diff, budget)
                     c.layer = size if size.files else None
@@ -399,7 +379,7 @@ def read_podman(fs: FileSystem, apps: Applications, budget: int) -> None:
 def _podman_db(fs: FileSystem, real_root: str, root: str, warnings: list[str]) -> dict[str, dict]:
     """libpod's SQLite database (db.sql): container id -> {"config": ..., "state": ...}."""
     path = posixpath.join(real_root, "db.sql")
-    entry = _stat(fs, path)
+    entry = survey.stat(fs, path)
     if entry is None or entry.kind != FILE:
         return {}
     out: dict[str, dict] = {}
@@ -425,7 +405,7 @@ def _podman_bolt(fs: FileSystem, real_root: str, root: str, warnings: list[str])
     """libpod's BoltDB (libpod/bolt_state.db, Podman before 4.8/5): bucket "ctr" -> id -> config, state."""
     from .boltdb import BoltDB, BoltError
     path = posixpath.join(real_root, "libpod", "bolt_state.db")
-    entry = _stat(fs, path)
+    entry = survey.stat(fs, path)
     if entry is None or entry.kind != FILE:
         return {}
     out: dict[str, dict] = {}
@@ -463,14 +443,14 @@ def _podman_details(c: Container, info: dict, fs: FileSystem, root: str, real_ro
         name = str(v.get("volumeName") or "")
         c.mounts.append(Mount("volume", str(v.get("dest") or ""), name, "ro" not in (v.get("options") or []),
                               posixpath.join(root, "volumes", name, "_data"),
-                              _stat(fs, posixpath.join(real_root, "volumes", name, "_data")) is not None))
+                              survey.stat(fs, posixpath.join(real_root, "volumes", name, "_data")) is not None))
     for m in (cfg.get("spec") or {}).get("mounts") or []:
         if m.get("type") == "bind" and not str(m.get("source", "")).startswith(("/proc", "/sys", "/dev", "/run/")):
             src = normalize(str(m.get("source")))
             if "/userdata/" in src or src.endswith(("/hostname", "/hosts", "/resolv.conf")):
                 continue   # podman's own per-container files
             c.mounts.append(Mount("bind", str(m.get("destination")), src, "ro" not in (m.get("options") or []),
-                                  src, _resolve(fs, src) is not None))
+                                  src, survey.resolve(fs, src) is not None))
         elif m.get("type") == "tmpfs" and m.get("destination") not in ("/dev", "/dev/shm", "/run", "/tmp",
                                                                        "/sys/fs/cgroup"):
             c.mounts.append(Mount("tmpfs", str(m.get("destination")), ",".join(m.get("options") or []), True,
@@ -493,7 +473,7 @@ def find_applications(fs: FileSystem, *, budget: int = WALK_BUDGET) -> Applicati
         v.used_by = sorted({c.name for c in apps.containers
                             for m in c.mounts if m.kind == "volume" and m.source == v.name
                             and c.engine.split()[0] == v.engine.split()[0]})
-        real = _resolve(fs, v.path)
+        real = survey.resolve(fs, v.path)
         if real is not None:
             v.size = measure(fs, real.path, budget)
     apps.projects = _projects(fs, apps)
@@ -525,14 +505,14 @@ def _projects(fs: FileSystem, apps: Applications) -> list[Project]:
             if not v.used_by and v.usage_known and v.name.startswith(p.name + "_") and v.name not in p.volumes:
                 p.volumes.append(v.name)
         for f in p.config_files:
-            entry = _resolve(fs, f)
+            entry = survey.resolve(fs, f)
             if entry is None:
                 p.missing.append(f)
         if p.working_dir:
-            for e in _listdir(fs, p.working_dir):
+            for e in survey.listdir(fs, p.working_dir):
                 if e.kind == FILE and (e.name == ".env" or e.name.endswith(".env")):
                     p.env_files.append(e.path)
-            if _resolve(fs, p.working_dir) is None:
+            if survey.resolve(fs, p.working_dir) is None:
                 p.missing.append(p.working_dir)
         p.containers.sort()
         p.services.sort()

@@ -34,6 +34,7 @@ from construct import Int32sl, Int32ul, Int64ul, Struct
 
 from ..errors import RescueError
 from ..fs.base import DIR, FILE, SYMLINK, Entry, FileSystem, normalize
+from . import survey
 
 PG_CONTROL = Struct("system_identifier" / Int64ul, "pg_control_version" / Int32ul,
                     "catalog_version_no" / Int32ul, "state" / Int32sl)
@@ -77,15 +78,8 @@ class Database:
 
 # -- small readers ----------------------------------------------------------------
 
-def _stat(fs: FileSystem, path: str) -> Entry | None:
-    try:
-        return fs.stat(path)
-    except (RescueError, OSError):
-        return None
-
-
 def _read(fs: FileSystem, path: str, length: int, offset: int = 0) -> bytes | None:
-    entry = _stat(fs, path)
+    entry = survey.stat(fs, path)
     if entry is None or entry.kind != FILE:
         return None
     try:
@@ -99,13 +93,6 @@ def _text(fs: FileSystem, path: str, limit: int = 256) -> str | None:
     return None if raw is None else raw.decode("utf-8", "replace").strip()
 
 
-def _names(fs: FileSystem, path: str) -> dict[str, Entry]:
-    try:
-        return {e.name: e for e in fs.listdir(path)}
-    except (RescueError, OSError):
-        return {}
-
-
 def _link_target(path: str, entry: Entry) -> str:
     target = entry.link_target or ""
     return normalize(target if target.startswith("/") else posixpath.join(posixpath.dirname(path), target))
@@ -115,7 +102,7 @@ def _link_target(path: str, entry: Entry) -> str:
 
 def detect_dir(fs: FileSystem, path: str, names: dict[str, Entry] | None = None) -> Database | None:
     """The database whose data directory `path` is, or None."""
-    names = names if names is not None else _names(fs, path)
+    names = names if names is not None else survey.names(fs, path)
     if "PG_VERSION" in names and "global" in names:
         return _postgres(fs, path, names)
     if "ib_logfile0" in names or "mysql_upgrade_info" in names or ("ibdata1" in names and "mysql" in names):
@@ -150,7 +137,7 @@ def _postgres(fs: FileSystem, path: str, names: dict[str, Entry]) -> Database:
         target = _link_target(posixpath.join(path, wal.name), wal)
         db.together.append(target)
         db.notes.append(f"{wal.name} is a symlink to {target} (initdb --waldir): the WAL lives there")
-    for e in sorted(_names(fs, posixpath.join(path, "pg_tblspc")).values(), key=lambda e: e.name):
+    for e in sorted(survey.names(fs, posixpath.join(path, "pg_tblspc")).values(), key=lambda e: e.name):
         if e.kind == SYMLINK:
             target = _link_target(e.path, e)
             db.together.append(target)
@@ -185,7 +172,7 @@ def _innodb_clean(fs: FileSystem, log: str, head: bytes) -> bool | None:
         return None
     first_lsn = struct.unpack_from(">Q", head, 8)[0]
     checkpoint = max(struct.unpack_from(">Q", head, 0x1000)[0], struct.unpack_from(">Q", head, 0x2000)[0])
-    entry = _stat(fs, log)
+    entry = survey.stat(fs, log)
     if entry is None or checkpoint < first_lsn or entry.size <= INNODB_FIRST_LSN_OFFSET:
         return None
     capacity = entry.size - INNODB_FIRST_LSN_OFFSET
@@ -237,10 +224,10 @@ def detect_sqlite(fs: FileSystem, path: str, entry: Entry | None = None) -> Data
         n = struct.unpack_from(">I", head, 96)[0]
         version = f"{n // 1000000}.{n // 1000 % 1000}.{n % 1000}" if n else None
     db = Database("sqlite", path, version)
-    wal = _stat(fs, path + "-wal")
-    journal = _stat(fs, path + "-journal")
+    wal = survey.stat(fs, path + "-wal")
+    journal = survey.stat(fs, path + "-journal")
     for suffix in ("-wal", "-shm", "-journal"):
-        if _stat(fs, path + suffix) is not None:
+        if survey.stat(fs, path + suffix) is not None:
             db.together.append(path + suffix)
     if wal is not None and wal.size > 0:
         db.clean, db.state = False, "has a write-ahead log (-wal) not yet checkpointed: keep it beside the file"
@@ -253,22 +240,6 @@ def detect_sqlite(fs: FileSystem, path: str, entry: Entry | None = None) -> Data
 
 # -- surveys -----------------------------------------------------------------------------
 
-def _glob(fs: FileSystem, pattern: str) -> list[str]:
-    paths = ["/"]
-    for part in pattern.strip("/").split("/"):
-        nxt = []
-        for p in paths:
-            if part == "*":
-                nxt += [e.path for e in _names(fs, p).values() if e.kind == DIR]
-            else:
-                q = posixpath.join(p, part)
-                st = _stat(fs, q)
-                if st is not None and st.kind == DIR:
-                    nxt.append(q)
-        paths = nxt
-    return sorted(paths)
-
-
 def find_databases(fs: FileSystem, extra_roots: Iterable[str] = (), *, budget: int = 5000,
                    known: bool = True, depth_limit: int = 2) -> list[Database]:
     """Databases at the usual places and in container volumes (unless
@@ -278,15 +249,15 @@ def find_databases(fs: FileSystem, extra_roots: Iterable[str] = (), *, budget: i
     candidates: list[str] = []
     if known:
         for pattern in KNOWN_DIRS:
-            candidates += _glob(fs, pattern)
+            candidates += sorted(survey.glob_dirs(fs, pattern))
         for store in VOLUME_STORES:
-            for vol in _names(fs, store).values():
+            for vol in survey.names(fs, store).values():
                 if vol.kind == DIR:
                     candidates.append(posixpath.join(vol.path, "_data"))
     candidates += list(extra_roots)
     left = budget
     for top in candidates:
-        st = _stat(fs, top)
+        st = survey.stat(fs, top)
         if st is not None and st.kind == FILE:
             lite = detect_sqlite(fs, top, st)
             if lite is not None:
@@ -295,7 +266,7 @@ def find_databases(fs: FileSystem, extra_roots: Iterable[str] = (), *, budget: i
         stack = [(top, 0)]
         while stack and left > 0:
             path, depth = stack.pop()
-            names = _names(fs, path)
+            names = survey.names(fs, path)
             left -= len(names) + 1
             db = detect_dir(fs, path, names)
             if db is not None:
@@ -315,7 +286,7 @@ def database_at_or_above(fs: FileSystem, path: str) -> Database | None:
     """The database whose data directory holds `path` (or is it)."""
     cur = normalize(path)
     while True:
-        st = _stat(fs, cur)
+        st = survey.stat(fs, cur)
         if st is not None and st.kind == DIR:
             db = detect_dir(fs, cur)
             if db is not None:
