@@ -13,13 +13,10 @@ from typing import Any
 from ..errors import RescueError
 from ..fs.base import FileSystem
 from ..volume import Volume
-from .apps import find_applications
-from .databases import find_databases
 from .identity import id_names, os_release
 from .not_a_disk import refuse_non_disk
 from .root import assemble, choose_root
 from .stack import NOT_FILESYSTEMS, SnapshotOptions, Stack
-from .valuables import find_valuables
 
 
 class Snapshot(Stack):
@@ -109,6 +106,10 @@ class Snapshot(Stack):
                                                      "id_like") if k in os_info}
             if self.mounts:
                 out["mounts"] = self.mounts
+            # inspect's searches, imported here: ls and cat need none of them (apps pulls in sqlite3)
+            from .apps import find_applications
+            from .databases import find_databases
+            from .valuables import find_valuables
             out["valuables"] = [f.to_json() for f in find_valuables(self.filesystem())]
             apps = find_applications(self.filesystem())
             if apps.engines or apps.containers or apps.volumes:
