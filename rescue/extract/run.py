@@ -22,6 +22,12 @@ from .zerocopy import plain_pieces
 # A file claiming more than this is not a real file (ext4's own limit is 16 TiB).
 ABSURD_SIZE = 1 << 44
 
+# A unix socket holds no data: its server unlinks and re-creates it when it starts (a crashed
+# server leaves e.g. /var/lib/mysql/mysql.sock behind). No target writes one (tar and rclone
+# cannot; a socket file a directory or rsync target could make would be unlinked by the server
+# anyway), so each is named on one line and counted, but it does not make the run incomplete.
+SOCKET_REASON = "holds no data; its server re-creates it"
+
 
 @dataclass
 class ExtractOptions:
@@ -45,6 +51,7 @@ class Report:
     others: int = 0               # fifos, devices
     bytes: int = 0
     skipped: list[Skipped] = field(default_factory=list)
+    skipped_sockets: list[str] = field(default_factory=list)   # named, not written, exit code unchanged
     warnings: list[str] = field(default_factory=list)
     seconds: float = 0.0
     target: str = ""
@@ -57,6 +64,7 @@ class Report:
         return {"target": self.target, "files": self.files, "dirs": self.dirs, "links": self.links,
                 "others": self.others, "bytes": self.bytes, "seconds": round(self.seconds, 3),
                 "skipped": [{"path": s.path, "reason": s.reason} for s in self.skipped],
+                "skipped-sockets": self.skipped_sockets,
                 "warnings": self.warnings}
 
 
@@ -208,9 +216,9 @@ def extract(fs: FileSystem, sink: Sink, options: ExtractOptions, *,
         for planned_item in work.items:
             entry, name = planned_item.entry, planned_item.name
             if entry.kind == SOCKET:
-                report.skipped.append(Skipped(entry.path, "socket: sockets cannot be archived"))
+                report.skipped_sockets.append(entry.path)
                 if manifest is not None:
-                    manifest.skip(name, "socket: sockets cannot be archived")
+                    manifest.skip(name, f"socket: {SOCKET_REASON}")
                 continue
             item = Item(name=name, entry=entry, user=users.get(entry.uid), group=groups.get(entry.gid))
             linked = entry.nlink > 1 and entry.kind != DIR   # (dev, inode) looked up only for these
