@@ -481,6 +481,9 @@ def extract(snapshot: str = SnapshotArg,
         else:
             for skip in report.skipped:
                 err.print(f"skipped: {_visible(skip.path)}: {_visible(skip.reason)}", markup=False)
+            from .extract.run import SOCKET_REASON
+            for sock in report.skipped_sockets:   # named, but no exit 1: a socket holds no data
+                err.print(f"skipped socket {_visible(sock)} ({SOCKET_REASON})", markup=False)
             for warning in report.warnings:
                 _warn(warning)
             line = (f"rescued {report.files} files, {report.dirs} directories, {report.links} links"
@@ -490,6 +493,9 @@ def extract(snapshot: str = SnapshotArg,
                 line += f" ({_human(result.bytes_fetched)} fetched)"
             if report.skipped:
                 line += f"; {len(report.skipped)} skipped (listed above)"
+            if report.skipped_sockets:
+                n = len(report.skipped_sockets)
+                line += f"; {n} socket{'s' if n > 1 else ''} not written (hold no data)"
             err.print(line, markup=False)
             if result.restore_commands or result.restore_notes:
                 _render_restore(result)
