@@ -7,9 +7,9 @@ import shlex
 from ..fs.base import FileSystem
 
 
-def _read_text(fs: FileSystem, path: str) -> str | None:
+def _read_text(fs: FileSystem, path: str, errors: str = "replace") -> str | None:
     try:
-        return fs.read_file(path, limit=1 << 20).decode("utf-8", "replace")
+        return fs.read_file(path, limit=1 << 20).decode("utf-8", errors)
     except Exception:   # missing or damaged: the guest just tells us less
         return None
 
@@ -35,8 +35,10 @@ def os_release(fs: FileSystem) -> dict[str, str] | None:
 
 
 def id_names(fs: FileSystem, path: str) -> dict[int, str]:
-    """uid -> name from /etc/passwd, or gid -> name from /etc/group."""
-    text = _read_text(fs, path)
+    """uid -> name from /etc/passwd, or gid -> name from /etc/group. A name that
+    is not UTF-8 (Latin-1 `café` as byte e9) keeps its bytes as surrogate escapes,
+    so a tar gets the real name (tar_sink writes it raw); shown, it is escaped."""
+    text = _read_text(fs, path, "surrogateescape")
     names: dict[int, str] = {}
     for line in (text or "").splitlines():
         fields = line.split(":")
