@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator
 from .errors import FilesystemError, GuestPathError, TargetError
 from .extract.select import select_file, select_path
 from .fs.base import DIR, FILE, Entry
-from .fs.names import listed_name
+from .fs.names import listed_name, visible
 from .guest import Snapshot, SnapshotOptions, open_snapshot
 
 if TYPE_CHECKING:   # the extract machinery is imported when an extract runs: `ls` and `cat` start lean
@@ -122,6 +122,11 @@ class ExtractJob:
     fetched: Callable[[], int | None]  # bytes fetched over the network so far (None: local)
 
 
+def _shown(owner: str | None) -> str | None:
+    """An owner name for JSON: a name that is not UTF-8 (kept as surrogate escapes) as `\\xNN`."""
+    return None if owner is None else visible(owner)
+
+
 @dataclass
 class ExtractReport:
     """What an extract wrote (or would write, for a dry run) and what it skipped."""
@@ -179,7 +184,7 @@ class Listing:
     def to_json(self) -> dict[str, Any]:
         return {"path": self.path, "type": self.entry.kind, "damage": self.damage,
                 "entries": [{"path": e.path, "name": name, "type": e.kind, "mode": f"{e.mode:04o}", "uid": e.uid,
-                             "gid": e.gid, "user": self.users.get(e.uid), "group": self.groups.get(e.gid),
+                             "gid": e.gid, "user": _shown(self.users.get(e.uid)), "group": _shown(self.groups.get(e.gid)),
                              "size": e.size, "mtime_ns": e.mtime_ns, "nlink": e.nlink, "inode": e.inode,
                              "link_target": e.link_target}
                             for e, name in zip(self.entries, self.names)]}

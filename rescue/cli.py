@@ -362,8 +362,9 @@ def _ls_lines(listing: "Listing", long: bool) -> list[str]:
         if long:
             when = time.strftime("%Y-%m-%d %H:%M", time.gmtime(e.mtime_ns // 1_000_000_000))
             size = f"{e.rdev[0]}, {e.rdev[1]}" if e.rdev else str(e.size)
-            lines.append(f"{_mode_string(e.kind, e.mode)} {e.nlink:>3} {users.get(e.uid, e.uid):<8} "
-                         f"{groups.get(e.gid, e.gid):<8} {size:>10} {when} {name}")
+            user, group = _visible(str(users.get(e.uid, e.uid))), _visible(str(groups.get(e.gid, e.gid)))
+            lines.append(f"{_mode_string(e.kind, e.mode)} {e.nlink:>3} {user:<8} "
+                         f"{group:<8} {size:>10} {when} {name}")
         else:
             lines.append(name + ("/" if e.kind == DIR else ""))
     return lines
