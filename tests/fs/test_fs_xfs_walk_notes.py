@@ -57,7 +57,7 @@ def test_walk_notes_equal_a_fresh_read(tmp_path, name):
         if entry.kind != FILE:
             continue
         files += 1
-        noted += getattr(entry, "native", None) is not None
+        noted += entry.native is not None
         assert _answer(fs.file_runs, entry) == _answer(fs.file_runs, _fresh(entry)), entry.path
     assert files and noted   # the fixtures hold files whose map lies in the inode
     fs.close()

@@ -267,7 +267,7 @@ class XfsFileSystem(FileSystem):
         return self._damage.get(normalize(path))
 
     def file_runs(self, entry: Entry) -> list[Run]:
-        native = getattr(entry, "native", None)   # Entry.native: the walk's note (fs/base.py)
+        native = entry.native   # what the walk kept (_entry)
         if type(native) is tuple and native[0] == entry.inode and entry.kind == FILE:
             # the walk kept the inode's extent records: no inode to read again
             try:
