@@ -144,7 +144,15 @@ class TarTreeFileSystem(FileSystem):
         self._children: dict[str, dict[str, None]] = {}   # insertion-ordered names
         self._runs: dict[int, list[Run]] = {}
         self._xattrs: dict[int, dict[str, bytes]] = {}
-        self._damage: str | None = None
+        self._damage: dict[str, str] = {}     # directory -> a member in it that could not be read
+        # An archive cut short (or damaged) after some members: what happened, and the directories
+        # it may have cut (None: any). tar writes a directory and then its whole subtree, so only
+        # the directories the archive was still inside at the cut can miss entries.
+        self._cut: str | None = None
+        self._cut_dirs: set[str] | None = None
+        self._stack: list[str] = ["/"]        # the directories the walk is inside, root first
+        self._closed: set[str] = set()        # directories whose subtree the walk has left
+        self._in_order = True                 # members came in that order so far
         self._next_inode = 2
         self.prefix = _tree_prefix(source)
         if self.prefix is None:
@@ -186,7 +194,10 @@ class TarTreeFileSystem(FileSystem):
             try:
                 info = tf.next()
             except (tarfile.TarError, OSError, EOFError, ValueError) as exc:
-                self._damage = f"the archive is damaged after {count} members ({exc}); later files are missing"
+                if getattr(_tree_source(self.source), "truncated", None):   # --partial: a known cut
+                    self._set_cut(f"the archive is cut short after member {count}")
+                else:
+                    self._set_cut(f"the archive is damaged after member {count} ({exc})")
                 break
             if info is None:
                 break
@@ -201,15 +212,44 @@ class TarTreeFileSystem(FileSystem):
                 else:
                     continue   # beside the root (an export's metadata.yaml)
             path = normalize("/" + name)
+            self._follow(path, info.isdir())
             try:
                 self._add(info, path)
             except (ValueError, KeyError, struct.error) as exc:
-                self._damage = f"member {info.name!r} could not be read ({exc})"
+                self._damage[path.rsplit("/", 1)[0] or "/"] = f"member {info.name!r} could not be read ({exc})"
         if count == 0:
             raise FilesystemError("the tar archive holds no members", file=self.name)
-        if self._damage is None and getattr(_tree_source(self.source), "truncated", None):   # --partial
-            self._damage = "the archive is cut short; files stored after the cut are missing"
+        if self._cut is None and getattr(_tree_source(self.source), "truncated", None):   # --partial
+            self._set_cut(f"the archive is cut short after member {count}")
         return count
+
+    def _follow(self, path: str, is_dir: bool) -> None:
+        """Track the directories the walk is inside (one comparison for nearly every member)."""
+        parent = path.rsplit("/", 1)[0] or "/"
+        stack = self._stack
+        while len(stack) > 1 and parent != stack[-1] and not parent.startswith(stack[-1] + "/"):
+            self._closed.add(stack.pop())
+        implied: list[str] = []
+        if parent != stack[-1]:   # directories between the top and here (maybe with no member of their own)
+            up = parent
+            while up != stack[-1] and up != "/":
+                implied.append(up)
+                up = up.rsplit("/", 1)[0] or "/"
+            stack.extend(reversed(implied))
+        if self._in_order and ((is_dir and path in self._closed) or any(d in self._closed for d in implied)):
+            self._in_order = False   # back in a directory already left: not tar's order
+        if is_dir and path != "/":
+            stack.append(path)
+
+    def _set_cut(self, what: str) -> None:
+        where = self._stack[-1]
+        if self._in_order:
+            self._cut_dirs = set(self._stack)
+            self._cut = f"{what}, inside {where}: later files are missing"
+        else:
+            self._cut_dirs = None
+            self._cut = (f"{what}, inside {where}: later files are missing (the archive does "
+                         "not store each directory's subtree in one piece, so any directory may miss files)")
 
     def _new_inode(self) -> int:
         self._next_inode += 1
@@ -256,7 +296,8 @@ class TarTreeFileSystem(FileSystem):
             target = normalize("/" + self._strip(_clean(info.linkname)))
             first = self._entries.get(target)
             if first is None or first.kind == DIR:
-                self._damage = f"hard link {path} points at {info.linkname!r}, which is not in the archive before it"
+                self._damage[parent.path] = (f"hard link {path} points at {info.linkname!r}, "
+                                             "which is not in the archive before it")
                 return
             entry = Entry(path=path, kind=first.kind, mode=first.mode, uid=first.uid, gid=first.gid,
                           size=first.size, mtime_ns=first.mtime_ns, atime_ns=first.atime_ns,
@@ -327,6 +368,8 @@ class TarTreeFileSystem(FileSystem):
     def _store(self, members: int) -> None:
         if self._cache is None or not self._cache.enabled:
             return
+        if getattr(_tree_source(self.source), "truncated", None):   # a cut stream: its table is not kept
+            return
         rows = []
         for e in self._entries.values():
             xattrs = self._xattrs.get(e.inode)
@@ -335,6 +378,8 @@ class TarTreeFileSystem(FileSystem):
                          {k: base64.b64encode(v).decode() for k, v in (xattrs or {}).items()}])
         runs = {str(i): [[r.offset, r.length, r.kind, r.where] for r in rs] for i, rs in self._runs.items()}
         self._cache.store_json(TREE_CACHE, {"prefix": self.prefix, "members": members, "damage": self._damage,
+                                            "cut": self._cut,
+                                            "cut_dirs": sorted(self._cut_dirs) if self._cut_dirs is not None else None,
                                             "next_inode": self._next_inode, "entries": rows, "runs": runs})
 
     def _load(self) -> int | None:
@@ -356,7 +401,13 @@ class TarTreeFileSystem(FileSystem):
                 if path != "/":
                     self._children.setdefault(path.rsplit("/", 1)[0] or "/", {})[path] = None
             self._runs = {int(i): [Run(o, n, k, w) for o, n, k, w in rs] for i, rs in data["runs"].items()}
-            self._damage = data.get("damage")
+            damage, cut_dirs = data.get("damage") or {}, data.get("cut_dirs")
+            if isinstance(damage, str):   # an older cache: one text for every directory
+                damage, self._cut, cut_dirs = {}, damage, None
+            else:
+                self._cut = data.get("cut")
+            self._damage = dict(damage)
+            self._cut_dirs = set(cut_dirs) if cut_dirs is not None else None
             self._next_inode = data.get("next_inode", self._next_inode)
             return int(data["members"])
         except (KeyError, TypeError, ValueError):
@@ -388,4 +439,8 @@ class TarTreeFileSystem(FileSystem):
         return dict(self._xattrs.get(entry.inode, {}))
 
     def listing_damage(self, path: str) -> str | None:
-        return self._damage
+        path = normalize(path)
+        found = [self._damage[path]] if path in self._damage else []
+        if self._cut is not None and (self._cut_dirs is None or path in self._cut_dirs):
+            found.append(self._cut)
+        return "; ".join(found) or None
