@@ -480,9 +480,9 @@ def extract(snapshot: str = SnapshotArg,
         if as_json:
             _print_json(result.to_json())
         else:
-            for skip in report.skipped:
+            from .extract.run import SOCKET_REASON, shown_skips
+            for skip in shown_skips(report.skipped):
                 err.print(f"skipped: {_visible(skip.path)}: {_visible(skip.reason)}", markup=False)
-            from .extract.run import SOCKET_REASON
             for sock in report.skipped_sockets:   # named, but no exit 1: a socket holds no data
                 err.print(f"skipped socket {_visible(sock)} ({SOCKET_REASON})", markup=False)
             for warning in report.warnings:
@@ -528,7 +528,8 @@ def _render_plan(work, list_: bool, as_json: bool) -> None:
             size = p.entry.size if p.entry.kind == FILE else 0
             suffix = "/" if p.entry.kind == DIR else ""
             out.print(f"{p.entry.kind:<8} {size:>12} {_visible(p.name)}{suffix}", markup=False)
-    for skip in work.skipped:
+    from .extract.run import shown_skips
+    for skip in shown_skips(work.skipped):
         err.print(f"would skip: {_visible(skip.path)}: {_visible(skip.reason)}", markup=False)
     for warning in work.warnings:
         _warn(warning)

@@ -68,6 +68,30 @@ class Report:
                 "warnings": self.warnings}
 
 
+PARTLY_READABLE = "directory only partly readable: "
+EXAMPLES = 3
+
+
+def shown_skips(skipped: list[Skipped]) -> list[Skipped]:
+    """The skips as printed: directories partly readable for one and the same
+    reason (a tree archive cut short: every directory it was inside) become one
+    line with their count and a few examples; --json and the manifest list each."""
+    groups: dict[str, list[str]] = {}
+    for s in skipped:
+        if s.reason.startswith(PARTLY_READABLE):
+            groups.setdefault(s.reason, []).append(s.path)
+    out: list[Skipped] = []
+    for s in skipped:
+        paths = groups.get(s.reason)
+        if paths is None or len(paths) == 1:
+            out.append(s)
+        elif paths and s.path == paths[0]:
+            shown = ", ".join(paths[:EXAMPLES]) + (", ..." if len(paths) > EXAMPLES else "")
+            out.append(Skipped(f"{len(paths)} directories ({shown}; each one in --json and the manifest)",
+                               s.reason))
+    return out
+
+
 @dataclass
 class Planned:
     entry: Entry
@@ -210,6 +234,9 @@ def extract(fs: FileSystem, sink: Sink, options: ExtractOptions, *,
     users, groups = users or {}, groups or {}
     work = planned or plan(fs, options)
     report = Report(skipped=list(work.skipped), warnings=list(work.warnings))
+    if manifest is not None:   # what the walk already knows is missing (a partly readable directory...)
+        for s in work.skipped:
+            manifest.skip(output_name(s.path, options.strip_components) or s.path, s.reason)
     first_name: dict[tuple[int, int], str] = {}
     done_bytes = written = 0
     try:
