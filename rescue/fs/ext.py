@@ -6,9 +6,11 @@ group descriptors, inodes, extent trees and block maps, EAs and ACLs, inline
 data) and `ext_dir.ExtDirReader` (linear and htree directory blocks, inline
 directories). This class puts them behind the FileSystem interface.
 
-Where a directory is damaged the kernel would call it corrupt; The Sleuth
-Kit's scan then often recovers the names after the damage, so that one
-directory (or one lookup through it, or one unparseable inode) is handed to a
+Where a directory block is damaged the kernel would call it corrupt; the
+names in that block are then recovered by our own scan for plausible entries
+(ext_dir.scan_block, as The Sleuth Kit's ext2 scan finds them), for listings
+and for lookups through it. Only an encrypted or huge directory, an inode our
+parser rejects, or a directory whose blocks cannot be mapped is handed to a
 TskFileSystem opened on first need. Everything else never touches TSK.
 
 References:
@@ -85,6 +87,7 @@ class ExtFileSystem(FileSystem):
         self._listed: dict[str, list[Entry]] = {}
         self._listed_count = 0
         self._damaged_dirs: dict[str, str] = {}   # path -> what was wrong (see listing_damage)
+        self._dir_problems: dict[int, list[str]] = {}   # directory inode -> its damaged blocks (names recovered)
 
     # -- The Sleuth Kit, for damaged spots only ----------------------------------
 
@@ -125,7 +128,13 @@ class ExtFileSystem(FileSystem):
         if kept is not None:
             self._listings.move_to_end(ino)
             return kept[0]
-        entries = self._dirs.entries(ino)
+        try:
+            entries = self._dirs.entries(ino)
+        except DirectoryDamaged:   # the damaged blocks' names recovered by scanning them
+            problems: list[str] = []
+            entries = self._dirs.entries(ino, problems, recover=True)
+            if len(self._dir_problems) < MAX_WARNED:
+                self._dir_problems[ino] = problems
         self._listings[ino] = (entries, None)
         if len(self._listings) > DIR_LISTINGS_CACHED:
             self._listings.popitem(last=False)
@@ -144,8 +153,9 @@ class ExtFileSystem(FileSystem):
 
     def _lookup(self, path: str) -> tuple[int, str | None] | None:
         """(inode, kind from the directory entry) of `path`, walked from the
-        nearest directory already seen; None when a directory on the way is
-        damaged or unsupported. Raises GuestPathError when the path does not exist."""
+        nearest directory already seen (a damaged one by the names its scan
+        recovered); None when a directory on the way is unsupported or
+        unreadable. Raises GuestPathError when the path does not exist."""
         if path == "/":
             return EXT_ROOT_INO, DIR
         parts = path[1:].split("/")
@@ -223,8 +233,8 @@ class ExtFileSystem(FileSystem):
 
     # -- directories ---------------------------------------------------------------
 
-    def _listdir_native(self, path: str, ino: int, problems: list[str] | None = None) -> list[Entry]:
-        entries = self._dirs.entries(ino, problems) if problems is not None else self._parsed_dir(ino)
+    def _listdir_native(self, path: str, ino: int) -> list[Entry]:
+        entries = self._parsed_dir(ino)
         for text in self._dirs.crafted.pop(ino, ()):   # extra "."/".." entries: reported, not dropped silently
             self._warn_once(f"{text} (directory {path})")
             self._damaged_dirs[path] = text
@@ -251,48 +261,30 @@ class ExtFileSystem(FileSystem):
             return kept
         inode = self._dir_inodes.get(path)
         found = (inode, DIR) if inode is not None else self._lookup(path)
-        damaged: DirectoryDamaged | None = None
-        if found is not None:
-            ino = found[0]
-            self._check_dir(path, ino)
-            try:
-                out = self._listdir_native(path, ino)
-            except DirectoryDamaged as exc:
-                damaged = exc
-            except _PARSE_ERRORS as exc:   # unsupported (encrypted, huge) or an unreadable inode
-                log.info("%s: %s: %s; listing it with The Sleuth Kit", self.name, path, exc)
-                tsk = self._fallback()
-                if tsk is None:
-                    raise FileReadError(f"cannot list {path}: {exc}") from None
-                return self._remember(tsk.listdir_inode(path, ino))
-            else:
-                if path not in self._damaged_dirs and self._listed_count + len(out) <= LISTED_ENTRIES_KEPT:
-                    self._listed[path] = list(out)
-                    self._listed_count += len(out)
-                return out
-        else:
+        if found is None:   # a directory on the way is unsupported or unreadable: TSK resolves the path
             tsk = self._fallback()
             if tsk is None:
                 raise FileReadError(f"cannot list {path}: a directory on the way is damaged")
             return tsk.listdir(path)
-        # A damaged directory: TSK's scan recovers names after the damage (and may add spurious ones)
-        tsk = self._fallback()
-        if tsk is not None:
-            try:
-                out = self._remember(tsk.listdir_inode(path, ino))
-            except FileReadError:
-                pass
-            else:
-                self._damaged_dirs[path] = str(damaged)
-                self._warn_once(f"{damaged} (directory {path}); listed by The Sleuth Kit's scan instead")
-                return out
-        # TSK cannot list it either: the entries before each damaged spot, as the kernel shows
-        problems: list[str] = []
-        out = self._listdir_native(path, ino, problems)
-        for text in problems:
-            self._warn_once(f"{text} (directory {path}): the rest of that block skipped")
-        if problems:
+        ino = found[0]
+        self._check_dir(path, ino)
+        try:
+            out = self._listdir_native(path, ino)
+        except _PARSE_ERRORS as exc:   # unsupported (encrypted, huge) or an unreadable inode
+            log.info("%s: %s: %s; listing it with The Sleuth Kit", self.name, path, exc)
+            tsk = self._fallback()
+            if tsk is None:
+                raise FileReadError(f"cannot list {path}: {exc}") from None
+            return self._remember(tsk.listdir_inode(path, ino))
+        problems = self._dir_problems.get(ino)
+        if problems:   # damaged blocks: their names came from our scan (spurious ones possible, as with TSK's)
+            for text in problems:
+                self._warn_once(f"{text} (directory {path}); the names in that block recovered by scanning "
+                                "it for entries instead")
             self._damaged_dirs[path] = "; ".join(problems)
+        elif path not in self._damaged_dirs and self._listed_count + len(out) <= LISTED_ENTRIES_KEPT:
+            self._listed[path] = list(out)
+            self._listed_count += len(out)
         return out
 
     def _remember(self, entries: list[Entry]) -> list[Entry]:
