@@ -41,7 +41,7 @@ def open_compressed(source: ByteSource, codec: str, *, cache: IndexCache | None 
                     cache_name: str = "stream", size_hint: int | None = None,
                     partial: bool = False) -> CompressedSource:
     """A random-access decompressed view of `source` compressed with `codec`;
-    `partial`: a gzip or zstd stream cut short is read up to the cut (a note says so)."""
+    `partial`: a gzip, zstd, xz or bzip2 stream cut short is read up to the cut (a note says so)."""
     if codec not in CODECS:
         raise SourceError(f"unknown compression {codec!r}", file=source.name)
     return _codec(codec).open(source, cache=cache, progress=progress, name=name, cache_name=cache_name,

@@ -36,6 +36,9 @@ class FramedStreamSource(CompressedSource):
             STATS["index_builds"] += 1
             self._frames = self._walk(progress)
             if not self._frames:
+                if self.truncated:   # --partial, but the cut falls in the first frame (or bzip2 block)
+                    raise self._error(f"{self.truncated}; nothing before the cut can be decompressed",
+                                      hint="download it again (`rescue download` resumes)")
                 raise self._error(f"{self.codec} stream holds no frames")
             if cache and self.truncated is None:
                 cache.store_json(key, {"frames": self._frames})
@@ -109,3 +112,38 @@ class FramedStreamSource(CompressedSource):
 
     def _close_stream(self) -> None:
         self._cursors.clear()
+
+
+class ForwardReader:
+    """Forward reads through a stdlib decompressor object (bz2.BZ2Decompressor,
+    lzma.LZMADecompressor) that stop quietly where the input ends: for a frame
+    the end of the file cuts short (--partial), everything decoded before the
+    cut is given, then b"". Memory stays bounded (max_length per call)."""
+
+    FEED = 1 << 20
+
+    def __init__(self, source: ByteSource, decompressor) -> None:
+        self._source = source
+        self._dec = decompressor
+        self._fed = 0
+        self._out = bytearray()
+
+    @property
+    def ended(self) -> bool:
+        """The stream ended whole (its end marker was decoded)."""
+        return self._dec.eof
+
+    def read(self, n: int) -> bytes:
+        dec = self._dec
+        while len(self._out) < n and not dec.eof:
+            if dec.needs_input:
+                chunk = self._source.read(self._fed, self.FEED)
+                if not chunk:
+                    break   # the input ends here (a cut): what was decoded stands
+                self._fed += len(chunk)
+            else:
+                chunk = b""
+            self._out += dec.decompress(chunk, max_length=max(n - len(self._out), 1 << 16))
+        out = bytes(self._out[:n])
+        del self._out[:n]
+        return out
