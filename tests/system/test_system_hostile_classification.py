@@ -62,7 +62,7 @@ def test_a_corrupt_xz_block_is_one_source_line(tmp_path):
 def test_an_xz_cut_after_8_bytes_is_one_source_line(tmp_path):
     cut = tmp_path / "cut.img.xz"
     cut.write_bytes(_xz(b"x" * 4096)[:8])
-    _one_line_exit_2(cut, "source", "xz data is damaged or truncated")
+    _one_line_exit_2(cut, "source", "xz stream is truncated")
 
 
 def test_a_damaged_later_xz_block_is_a_damaged_range_not_a_crash(tmp_path):
