@@ -225,8 +225,10 @@ class TarTreeFileSystem(FileSystem):
 
     def _follow(self, path: str, is_dir: bool) -> None:
         """Track the directories the walk is inside (one comparison for nearly every member)."""
-        parent = path.rsplit("/", 1)[0] or "/"
+        parent = path.rpartition("/")[0] or "/"
         stack = self._stack
+        if parent == stack[-1] and not is_dir:   # nearly every member: a file beside the previous one
+            return
         while len(stack) > 1 and parent != stack[-1] and not parent.startswith(stack[-1] + "/"):
             self._closed.add(stack.pop())
         implied: list[str] = []
