@@ -171,10 +171,11 @@ class XfsFileSystem(FileSystem):
                 entry.xattrs = read_xattrs(self.reader, inode)
             except (XfsDamage, *PARSER_ERRORS):
                 pass   # left unloaded: xattrs() reads them again and reports the damage
-        if kind == FILE:
+        if kind == FILE:   # a file in one piece from its start: where it lies (as ext); else its records
             records = extent_records(inode)
             if records is not None:
-                entry.native = (inode.ino, records)
+                where = self._one_piece(records, inode.size)
+                entry.native = records if where is None else where
         elif kind == SYMLINK:
             entry.link_target = self._symlink(inode, path)
         elif inode.kind in (CHAR, BLOCK):
@@ -267,13 +268,17 @@ class XfsFileSystem(FileSystem):
         return self._damage.get(normalize(path))
 
     def file_runs(self, entry: Entry) -> list[Run]:
-        native = entry.native   # what the walk kept (_entry)
-        if type(native) is tuple and native[0] == entry.inode and entry.kind == FILE:
-            # the walk kept the inode's extent records: no inode to read again
-            try:
-                return self._runs_of(entry, native[1])
-            except XfsDamage as exc:
-                raise FileReadError(f"{self.name}: {entry.path}: {exc}") from None
+        native = entry.native   # what the walk kept (_entry): no inode to read again
+        if native is not None and entry.kind == FILE:
+            if entry.size == 0:
+                return []
+            if type(native) is int:
+                return [Run(0, entry.size, DATA, native)]
+            if type(native) is bytes:
+                try:
+                    return self._runs_of(entry, native)
+                except XfsDamage as exc:
+                    raise FileReadError(f"{self.name}: {entry.path}: {exc}") from None
         # The map of an inode on a read-only volume never changes: keep the last few
         # (extract asks for a file's runs for its sparse map, its data and its manifest).
         runs = self._runs.get(entry.inode)
@@ -304,19 +309,21 @@ class XfsFileSystem(FileSystem):
             raise FileReadError(f"{self.name}: {entry.path}: {exc}") from None
         return self._runs_from(entry, extents)
 
+    def _one_piece(self, records: bytes, size: int) -> int | None:
+        """Where the file's data lies when one written extent from file block 0
+        holds all of it (most files; the checks of _runs_from), else None."""
+        if len(records) != 16:
+            return None
+        sb = self.sb
+        l0, l1 = _REC.unpack(records)
+        block, count = ((l0 & 0x1FF) << 43) | (l1 >> 21), l1 & 0x1FFFFF
+        if l0 >> EXT_FLAG_SHIFT or (l0 >> 9) & MASK54 or count << sb.block_log < size or not count:
+            return None
+        where, last = sb.fsb_to_byte(block), sb.fsb_to_byte(block + count - 1)
+        return where if where is not None and last is not None and last >= where else None
+
     def _runs_of(self, entry: Entry, records: bytes) -> list[Run]:
         """file_runs from the packed extent records the walk kept."""
-        size = entry.size
-        if size == 0:
-            return []
-        sb = self.sb
-        if len(records) == 16:   # one extent: most files; the same checks as _runs_from
-            l0, l1 = _REC.unpack(records)
-            block, count = ((l0 & 0x1FF) << 43) | (l1 >> 21), l1 & 0x1FFFFF
-            if not l0 >> EXT_FLAG_SHIFT and (l0 >> 9) & MASK54 == 0 and count << sb.block_log >= size:
-                where, last = sb.fsb_to_byte(block), sb.fsb_to_byte(block + count - 1)
-                if where is not None and last is not None and last >= where:
-                    return [Run(0, size, DATA, where)]
         what = f"inode {entry.inode} data fork"
         return self._runs_from(entry, sorted_map(decode_extents(records, len(records) // 16), what))
 
