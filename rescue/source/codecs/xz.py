@@ -11,10 +11,11 @@ from __future__ import annotations
 import zlib
 
 from ...errors import BAD_BYTES, DamagedRange, SourceError, describe, is_bad_bytes
-from ..base import ByteSource, Window
+from ..base import ByteSource, BytesSource, Window
 from ..fileobj import SourceFile
 from .base import CACHE_CHUNK, SINGLE_BLOCK_WARNING, ChunkCache, CompressedSource, Progress
 from .framed import ForwardReader, FramedStreamSource
+from .gzip import Concat
 
 NAME = "xz"
 XZ_MAGIC = b"\xfd7zXZ\x00"
@@ -118,8 +119,6 @@ class XzCutSource(FramedStreamSource):
     def _reader(self, frame_source: ByteSource, cut: bool = False):
         import lzma
         head = self._heads[frame_source.start]
-        from .gzip import Concat   # a few parts end to end
-        from ..base import BytesSource
         return ForwardReader(Concat([BytesSource(head), frame_source], name=frame_source.name),
                              lzma.LZMADecompressor(lzma.FORMAT_XZ))
 
@@ -151,7 +150,7 @@ class XzCutSource(FramedStreamSource):
                     if size_byte == 0:   # the index: the stream is whole up to here
                         pos = self._skip_index(pos, total)
                         if pos < 0:
-                            self._cut(total, out, "inside the stream's index")
+                            self._cut(total, out, "inside the stream's index or footer (every block is whole)")
                             return frames
                         break
                     header = self.source.read(pos, (size_byte + 1) * 4)
@@ -197,10 +196,15 @@ class XzCutSource(FramedStreamSource):
     def _skip_index(self, pos: int, total: int) -> int:
         """spec 4: index indicator, record count, records, padding, CRC32, then the
         12-byte stream footer; the position after it, or -1 when the file ends inside."""
-        buf = self.source.read(pos, 1 << 20)
-        count, at = _varint(buf, 1)
-        for _ in range(2 * count):
-            _, at = _varint(buf, at)
+        buf = self.source.read(pos, min(total - pos, 64 << 20))
+        try:
+            count, at = _varint(buf, 1)
+            for _ in range(2 * count):
+                _, at = _varint(buf, at)
+        except ValueError:
+            if pos + len(buf) >= total:   # the records run to the end of the file: cut inside the index
+                return -1
+            raise
         at += (-at % 4) + 4
         end = pos + at + 12
         if end > total:
