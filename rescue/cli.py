@@ -18,7 +18,7 @@ from rich.console import Console
 
 from .errors import (EXIT_ERROR, EXIT_OK, EXIT_PARTIAL, DamagedRange, RescueError, install_signal_handlers,
                      interruption)
-from .fs.base import DIR, FILE, SYMLINK, FileReadError
+from .fs.base import DIR, FILE, SOCKET, SYMLINK, FileReadError
 from .fs.names import escape_name
 from .fs.names import visible as _visible   # names from an image may hold a NUL, an escape sequence, a newline
 from .units import human_size
@@ -528,9 +528,12 @@ def _render_plan(work, list_: bool, as_json: bool) -> None:
             size = p.entry.size if p.entry.kind == FILE else 0
             suffix = "/" if p.entry.kind == DIR else ""
             out.print(f"{p.entry.kind:<8} {size:>12} {_visible(p.name)}{suffix}", markup=False)
-    from .extract.run import shown_skips
+    from .extract.run import SOCKET_REASON, shown_skips
     for skip in shown_skips(work.skipped):
         err.print(f"would skip: {_visible(skip.path)}: {_visible(skip.reason)}", markup=False)
+    for p in work.items:
+        if p.entry.kind == SOCKET:   # named, no exit 1 (as the extract itself)
+            err.print(f"would skip socket {_visible(p.entry.path)} ({SOCKET_REASON})", markup=False)
     for warning in work.warnings:
         _warn(warning)
     err.print(f"would write {len(work.items)} entries, {_human(work.total_bytes)} (dry run: nothing written)",

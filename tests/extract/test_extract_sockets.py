@@ -107,3 +107,10 @@ def test_rclone_remote(image, tmp_path):
         check_tree(server.root / "a")
         check_json(run(image, f"rclone:{server.name}:b/", "--json", env=server.env))
         check_tree(server.root / "b")
+
+
+def test_dry_run_names_the_socket_without_exit_1(image, tmp_path):
+    res = run(image, str(tmp_path / "dir") + "/", "--dry-run")
+    assert res.returncode == 0, res.stderr
+    assert res.stderr.count(f"would skip socket {SOCK} (holds no data; its server re-creates it)") == 1, res.stderr
+    assert not (tmp_path / "dir").exists()
