@@ -170,3 +170,25 @@ def test_partial_bytes_equal_the_original_up_to_the_cut(made, kind, tmp_path):
         # random access: a read in the middle equals the reference there
         mid = part.size // 2
         assert part.read(mid, 100_000) == reference[mid:mid + 100_000]
+
+
+def test_bzip2_of_several_streams_cut_between_and_inside_them(tmp_path):
+    """`cat a.bz2 b.bz2` (what pbzip2/lbzip2 write, stream after stream): a cut
+    inside the second stream's magic keeps the first stream, a cut inside its
+    data keeps the first stream and the second's whole blocks."""
+    if shutil.which("bzip2") is None:
+        pytest.skip("needs bzip2")
+    rng = random.Random(3)
+    parts = [rng.randbytes(300_000), rng.randbytes(300_000)]
+    streams = []
+    for i, part in enumerate(parts):
+        (tmp_path / f"p{i}").write_bytes(part)
+        streams.append(subprocess.run(["bzip2", "-1", "-c", str(tmp_path / f"p{i}")], capture_output=True,
+                                      check=True).stdout)
+    data, first = streams[0] + streams[1], len(streams[0])
+    for at, least in ((first + 2, len(parts[0])), (first + len(streams[1]) - 5, len(parts[0]) + 200_000)):
+        with pytest.raises(SourceError, match="truncated"):
+            open_compressed(BytesSource(data[:at], name="cut"), "bzip2")
+        kept = open_compressed(BytesSource(data[:at], name="cut"), "bzip2", partial=True)
+        assert kept.truncated and kept.size >= least
+        assert kept.read(0, kept.size) == (parts[0] + parts[1])[:kept.size]
