@@ -483,9 +483,14 @@ class ExtInodeReader:
         if self.inode_size > 128:
             extra_isize = struct.unpack_from("<H", raw, 128)[0]
             if 128 + extra_isize > self.inode_size or extra_isize & 3:
-                raise FileReadError(f"{self.name}: inode {ino}: i_extra_isize={extra_isize} "
-                                    f"does not fit a {self.inode_size}-byte inode")
-            extra = _InodeExtraFields._make(_INODE_EXTRA.unpack(raw[128:128 + 24].ljust(24, b"\0")))
+                # The kernel refuses such an inode; its 128 core bytes are read as
+                # a 128-byte inode's (as TSK reads them: handing it to TSK cost up
+                # to a minute of block mapping when i_size is absurd too).
+                log.debug("%s: inode %d: i_extra_isize=%d does not fit a %d-byte inode; its core fields "
+                          "only", self.name, ino, extra_isize, self.inode_size)
+                extra_isize = 0
+            else:
+                extra = _InodeExtraFields._make(_INODE_EXTRA.unpack(raw[128:128 + 24].ljust(24, b"\0")))
         parsed = raw, inode, extra_isize, extra
         self._last = (ino, parsed)
         return parsed
