@@ -9,9 +9,12 @@ directories). This class puts them behind the FileSystem interface.
 Where a directory block is damaged the kernel would call it corrupt; the
 names in that block are then recovered by our own scan for plausible entries
 (ext_dir.scan_block, as The Sleuth Kit's ext2 scan finds them), for listings
-and for lookups through it. Only an encrypted or huge directory, an inode our
-parser rejects, or a directory whose blocks cannot be mapped is handed to a
-TskFileSystem opened on first need. Everything else never touches TSK.
+and for lookups through it; blocks a damaged map points outside the
+filesystem are skipped, as the kernel's readdir skips them. Only an encrypted
+directory, one of more than 256 MiB of blocks, or an inode our parser cannot
+read at all (its inode table out of reach) is handed to a TskFileSystem opened
+on first need: TSK loads every entry's inode in a listing, which can cost a
+minute for one absurd inode. Everything else never touches TSK.
 
 References:
 - Linux fs/ext4/ext4.h, fs/ext4/inode.c (ext4_inode_is_fast_symlink,
@@ -108,7 +111,7 @@ class ExtFileSystem(FileSystem):
     def stat(self, path: str) -> Entry:
         path = normalize(path)
         found = self._lookup(path)
-        if found is None:   # a directory on the way is damaged: TSK resolves the path
+        if found is None:   # a directory on the way is unsupported or unreadable: TSK resolves the path
             tsk = self._fallback()
             if tsk is None:
                 raise FileReadError(f"cannot look up {path}: a directory on the way is damaged")
@@ -279,8 +282,7 @@ class ExtFileSystem(FileSystem):
         problems = self._dir_problems.get(ino)
         if problems:   # damaged blocks: their names came from our scan (spurious ones possible, as with TSK's)
             for text in problems:
-                self._warn_once(f"{text} (directory {path}); the names in that block recovered by scanning "
-                                "it for entries instead")
+                self._warn_once(f"{text} (directory {path})")
             self._damaged_dirs[path] = "; ".join(problems)
         elif path not in self._damaged_dirs and self._listed_count + len(out) <= LISTED_ENTRIES_KEPT:
             self._listed[path] = list(out)

@@ -39,7 +39,8 @@ from typing import NamedTuple
 from construct import Int8ul, Int16ul, Int32ul, Struct
 
 from .base import BLOCK, CHAR, DIR, FIFO, FILE, SOCKET, SYMLINK, FileReadError
-from .ext_inode import INLINE_DATA_FL, INLINE_DATA_SIZE, S_IFDIR, S_IFMT, ExtInodeReader
+from .ext_inode import EXTENTS_FL, INLINE_DATA_FL, INLINE_DATA_SIZE, MAX_EXTENT_DEPTH, S_IFDIR, S_IFMT, \
+    ExtInodeReader
 
 # struct ext4_dir_entry_2 (with the filetype feature); without it name_len is 16 bits.
 DirEntryHeader = Struct(
@@ -117,8 +118,14 @@ class ExtDirReader:
         bs = self.block_size
         # Bounded by the blocks mapped, not by i_size: a damaged i_size of
         # terabytes over a few blocks is a small directory (holes: no entries, as readdir).
-        runs = [(lblk, pblk, count) for lblk, pblk, count, unwritten in
-                self.inodes.mapped_runs(ino, what=f"{what} blocks", metadata=False) if not unwritten]
+        try:
+            runs = [(lblk, pblk, count) for lblk, pblk, count, unwritten in
+                    self.inodes.mapped_runs(ino, what=f"{what} blocks", metadata=False) if not unwritten]
+        except FileReadError as exc:   # a damaged block map or extent tree
+            if problems is None:
+                raise DirectoryDamaged(str(exc)) from None
+            problems.append(f"{exc}: only the blocks it maps soundly are read")
+            runs = self._sound_runs(ino, inode, f"{what} blocks")
         mapped = sum(count for _, _, count in runs) * bs
         if mapped > MAX_DIR_BYTES:
             raise DirectoryUnsupported(f"{what}: {mapped} bytes of blocks are more than {MAX_DIR_BYTES}")
@@ -126,12 +133,35 @@ class ExtDirReader:
             done = 0
             while done < count:
                 n = min(count - done, max(1, READ_CHUNK // bs))
-                data = self.inodes.read_blocks(pblk + done, n, f"{what} blocks")
+                try:
+                    data = self.inodes.read_blocks(pblk + done, n, f"{what} blocks")
+                except FileReadError as exc:   # past the end of a cut image
+                    if not recover or problems is None:
+                        raise
+                    problems.append(str(exc))
+                    break
                 for i in range(n):
                     self._parse(data[i * bs:(i + 1) * bs], f"{what} block {lblk + done + i}", 0, out, problems,
                                 first_block=lblk + done + i == 0, recover=recover)
                 done += n
         return _once(out) if recover and problems else out
+
+    def _sound_runs(self, ino: int, inode, what: str) -> list[tuple[int, int, int]]:
+        """The runs of a damaged map that point inside the filesystem: those
+        met before the damage (the map is walked in order), as the kernel's
+        readdir skips a block it cannot map and reads the next."""
+        ext = self.inodes
+        nblocks = -(-ext.size_of(inode) // self.block_size)
+        runs: list[tuple[int, int, int, bool]] = []
+        try:
+            if inode.i_flags & EXTENTS_FL:
+                ext._extent_runs(ext.parsed(ino)[0][0x28:0x28 + 60], MAX_EXTENT_DEPTH, nblocks, runs, what, [0])
+            else:
+                ext._map_runs(inode.i_block, nblocks, runs, what)
+        except (FileReadError, ValueError, struct.error):
+            pass   # the runs found so far stay in `runs`
+        return sorted((lblk, pblk, count) for lblk, pblk, count, unwritten in runs
+                      if not unwritten and 0 < pblk and pblk + count <= ext.blocks_count)
 
     def scan_block(self, block: bytes) -> list[DirEntry]:
         """The names The Sleuth Kit's ext2 scan (ext2fs_dent_parse_block) finds
@@ -223,7 +253,8 @@ class ExtDirReader:
                 text = f"{where}: entry at offset {base + pos}: {problem}"
                 if problems is None:
                     raise DirectoryDamaged(text)
-                problems.append(text)
+                problems.append(f"{text}; the names in that block found by scanning it for entries instead"
+                                if recover else text)
                 if recover:   # the whole block scanned instead, as TSK reads it
                     del out[len(out) - kept:]
                     out += self.scan_block(block)

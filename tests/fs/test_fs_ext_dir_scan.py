@@ -216,3 +216,21 @@ def test_the_fuzz_inputs_list_fast_and_as_fls_lists_them(name, tmp_path):
         assert got == want, (path, sorted(got ^ want))
         compared += 1
     assert compared >= len(listings) - 1 and compared >= 3, compared
+
+
+def test_a_directory_block_mapped_outside_the_filesystem_is_skipped_not_handed_to_tsk(images):
+    """As the kernel's readdir skips a block it cannot map: the other blocks' names are listed."""
+    data, ino, blocks = images["ext2-1k"]
+    clean = ExtFileSystem(BytesSource(data))
+    whole = {e.name for e in clean.listdir("/d")}
+    in_second: list = []
+    offset, length = blocks[1]
+    clean._dirs._parse(data[offset:offset + length], "block 1", 0, in_second, None)
+    image = bytearray(data)
+    at = clean._ext.inode_offset(ino) + 0x28 + 4   # i_block[1]: the second block's pointer
+    image[at:at + 4] = (0xFFFFFF0).to_bytes(4, "little")
+    fs = ExtFileSystem(BytesSource(bytes(image), name="damaged.img"))
+    names = {e.name for e in fs.listdir("/d")}
+    assert in_second and names == whole - {e.name.decode() for e in in_second}
+    assert "outside the filesystem" in fs.listing_damage("/d")
+    assert fs._tsk is None
