@@ -253,7 +253,7 @@ def extract(snapshot: str | Snapshot, output: str | None, request: ExtractReques
     the CLI takes (opened and closed here)."""
     from .extract.db_closure import databases_in, plan_with_databases
     from .extract.manifest import ManifestWriter
-    from .extract.run import ExtractOptions, Report
+    from .extract.run import HOLD_BUDGET, ExtractOptions, Report
     from .extract.run import extract as run_extract
     from .extract.targets import open_sink
     from .source.stats import bytes_fetched
@@ -275,7 +275,7 @@ def extract(snapshot: str | Snapshot, output: str | None, request: ExtractReques
             databases = databases_in(fs, [s.guest_path for s in chosen.selection.sources])
             notes: list[str] = []
         else:
-            work, closure = plan_with_databases(fs, chosen_options)
+            work, closure = plan_with_databases(fs, chosen_options, hold_budget=HOLD_BUDGET)
             databases, notes = closure.databases, closure.notes
             chosen_options.paths = list(chosen_options.paths) + closure.added
         result = ExtractReport(report=Report(skipped=list(work.skipped), warnings=list(work.warnings)), plan=work, warnings=list(snap.warnings),

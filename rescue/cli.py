@@ -18,7 +18,7 @@ from rich.console import Console
 
 from .errors import (EXIT_ERROR, EXIT_OK, EXIT_PARTIAL, DamagedRange, RescueError, install_signal_handlers,
                      interruption)
-from .fs.base import DIR, FILE, SOCKET, SYMLINK, FileReadError
+from .fs.base import DIR, FILE, SYMLINK, FileReadError
 from .fs.names import escape_name
 from .fs.names import visible as _visible   # names from an image may hold a NUL, an escape sequence, a newline
 from .units import human_size
@@ -517,26 +517,25 @@ def _render_restore(result) -> None:
 
 def _render_plan(work, list_: bool, as_json: bool) -> None:
     if as_json:
-        _print_json({"entries": [{"name": p.name, "type": p.entry.kind, "size": p.entry.size}
-                                 for p in work.items] if list_ else len(work.items),
+        _print_json({"entries": [{"name": name, "type": e.kind, "size": e.size}
+                                 for e, name in work.entries()] if list_ else work.count,
                      "bytes": work.total_bytes,
                      "skipped": [{"path": s.path, "reason": s.reason} for s in work.skipped],
                      "warnings": work.warnings})
         return
     if list_:
-        for p in work.items:
-            size = p.entry.size if p.entry.kind == FILE else 0
-            suffix = "/" if p.entry.kind == DIR else ""
-            out.print(f"{p.entry.kind:<8} {size:>12} {_visible(p.name)}{suffix}", markup=False)
+        for e, name in work.entries():   # a plan too large to hold walks the selection again
+            size = e.size if e.kind == FILE else 0
+            suffix = "/" if e.kind == DIR else ""
+            out.print(f"{e.kind:<8} {size:>12} {_visible(name)}{suffix}", markup=False)
     from .extract.run import SOCKET_REASON, shown_skips
     for skip in shown_skips(work.skipped):
         err.print(f"would skip: {_visible(skip.path)}: {_visible(skip.reason)}", markup=False)
-    for p in work.items:
-        if p.entry.kind == SOCKET:   # named, no exit 1 (as the extract itself)
-            err.print(f"would skip socket {_visible(p.entry.path)} ({SOCKET_REASON})", markup=False)
+    for path in work.socket_paths():   # named, no exit 1 (as the extract itself)
+        err.print(f"would skip socket {_visible(path)} ({SOCKET_REASON})", markup=False)
     for warning in work.warnings:
         _warn(warning)
-    err.print(f"would write {len(work.items)} entries, {_human(work.total_bytes)} (dry run: nothing written)",
+    err.print(f"would write {work.count} entries, {_human(work.total_bytes)} (dry run: nothing written)",
               markup=False)
 
 

@@ -65,13 +65,14 @@ def complete_selection(fs: FileSystem, options: ExtractOptions) -> Closure:
     return out
 
 
-def plan_with_databases(fs: FileSystem, options: ExtractOptions) -> tuple[Plan, Closure]:
+def plan_with_databases(fs: FileSystem, options: ExtractOptions,
+                        hold_budget: int | None = None) -> tuple[Plan, Closure]:
     closure = complete_selection(fs, options)
     if not closure.added:
-        return plan(fs, options), closure
+        return plan(fs, options, hold_budget=hold_budget), closure
     wider = ExtractOptions(paths=list(options.paths) + closure.added, excludes=options.excludes,
                            strip_components=options.strip_components, xattrs=options.xattrs)
-    return plan(fs, wider), closure
+    return plan(fs, wider, hold_budget=hold_budget), closure
 
 
 def databases_in(fs: FileSystem, paths: list[str]) -> list[Database]:
