@@ -49,18 +49,19 @@ def sha256_file(path: Path) -> str:
 
 
 def rescue(*args: str, snapshot: Path | None = None, timeout: float = 60, cwd: Path | None = None,
-           check_readonly: bool = True) -> subprocess.CompletedProcess:
-    """Run `python -m rescue ARGS` with bytes output. The snapshot (the first existing
-    file among the arguments unless given) must hash the same before and after."""
+           check_readonly: bool = True, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """Run `python -m rescue ARGS` with bytes output (`env`: variables added to the
+    environment). The snapshot (the first existing file among the arguments
+    unless given) must hash the same before and after."""
     if snapshot is None:
         snapshot = next((Path(a) for a in args if not a.startswith("-") and Path(a).is_file()), None)
     before = sha256_file(snapshot) if (check_readonly and snapshot) else None
     # keep the caller's PYTHONPATH after the repo: a user outside the venv's
     # reach runs a system python with the venv's site-packages there
     pythonpath = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
-    env = dict(os.environ, COLUMNS="200", NO_COLOR="1", PYTHONPATH=pythonpath)
     res = subprocess.run([sys.executable, "-m", "rescue", *args], capture_output=True, timeout=timeout,
-                         env=env, cwd=cwd)
+                         env=dict(os.environ, COLUMNS="200", NO_COLOR="1", PYTHONPATH=pythonpath, **(env or {})),
+                         cwd=cwd)
     if before is not None:
         assert sha256_file(snapshot) == before, f"{snapshot} changed during: rescue {' '.join(args)}"
     return res

@@ -11,32 +11,15 @@ never cached, so a plain open afterwards still refuses."""
 from __future__ import annotations
 
 import os
-import random
 import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
 
-from common_support import rescue
+from archive_cut_support import ext4_image, random_tree, run_cached, skipped_paths
 
 TOOLS = ("mkfs.ext4", "tar", "zstd", "pzstd", "zip", "bsdtar")
-
-
-def _tree(root: Path) -> dict[str, bytes]:
-    """Files of random bytes (they compress barely, so a cut at N% of the
-    archive falls near N% of the image) in a few directories."""
-    rng = random.Random(14)
-    files = {}
-    for d in ("etc", "srv/www", "srv/db", "home/ann"):
-        for i in range(8):
-            name = f"{d}/f{i:02d}.bin"
-            files[name] = rng.randbytes(rng.randrange(20_000, 200_000))
-    files["etc/hostname"] = b"cut-short\n"
-    for name, data in files.items():
-        (root / name).parent.mkdir(parents=True, exist_ok=True)
-        (root / name).write_bytes(data)
-    return files
 
 
 def _make(kind: str, image: Path, out: Path) -> Path:
@@ -75,11 +58,8 @@ def made(tmp_path_factory) -> tuple[Path, dict[str, bytes], dict[str, Path]]:
         if shutil.which(tool) is None:
             pytest.skip(f"needs {tool} (apt: e2fsprogs tar zstd zip libarchive-tools)")
     base = tmp_path_factory.mktemp("cut-archives")
-    files = _tree(base / "tree")
-    image = base / "server.img"
-    with open(image, "wb") as f:
-        f.truncate(12 << 20)
-    subprocess.run(["mkfs.ext4", "-q", "-F", "-d", str(base / "tree"), str(image)], check=True)
+    files = random_tree(base / "tree", seed=14, per_dir=8, largest=200_000)
+    image = ext4_image(base / "tree", base / "server.img", 12 << 20)
     archives = {kind: _make(kind, image, base / f"whole-{kind}{suffix}") for kind, suffix in KINDS.items()}
     return base, files, archives
 
@@ -88,24 +68,6 @@ def _cut(whole: Path, at: int, dest: Path) -> Path:
     with open(whole, "rb") as f:
         dest.write_bytes(f.read(at))
     return dest
-
-
-def _run(*args: str, cache: Path):
-    env = os.environ.get("XDG_CACHE_HOME")
-    os.environ["XDG_CACHE_HOME"] = str(cache)
-    try:
-        res = rescue(*args)
-    finally:
-        if env is None:
-            del os.environ["XDG_CACHE_HOME"]
-        else:
-            os.environ["XDG_CACHE_HOME"] = env
-    return res.returncode, res.stderr.decode(errors="replace")
-
-
-def _skipped(text: str) -> set[str]:
-    return {line[len("skipped: "):].split(": ")[0].lstrip("/")
-            for line in text.splitlines() if line.startswith("skipped: ")}
 
 
 def _named(name: str, skipped: set[str]) -> bool:
@@ -118,7 +80,7 @@ def _named(name: str, skipped: set[str]) -> bool:
 def test_whole_archive_gives_the_tree(made, kind, tmp_path):
     _, files, archives = made
     out = tmp_path / "out"
-    code, text = _run("extract", str(archives[kind]), "-o", f"{out}/", cache=tmp_path / "cache")
+    code, text = run_cached("extract", str(archives[kind]), "-o", f"{out}/", cache=tmp_path / "cache")
     assert code == 0, text
     for name, data in files.items():
         assert (out / name).read_bytes() == data, name
@@ -134,10 +96,10 @@ def test_cut_archive_refused_in_one_line_then_partial_rescues_what_lies_before(m
     cache = tmp_path / "cache"
 
     out = tmp_path / "out"
-    code, text = _run("extract", "--partial", str(cut), "-o", f"{out}/", cache=cache)
+    code, text = run_cached("extract", "--partial", str(cut), "-o", f"{out}/", cache=cache)
     assert "internal error" not in text and "Traceback" not in text, text
     assert "truncated" in text and f"ends at byte {at}" in text, text
-    skipped = _skipped(text)
+    skipped = skipped_paths(text)
     kept = {name for name in files if (out / name).exists()}
     for name in kept:
         assert (out / name).read_bytes() == files[name], f"{name} differs from the original tree's"
@@ -152,7 +114,7 @@ def test_cut_archive_refused_in_one_line_then_partial_rescues_what_lies_before(m
     assert code == (1 if skipped else 0), text
 
     # the --partial run cached nothing: a plain open refuses, in one line
-    code, text = _run("ls", str(cut), "/", cache=cache)
+    code, text = run_cached("ls", str(cut), "/", cache=cache)
     lines = [line for line in text.splitlines() if line.strip()]
     assert code == 2 and len(lines) == 1, text
     assert "truncated" in lines[0] and "--partial" in lines[0] and f"ends at byte {at}" in lines[0], lines[0]
@@ -168,10 +130,10 @@ def test_cut_in_the_last_bytes(made, kind, tmp_path):
     at = whole.stat().st_size - (30 if kind.endswith("zip") else 3)
     cut = _cut(whole, at, tmp_path / f"tail{KINDS[kind]}")
     cache = tmp_path / "cache"
-    code, text = _run("ls", str(cut), "/", cache=cache)
+    code, text = run_cached("ls", str(cut), "/", cache=cache)
     assert code == 2 and len(text.strip().splitlines()) == 1 and "--partial" in text, text
     out = tmp_path / "out"
-    code, text = _run("extract", "--partial", str(cut), "-o", f"{out}/", cache=cache)
+    code, text = run_cached("extract", "--partial", str(cut), "-o", f"{out}/", cache=cache)
     assert "internal error" not in text and "Traceback" not in text, text
     kept = {name for name in files if (out / name).exists()}
     for name in kept:
@@ -180,7 +142,7 @@ def test_cut_in_the_last_bytes(made, kind, tmp_path):
         assert code == 0 and kept == set(files), text
         assert "central directory" in text, text
     else:
-        skipped = _skipped(text)
+        skipped = skipped_paths(text)
         assert code in (0, 1) and all(_named(name, skipped) for name in set(files) - kept), text
 
 
@@ -206,7 +168,7 @@ def test_pzstd_cut_between_frames(made, tmp_path):
         kept = ZstdSource(BytesSource(data[:at], name="cut"), partial=True)
         assert kept.size == out and kept.truncated and any("--partial" in n for n in kept.notes)
     cut = _cut(archives["pzstd"], header, tmp_path / "boundary.tar.zst")
-    code, text = _run("ls", str(cut), "/", cache=tmp_path / "cache")
+    code, text = run_cached("ls", str(cut), "/", cache=tmp_path / "cache")
     assert code == 2 and len(text.strip().splitlines()) == 1, text
     assert "tar archive is truncated" in text and "--partial" in text, text
 
@@ -226,7 +188,7 @@ def test_cut_tree_archive_with_partial_rescues_the_files_before_and_exits_1(made
     subprocess.run(["tar", "--zstd", "-cf", str(whole), "-C", str(tree), "./etc", "./srv", "./home"], check=True)
     cut = _cut(whole, int(whole.stat().st_size * fraction), tmp_path / "cut.tar.zst")
     out = tmp_path / "out"
-    code, text = _run("extract", "--partial", str(cut), "-o", f"{out}/", cache=tmp_path / "cache")
+    code, text = run_cached("extract", "--partial", str(cut), "-o", f"{out}/", cache=tmp_path / "cache")
     assert code == 1, text
     assert "internal error" not in text and "zstd stream is truncated" in text, text
     assert "partly readable" in text, text
@@ -245,6 +207,6 @@ def test_zip_with_a_damaged_central_directory_is_damage_not_a_cut(made, tmp_path
     data[at:at + 4] = b"XXXX"
     bad = tmp_path / "bad.zip"
     bad.write_bytes(bytes(data))
-    code, text = _run("ls", str(bad), "/", cache=tmp_path / "cache")
+    code, text = run_cached("ls", str(bad), "/", cache=tmp_path / "cache")
     assert code == 2 and len(text.strip().splitlines()) == 1, text
     assert "damaged" in text and "truncated" not in text, text

@@ -10,7 +10,6 @@ refuses)."""
 
 from __future__ import annotations
 
-import os
 import random
 import shutil
 import subprocess
@@ -18,25 +17,12 @@ from pathlib import Path
 
 import pytest
 
-from common_support import rescue
+from archive_cut_support import ext4_image, random_tree, run_cached, skipped_paths
 from rescue.errors import SourceError
 from rescue.source.base import BytesSource
 from rescue.source.codecs import open_compressed
 
 TOOLS = ("mkfs.ext4", "tar", "xz", "bzip2")
-
-
-def _tree(root: Path) -> dict[str, bytes]:
-    rng = random.Random(15)
-    files = {}
-    for d in ("etc", "srv/www", "srv/db", "home/ann"):
-        for i in range(6):
-            files[f"{d}/f{i:02d}.bin"] = rng.randbytes(rng.randrange(20_000, 160_000))
-    files["etc/hostname"] = b"cut-short\n"
-    for name, data in files.items():
-        (root / name).parent.mkdir(parents=True, exist_ok=True)
-        (root / name).write_bytes(data)
-    return files
 
 
 def _make(kind: str, image: Path, out: Path) -> Path:
@@ -63,31 +49,10 @@ def made(tmp_path_factory) -> tuple[Path, dict[str, bytes], dict[str, Path]]:
         if shutil.which(tool) is None:
             pytest.skip(f"needs {tool} (apt: e2fsprogs tar xz-utils bzip2)")
     base = tmp_path_factory.mktemp("cut-xz-bz2")
-    files = _tree(base / "tree")
-    image = base / "server.img"
-    with open(image, "wb") as f:
-        f.truncate(8 << 20)
-    subprocess.run(["mkfs.ext4", "-q", "-F", "-d", str(base / "tree"), str(image)], check=True)
+    files = random_tree(base / "tree", seed=15, per_dir=6, largest=160_000)
+    image = ext4_image(base / "tree", base / "server.img", 8 << 20)
     archives = {kind: _make(kind, image, base / f"whole-{kind}{suffix}") for kind, suffix in KINDS.items()}
     return base, files, archives
-
-
-def _run(*args: str, cache: Path) -> tuple[int, str]:
-    old = os.environ.get("XDG_CACHE_HOME")
-    os.environ["XDG_CACHE_HOME"] = str(cache)
-    try:
-        res = rescue(*args, timeout=180)
-    finally:
-        if old is None:
-            del os.environ["XDG_CACHE_HOME"]
-        else:
-            os.environ["XDG_CACHE_HOME"] = old
-    return res.returncode, res.stderr.decode(errors="replace")
-
-
-def _skipped(text: str) -> set[str]:
-    return {line[len("skipped: "):].split(": ")[0].lstrip("/")
-            for line in text.splitlines() if line.startswith("skipped: ")}
 
 
 def _named(name: str, skipped: set[str], text: str) -> bool:
@@ -100,7 +65,7 @@ def _named(name: str, skipped: set[str], text: str) -> bool:
 def test_whole_archive_gives_the_tree(made, kind, tmp_path):
     _, files, archives = made
     out = tmp_path / "out"
-    code, text = _run("extract", str(archives[kind]), "-o", f"{out}/", cache=tmp_path / "cache")
+    code, text = run_cached("extract", str(archives[kind]), "-o", f"{out}/", cache=tmp_path / "cache", timeout=180)
     assert code == 0, text
     for name, data in files.items():
         assert (out / name).read_bytes() == data, name
@@ -117,20 +82,20 @@ def test_cut_refused_in_one_line_then_partial_rescues_what_lies_before(made, kin
     cut.write_bytes(whole.read_bytes()[:at])
     cache = tmp_path / "cache"
 
-    code, text = _run("ls", str(cut), "/", cache=cache)
+    code, text = run_cached("ls", str(cut), "/", cache=cache, timeout=180)
     lines = [line for line in text.splitlines() if line.strip()]
     assert code == 2 and len(lines) == 1, text
     assert "truncated" in lines[0] and "--partial" in lines[0] and f"ends at byte {at}" in lines[0], lines[0]
 
     out = tmp_path / "out"
-    code, text = _run("extract", "--partial", str(cut), "-o", f"{out}/", cache=cache)
+    code, text = run_cached("extract", "--partial", str(cut), "-o", f"{out}/", cache=cache, timeout=180)
     assert "internal error" not in text and "Traceback" not in text, text
     assert "truncated" in text and f"ends at byte {at}" in text, text
     if "nothing before the cut can be decompressed" in text:   # bzip2: the cut is in the first block
         assert kind.endswith("j") or "bz2" in kind, text
         assert code == 2 and len(text.strip().splitlines()) == 1 and not out.exists(), text
         return
-    skipped = _skipped(text)
+    skipped = skipped_paths(text)
     kept = {name for name in files if (out / name).exists()}
     for name in kept:
         assert (out / name).read_bytes() == files[name], f"{name} differs from the original tree's"
@@ -144,7 +109,7 @@ def test_cut_refused_in_one_line_then_partial_rescues_what_lies_before(made, kin
     assert code in (0, 1) and (code == 1) == bool(skipped), text
 
     # nothing of the cut stream was cached: a plain open still refuses
-    code, text = _run("ls", str(cut), "/", cache=cache)
+    code, text = run_cached("ls", str(cut), "/", cache=cache, timeout=180)
     assert code == 2 and "truncated" in text, text
 
 

@@ -7,14 +7,13 @@ later plain open still refuses."""
 
 from __future__ import annotations
 
-from repo_paths import REPO
-import os
 import tarfile
 from pathlib import Path
 
 import pytest
 
-from common_support import rescue
+from repo_paths import REPO
+from archive_cut_support import run_cached
 
 SAMPLE = REPO / "fixtures" / "sample-vps.disk"
 
@@ -36,22 +35,9 @@ def _members(tar: Path) -> dict[str, bytes]:
         return {m.name: tf.extractfile(m).read() for m in tf.getmembers() if m.isfile()}
 
 
-def _run(*args: str, cache: Path) -> tuple[int, str]:
-    old = os.environ.get("XDG_CACHE_HOME")
-    os.environ["XDG_CACHE_HOME"] = str(cache)
-    try:
-        res = rescue(*args)
-    finally:
-        if old is None:
-            del os.environ["XDG_CACHE_HOME"]
-        else:
-            os.environ["XDG_CACHE_HOME"] = old
-    return res.returncode, res.stderr.decode()
-
-
 def test_a_cut_tar_gz_is_refused_in_one_line_pointing_at_partial(snapshots, tmp_path):
     _, cut = snapshots
-    code, text = _run("ls", str(cut), "/", cache=tmp_path / "cache")
+    code, text = run_cached("ls", str(cut), "/", cache=tmp_path / "cache")
     lines = [line for line in text.splitlines() if line.strip()]
     assert code == 2 and len(lines) == 1, text
     assert "truncated" in lines[0] and "--partial" in lines[0], lines[0]
@@ -61,10 +47,10 @@ def test_partial_rescues_what_was_decompressed_before_the_cut(snapshots, tmp_pat
     whole, cut = snapshots
     cache = tmp_path / "cache"
     ref = tmp_path / "whole.tar"
-    code, text = _run("extract", str(whole), "-o", str(ref), cache=cache)
+    code, text = run_cached("extract", str(whole), "-o", str(ref), cache=cache)
     assert code == 0, text
     got = tmp_path / "cut.tar"
-    code, text = _run("extract", "--partial", str(cut), "-o", str(got), cache=cache)
+    code, text = run_cached("extract", "--partial", str(cut), "-o", str(got), cache=cache)
     assert code == 1 and "internal error" not in text, text
     assert "warning: gzip stream is truncated" in text and "cut short" in text
     skipped = {line.split(": ")[1].lstrip("/") for line in text.splitlines() if line.startswith("skipped: ")}
@@ -74,5 +60,5 @@ def test_partial_rescues_what_was_decompressed_before_the_cut(snapshots, tmp_pat
     for name in kept:
         assert have[name] == want[name], f"{name} differs from the whole snapshot's"
     # the partial open cached nothing: a plain open refuses again
-    code, text = _run("ls", str(cut), "/", cache=cache)
+    code, text = run_cached("ls", str(cut), "/", cache=cache)
     assert code == 2 and "--partial" in text, text
