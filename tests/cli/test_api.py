@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-from repo_paths import REPO
 import json
 import subprocess
 import sys
 import tarfile
-from pathlib import Path
 
 import pytest
 
+from repo_paths import REPO
 from rescue import api
 from rescue.errors import GuestPathError, VolumeError
 

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from repo_paths import REPO
 import os
 import subprocess
 import sys
+
+from repo_paths import REPO
 
 ROOT = str(REPO)
 SAMPLE = os.path.join(ROOT, "fixtures", "sample-vps.disk")

@@ -4,12 +4,12 @@ instead of an empty line per refresh (issue 14)."""
 
 from __future__ import annotations
 
-from repo_paths import REPO
 import os
 import pty
 import subprocess
 import sys
-from pathlib import Path
+
+from repo_paths import REPO
 
 DRIVE = """
 import time

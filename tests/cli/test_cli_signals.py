@@ -11,7 +11,6 @@ The default keeps the unit test short; for the issue's 50 per target:
 
 from __future__ import annotations
 
-from repo_paths import REPO
 import hashlib
 import os
 import random
@@ -27,6 +26,7 @@ import pytest
 
 pytest_plugins = ["remote_servers"]   # the rsync daemon fixture
 
+from repo_paths import REPO
 from remote_servers import have  # noqa: E402
 
 RUNS = int(os.environ.get("RESCUE_SIGNAL_RUNS", "7"))   # per target: 3 targets -> ~20 by default

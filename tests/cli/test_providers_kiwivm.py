@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from repo_paths import REPO
 import hashlib
 import json
 import os
@@ -10,10 +9,10 @@ import random
 import socket
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
+from repo_paths import REPO
 from http_test_server import http_server  # noqa: F401 (fixture)
 from rescue.download import ChecksumMismatch
 from rescue.providers.kiwivm import (KiwiVMError, choose_snapshot, download_snapshot,

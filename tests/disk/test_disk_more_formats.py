@@ -16,7 +16,6 @@ hypervisor exported this, and rescue read it like a raw disk".
 
 from __future__ import annotations
 
-import repo_paths
 import bz2
 import hashlib
 import importlib.util
@@ -31,6 +30,7 @@ from pathlib import Path
 
 import pytest
 
+import repo_paths
 from disk_support import assert_reads_like, need, qemu_reference
 from common_support import REAL_IMAGES, rescue
 from more_formats_writers import (DMG_ADC, DMG_BZIP2, DMG_IGNORE, DMG_LZFSE, DMG_LZMA, DMG_RAW, DMG_ZERO,

@@ -4,13 +4,13 @@ or hostile ones."""
 
 from __future__ import annotations
 
-from repo_paths import REAL_IMAGES
 import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
 
+from repo_paths import REAL_IMAGES
 from disk_support import (LARGE, OWN_EXPECTED, QEMU_IMG, SAME_AS_BASE, RealImages, assert_reads_like,
                           assert_like_qemu_img, assert_refused_or_warned, open_path, real_images,
                           time_limit)

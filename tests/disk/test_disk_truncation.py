@@ -6,7 +6,6 @@ as skipped. Images are made by qemu-img from the sample server disk."""
 
 from __future__ import annotations
 
-from repo_paths import REPO
 import shutil
 import subprocess
 import tarfile
@@ -14,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from repo_paths import REPO
 from common_support import rescue
 from rescue.disk import open_disk
 from rescue.source import open_source

@@ -3,7 +3,6 @@ own reading; real VMware/ESXi images open; damaged ones fail clearly."""
 
 from __future__ import annotations
 
-from repo_paths import FIXTURES
 import os
 import shutil
 import sys
@@ -12,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from repo_paths import FIXTURES
 from disk_support import assert_reads_like, fuzz, open_guarded, qemu_raw, reference, sha256, unpack
 from disk_support import built, small  # noqa: F401 (fixtures)
 from rescue.disk import DiskOptions, open_disk, vhd, vhdx, vmdk

@@ -6,7 +6,6 @@ same image, with a README of restore commands and a manifest `verify` accepts.""
 
 from __future__ import annotations
 
-from repo_paths import FIXTURES
 import hashlib
 import json
 import os
@@ -20,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from repo_paths import FIXTURES
 from common_support import IS_ROOT, assert_one_line_error, explain, rescue
 
 HOST = FIXTURES / "docker" / "docker-host.ext4.zst"

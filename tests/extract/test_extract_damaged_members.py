@@ -5,7 +5,6 @@ and 101: every field 0xff). Skipped when ../shared/real-images is absent."""
 
 from __future__ import annotations
 
-from repo_paths import REPO
 import gzip
 import os
 import resource
@@ -15,6 +14,8 @@ import tarfile
 from pathlib import Path
 
 import pytest
+
+from repo_paths import REPO
 
 REAL_IMAGES = Path(os.environ.get("RESCUE_REAL_IMAGES", REPO.parent / "shared" / "real-images"))
 OUTPUT_LIMIT = 64 << 20

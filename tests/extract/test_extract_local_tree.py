@@ -5,7 +5,6 @@ as an ordinary user."""
 
 from __future__ import annotations
 
-from repo_paths import REPO
 import os
 import shutil
 import stat
@@ -17,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from repo_paths import REPO
 from rescue.extract import local_tree
 from rescue.extract.base import Content
 from rescue.extract.local_tree import STAT_XATTR, LocalTree, MetadataPolicy, NotADirectory

@@ -5,7 +5,6 @@ holes, and falls back cleanly where the kernel will not copy."""
 
 from __future__ import annotations
 
-from repo_paths import REPO
 import hashlib
 import io
 import os
@@ -15,6 +14,7 @@ import threading
 
 import pytest
 
+from repo_paths import REPO
 from rescue.extract import zerocopy
 from rescue.extract.run import ExtractOptions, extract
 from rescue.extract.tar_sink import KERNEL_COPY_MIN, TarSink

@@ -7,7 +7,6 @@ against the declared Structs."""
 
 from __future__ import annotations
 
-import repo_paths
 import json
 import struct
 from pathlib import Path
@@ -15,6 +14,7 @@ from pathlib import Path
 import pytest
 import zstandard
 
+import repo_paths
 from btrfs_support import differences, reader_links, reader_view
 from rescue.errors import FilesystemError
 from rescue.fs import open_filesystem

@@ -7,7 +7,6 @@ memory. Seeds: SEEDS (200) over the committed fixtures; a failure names its seed
 
 from __future__ import annotations
 
-from repo_paths import REAL_IMAGES
 import lzma
 import os
 import random
@@ -17,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from repo_paths import REAL_IMAGES
 from rescue.errors import RescueError
 from rescue.fs.base import FileReadError
 from rescue.fs.btrfs import BtrfsFileSystem

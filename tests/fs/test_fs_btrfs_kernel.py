@@ -9,7 +9,6 @@ test_fs_btrfs.py cover machines without them)."""
 
 from __future__ import annotations
 
-from repo_paths import REPO
 import os
 import subprocess
 import tarfile
@@ -17,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from repo_paths import REPO
 from btrfs_support import btrfs_trees, differences, mkfs, mounted, reader_links, reader_view, why_no_kernel
 from rescue.errors import FilesystemError
 from rescue.fs.base import FileReadError

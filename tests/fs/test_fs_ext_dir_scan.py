@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
+
 from repo_paths import REPO
 
 from rescue.fs.ext import ExtFileSystem

@@ -5,7 +5,6 @@ root: compared with the tree mkfs.ext4 -d was given (what -d preserves)."""
 
 from __future__ import annotations
 
-from repo_paths import REAL_IMAGES
 import gzip
 import logging
 import os
@@ -16,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from repo_paths import REAL_IMAGES
 from rescue.fs.base import FileReadError
 from rescue.fs.ext_inode import ExtInodeReader, ext4_acl_to_xattr
 from rescue.source.base import BytesSource, FileSource

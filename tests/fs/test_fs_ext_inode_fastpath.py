@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import repo_paths
 import os
 
 import pytest
 
+import repo_paths
 from rescue.fs import ext_inode
 from rescue.source import FileSource
 

@@ -8,7 +8,6 @@ script (CI only)."""
 
 from __future__ import annotations
 
-from repo_paths import REPO
 import hashlib
 import os
 import shutil
@@ -19,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from repo_paths import REPO
 from common_support import sha256_file
 from rescue.fs.base import DIR, FILE, SYMLINK
 from rescue.fs.nbd_export import NbdExport

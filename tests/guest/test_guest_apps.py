@@ -6,7 +6,6 @@ test needs one."""
 
 from __future__ import annotations
 
-from repo_paths import FIXTURES
 import glob
 import json
 import os
@@ -17,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from repo_paths import FIXTURES
 from common_support import IS_ROOT, explain, rescue
 from rescue.guest import open_snapshot
 from rescue.guest.apps import _compose_labels, _docker_state, Container, find_applications

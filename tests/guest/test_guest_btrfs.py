@@ -7,7 +7,6 @@ the subvolume. Needs root, sgdisk, mkfs.* and loop devices."""
 
 from __future__ import annotations
 
-from repo_paths import REPO
 import json
 import os
 import shutil
@@ -17,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from repo_paths import REPO
 from btrfs_support import why_no_kernel
 
 RESCUE = REPO / ".venv" / "bin" / "rescue"

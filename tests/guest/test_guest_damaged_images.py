@@ -6,7 +6,6 @@ elsewhere) with deterministic damage applied in the test."""
 
 from __future__ import annotations
 
-from repo_paths import REPO
 import bz2
 import gzip
 import os
@@ -16,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from repo_paths import REPO
 from rescue.errors import VolumeError
 from rescue.guest import Snapshot, SnapshotOptions
 

@@ -4,7 +4,6 @@ whether /var lives on the root filesystem, its own partition, or its own LV."""
 
 from __future__ import annotations
 
-from repo_paths import REPO
 import gzip
 import io
 import json
@@ -18,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from repo_paths import REPO
 from rescue.fs.tsk import TskFileSystem
 from rescue.guest import open_snapshot
 from rescue.guest.merged import build_mount_table

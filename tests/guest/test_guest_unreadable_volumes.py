@@ -7,7 +7,6 @@ with --backend tsk (TSK has no XFS); a partition of random bytes."""
 
 from __future__ import annotations
 
-from repo_paths import REPO
 import json
 import os
 import shutil
@@ -17,6 +16,8 @@ import uuid
 from pathlib import Path
 
 import pytest
+
+from repo_paths import REPO
 
 MiB = 1 << 20
 pytestmark = pytest.mark.skipif(any(shutil.which(t) is None for t in ("sgdisk", "mkfs.ext4", "mkfs.xfs")),

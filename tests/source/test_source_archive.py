@@ -3,7 +3,6 @@ byte for byte like the bare disk, without unpacking it anywhere."""
 
 from __future__ import annotations
 
-from repo_paths import REPO
 import gzip
 import hashlib
 import os
@@ -15,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from repo_paths import REPO
 from rescue.errors import SourceError
 from rescue.source import open_relative, open_source, runs
 from rescue.source.codecs import base as compressed

@@ -4,7 +4,6 @@
 
 from __future__ import annotations
 
-from repo_paths import REAL_IMAGES
 import hashlib
 import random
 import shutil
@@ -13,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from repo_paths import REAL_IMAGES
 from rescue.errors import SourceError
 from rescue.source import open_source
 

@@ -5,7 +5,6 @@ user may not read and for a filesystem mounted read-write underneath."""
 
 from __future__ import annotations
 
-from repo_paths import REPO
 import json
 import os
 import shutil
@@ -13,6 +12,7 @@ import subprocess
 
 import pytest
 
+from repo_paths import REPO
 from common_support import IS_ROOT, SAMPLE, assert_one_line_error, explain, loop_device, rescue, tar_view
 from rescue.source import open_source
 from rescue.source.block import BlockDeviceSource, is_block_device

@@ -4,7 +4,6 @@ issue 14 met, reproduced from our own minimal inputs."""
 
 from __future__ import annotations
 
-from repo_paths import REPO
 import gzip
 import io
 import lzma
@@ -16,6 +15,7 @@ from pathlib import Path
 import construct
 import pytest
 
+from repo_paths import REPO
 from common_support import rescue
 from rescue.disk import open_disk
 from rescue.errors import (DamagedRange, DiskFormatError, FilesystemError, RescueError, SourceError,

@@ -17,7 +17,6 @@ sizes.img: absurd (i_size 2^60, no blocks), pastend (first extent at block
 
 from __future__ import annotations
 
-from repo_paths import REPO
 import hashlib
 import os
 import resource
@@ -29,6 +28,7 @@ from pathlib import Path
 
 import pytest
 
+from repo_paths import REPO
 from common_support import (HOSTILE, IS_ROOT, SAMPLE, T, assert_one_line_error, dir_view, explain, rescue,
                                 tar_view)
 

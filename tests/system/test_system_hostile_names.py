@@ -5,12 +5,12 @@ shows a name holding '/' whole (escaped as \\x2f in text, as is in JSON); the
 
 from __future__ import annotations
 
-from repo_paths import REPO
 import json
 from pathlib import Path
 
 import pytest
 
+from repo_paths import REPO
 from common_support import rescue
 from http_test_server import http_server  # noqa: F401 (fixture)
 from rescue.errors import SourceError

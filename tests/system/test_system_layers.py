@@ -4,9 +4,10 @@ loop). Read from the source with `ast`, function-local imports included."""
 
 from __future__ import annotations
 
-from repo_paths import REPO
 import ast
 from pathlib import Path
+
+from repo_paths import REPO
 
 PACKAGE = REPO / "rescue"
 # Bottom to top. units/errors are shared by all; download and providers are

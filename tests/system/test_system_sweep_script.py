@@ -4,7 +4,6 @@ clean error. Skipped when ../shared/real-images is absent."""
 
 from __future__ import annotations
 
-from repo_paths import REPO
 import json
 import os
 import shutil
@@ -13,6 +12,8 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from repo_paths import REPO
 
 REAL_IMAGES = Path(os.environ.get("RESCUE_REAL_IMAGES", REPO.parent / "shared" / "real-images"))
 

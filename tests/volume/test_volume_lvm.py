@@ -4,7 +4,6 @@ tools' own reports, and on the real-world images under ../shared/real-images."""
 
 from __future__ import annotations
 
-from repo_paths import REPO
 import gzip
 import hashlib
 import importlib.machinery
@@ -19,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from repo_paths import REPO
 from rescue.errors import DamagedRange, UnsupportedFeature, VolumeError
 from rescue.source import BytesSource, FileSource
 from rescue.volume import lvm

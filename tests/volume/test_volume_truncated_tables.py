@@ -6,7 +6,6 @@ scripts/sweep-real-images on dissect.volume's gpt.bin, gpt_4k.bin and mbr.bin.""
 
 from __future__ import annotations
 
-from repo_paths import REPO
 import json
 import os
 import re
@@ -16,6 +15,8 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from repo_paths import REPO
 
 REAL_IMAGES = Path(os.environ.get("RESCUE_REAL_IMAGES", REPO.parent / "shared" / "real-images"))
 
