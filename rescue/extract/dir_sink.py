@@ -17,7 +17,7 @@ import hashlib
 import os
 
 from ..errors import TargetError
-from ..fs.base import BLOCK, CHAR, DIR, FIFO, FILE, SOCKET, SYMLINK, FileReadError
+from ..fs.base import BLOCK, CHAR, DIR, FIFO, FILE, SYMLINK, FileReadError
 from .base import Item, NotWritten, Sink, SinkResult
 from .local_tree import IS_ROOT, LocalTree, MetadataPolicy, NotADirectory, WriteFailed
 from .select import unsafe_name
@@ -120,8 +120,6 @@ class DirectorySink(Sink):
                 self.tree.symlink(parts, e)
             elif e.kind in (FIFO, CHAR, BLOCK):
                 self.tree.special(parts, e)
-            elif e.kind == SOCKET:
-                return
         except FileReadError:
             raise
         except NotADirectory as exc:   # a symlink or file where a directory should be

@@ -29,7 +29,7 @@ import stat as stat_mod
 from dataclasses import dataclass, replace
 from typing import Callable, Iterable
 
-from ..fs.base import BLOCK, CHAR, FIFO, SOCKET, Entry, FileReadError
+from ..fs.base import BLOCK, CHAR, FIFO, Entry, FileReadError
 from .base import Content
 from .copy import copy_to_fd
 
@@ -68,7 +68,7 @@ class MetadataPolicy:
     xattrs: bool = True
     acls: bool = True            # system.* (POSIX ACLs) as xattrs; rsync -X does not carry them
     devices: bool = False        # device nodes: real ones need root, fake-super ones do not
-    fifos: bool = True           # fifos and sockets
+    fifos: bool = True           # fifos (sockets are never written: extract names them)
     private: bool = False        # our scratch copy: always readable/writable by us (no root, no fake-super)
     is_root: bool = IS_ROOT
 
@@ -368,13 +368,13 @@ class LocalTree:
                 self.lose("utime", exc.strerror or str(exc))
 
     def special(self, parts: list[str], entry: Entry) -> bool:
-        """A device node, fifo or socket as the policy allows; False (and a
-        loss reported) when it does not."""
+        """A device node or fifo as the policy allows; False (and a loss
+        reported) when it does not. (Sockets never get here: extract names them.)"""
         p = self.policy
         if entry.kind in (CHAR, BLOCK) and not p.devices:
             self.lose("devices", "")
             return False
-        if entry.kind in (FIFO, SOCKET) and not p.fifos:
+        if entry.kind == FIFO and not p.fifos:
             self.lose("fifos", entry.kind)
             return False
         if entry.kind in (CHAR, BLOCK) and not p.fake_super and not p.is_root:
@@ -392,7 +392,7 @@ class LocalTree:
                 major, minor = entry.rdev or (0, 0)
                 os.mknod(at.name(leaf), (entry.st_mode & ~0o7777) | 0o600, os.makedev(major, minor),
                          dir_fd=at.fd)
-            if entry.kind != FIFO or not FD_WALK:   # never open a device node or socket
+            if entry.kind != FIFO or not FD_WALK:   # never open a device node
                 self._meta(at.path_of(leaf) if at.fd is None else (at.fd, leaf), entry)
                 return True
             fd = os.open(at.name(leaf), os.O_RDONLY | os.O_NONBLOCK | _NOFOLLOW, dir_fd=at.fd)

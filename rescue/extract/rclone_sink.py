@@ -11,8 +11,9 @@ Tree: like the rsync sink, items are staged in bounded batches (`Staging`)
 and each batch goes up with `rclone copy --links --create-empty-src-dirs`.
 rclone's own check (size + modification time) makes a re-run send only what
 is missing or changed. Object stores keep contents and modification times
-only: owners, modes and xattrs are not kept; device nodes, FIFOs and sockets
-are skipped by name (the engine lists them, exit 1); symlinks become
+only: owners, modes and xattrs are not kept; device nodes and FIFOs are
+skipped by name (the engine lists them, exit 1; sockets, like every target,
+it never sees); symlinks become
 NAME.rclonelink files holding the target (rclone's --links convention, so
 `rclone copy --links` brings them back as symlinks); a hard link becomes a
 second copy (a server-side `rclone copyto` when the first name went up in an
@@ -32,7 +33,7 @@ import subprocess
 import tempfile
 
 from ..errors import TargetError
-from ..fs.base import BLOCK, CHAR, FIFO, SOCKET, FileReadError
+from ..fs.base import BLOCK, CHAR, FIFO, FileReadError
 from .base import Item, Sink, SinkResult
 from .remote_run import StagedTreeSink, require_tool, run_tool, scrub
 from .remote_target import RCLONE_TAR, RCLONE_TREE, RemoteTarget, parse_remote_target
@@ -102,8 +103,8 @@ class RcloneSink(StagedTreeSink):
 
     def _refuse(self, item: Item) -> str | None:
         kind = item.entry.kind
-        if kind in (CHAR, BLOCK, FIFO, SOCKET):   # named as skipped by the engine, exit 1
-            what = {FIFO: "FIFO", SOCKET: "socket"}.get(kind, "device node")
+        if kind in (CHAR, BLOCK, FIFO):   # named as skipped by the engine, exit 1
+            what = "FIFO" if kind == FIFO else "device node"
             return f"{what} not sent: rclone stores files only (a tar target keeps it)"
         return None
 
